@@ -1,0 +1,521 @@
+"""The definition of label-smoothed cross-entropy, written once.
+
+Every backend is an adapter over this module: it takes option names, defaults, validation, error messages
+and conventions from here, and is tested against :func:`reference_loss` / :func:`reference_grad`, a float64
+NumPy implementation that follows the formula term by term.
+
+For one element i with logits x over K valid classes, log-sum-exp L = log Σ_c exp(x_c), smoothed target
+distribution q, class weights w and z-loss coefficient s::
+
+    loss_i = Σ_c w_c q_c (L − x_c)  +  s · w_y · L²  −  [normalize] Σ_c w_c q_c log q_c
+
+    ∂loss_i/∂x_c = (Σ_k w_k q_k) · p_c − w_c q_c + 2 s w_y L p_c,      p = softmax(x)
+
+with q = (1−ε)·onehot(y) + ε/K  (``spread="all"``) or q_y = 1−ε, q_{c≠y} = ε/(K−1)  (``spread="others"``).
+Both are ``q = a·t + b`` on the valid classes, with ``(a, b)`` from :func:`smoothing_coefficients`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = [
+    "CONVENTIONS",
+    "EMPTY_MEANS",
+    "REDUCTIONS",
+    "SPREADS",
+    "Layout",
+    "Options",
+    "check_class_mask",
+    "check_labels",
+    "check_layout",
+    "check_probability_target_mask",
+    "check_weight",
+    "default",
+    "is_default",
+    "reference_grad",
+    "reference_loss",
+    "resolve_options",
+    "smoothing_coefficients",
+    "target_kind",
+]
+
+SPREADS = ("all", "others")
+REDUCTIONS = ("none", "sum", "mean")
+EMPTY_MEANS = ("nan", "zero")
+
+Spread = Literal["all", "others"]
+Reduction = Literal["none", "sum", "mean"]
+EmptyMean = Literal["nan", "zero"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Defaults that remember they were not passed.
+#
+# A convention fills in every option the caller left at its default, while an option passed explicitly
+# wins. Adapters keep readable signatures (``ignore_index=-100``) by using these marked values as defaults:
+# they compare, hash and print like the plain value, and ``is_default`` tells them apart.
+# --------------------------------------------------------------------------------------------------------
+class _Default:
+    __slots__ = ()
+
+
+class _DefaultInt(_Default, int):
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+
+class _DefaultFloat(_Default, float):
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return float.__repr__(self)
+
+
+class _DefaultStr(_Default, str):
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return str.__repr__(self)
+
+
+class _DefaultFlag(_Default, int):
+    """A default bool (bool cannot be subclassed): falsy/truthy and printed as False/True."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(bool(self))
+
+
+class _DefaultNone(_Default):
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "None"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __eq__(self, other: object) -> bool:
+        return other is None or isinstance(other, _DefaultNone)
+
+    def __hash__(self) -> int:
+        return hash(None)
+
+
+def default(value: Any) -> Any:
+    """Mark ``value`` as a signature default, so that a convention may replace it."""
+    if value is None:
+        return _DefaultNone()
+    if isinstance(value, bool):
+        return _DefaultFlag(value)
+    if isinstance(value, int):
+        return _DefaultInt(value)
+    if isinstance(value, float):
+        return _DefaultFloat(value)
+    if isinstance(value, str):
+        return _DefaultStr(value)
+    raise TypeError(f"no default marker for {value!r}")
+
+
+def is_default(value: Any) -> bool:
+    """True when ``value`` is a marked signature default, i.e. the caller did not pass the option."""
+    return isinstance(value, _Default)
+
+
+def _plain(value: Any) -> Any:
+    """The plain Python value behind a marked default."""
+    if isinstance(value, _DefaultNone):
+        return None
+    if isinstance(value, _DefaultFlag):
+        return bool(value)
+    if isinstance(value, _DefaultInt):
+        return int(value)
+    if isinstance(value, _DefaultFloat):
+        return float(value)
+    if isinstance(value, _DefaultStr):
+        return str(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------
+# Options and conventions
+# --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Options:
+    """Validated options. ``weight`` and ``class_mask`` keep the caller's array type (checked separately)."""
+
+    label_smoothing: float = 0.0
+    spread: Spread = "all"
+    weight: Any = None
+    ignore_index: int | None = -100
+    z_loss: float = 0.0
+    normalize: bool = False
+    class_mask: Any = None
+    reduction: Reduction = "mean"
+    empty_mean: EmptyMean = "nan"
+
+    def describe(self) -> dict[str, Any]:
+        """The options as plain, printable values (arrays summarised)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("weight", "class_mask") and value is not None:
+                value = f"array of shape {tuple(np.shape(value))}"
+            out[f.name] = value
+        return out
+
+
+OPTION_NAMES = tuple(f.name for f in fields(Options))
+
+#: Presets reproducing well-known implementations. Each sets the options it names; options passed
+#: explicitly win. ``label_smoothing`` is the peer's own default (0.1 for timm's
+#: ``LabelSmoothingCrossEntropy`` and HF's ``LabelSmoother``, 0 elsewhere).
+CONVENTIONS: dict[str, dict[str, Any]] = {
+    # torch.nn.functional.cross_entropy
+    "torch": dict(spread="all", ignore_index=-100, reduction="mean", empty_mean="nan"),
+    # keras.losses.CategoricalCrossentropy / SparseCategoricalCrossentropy, from_logits=True
+    "keras": dict(spread="all", ignore_index=None, reduction="mean", empty_mean="zero"),
+    # optax.softmax_cross_entropy(x, optax.smooth_labels(onehot, alpha)): per-example losses
+    "optax": dict(spread="all", ignore_index=None, reduction="none"),
+    # transformers.trainer_pt_utils.LabelSmoother
+    "hf": dict(label_smoothing=0.1, spread="all", ignore_index=-100, reduction="mean", empty_mean="nan"),
+    # timm.loss.LabelSmoothingCrossEntropy
+    "timm": dict(label_smoothing=0.1, spread="all", ignore_index=None, reduction="mean"),
+    # fairseq label_smoothed_nll_loss (since 2021): K−1 spread, padding index 1, summed
+    "fairseq": dict(spread="others", ignore_index=1, reduction="sum"),
+    # t5x.losses.compute_weighted_cross_entropy with the T5X recipe's z_loss=1e-4: KL form, summed
+    "t5x": dict(spread="others", ignore_index=None, z_loss=1e-4, normalize=True, reduction="sum"),
+}
+
+
+def _check_number(name: str, value: Any, low: float, high: float | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    number = float(value)
+    if math.isnan(number) or number < low or (high is not None and number > high):
+        bounds = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g} and finite"
+        raise ValueError(f"{name} must be in {bounds}, got {value!r}")
+    if high is None and math.isinf(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return number
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return str(value)
+
+
+def resolve_options(convention: str | None = None, **given: Any) -> Options:
+    """Validate options and apply a ``convention``; options passed explicitly (not marked defaults) win.
+
+    Raises ``ValueError``/``TypeError`` naming the option and the bad value. Works on Python scalars only,
+    so it runs unchanged under ``jax.jit``, ``tf.function`` and ``torch.compile``.
+    """
+    unknown = set(given) - set(OPTION_NAMES)
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; options are {', '.join(OPTION_NAMES)}")
+    preset: dict[str, Any] = {}
+    if convention is not None and not is_default(convention):
+        name = _check_choice("convention", convention, tuple(CONVENTIONS))
+        preset = CONVENTIONS[name]
+    values = {}
+    for name in OPTION_NAMES:
+        value = given.get(name, default(getattr(Options, name)) if name not in ("weight", "class_mask") else None)
+        if is_default(value) and name in preset:
+            value = preset[name]
+        values[name] = _plain(value)
+
+    ignore_index = values["ignore_index"]
+    if ignore_index is not None:
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+        ignore_index = int(ignore_index)
+    normalize = values["normalize"]
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise TypeError(f"normalize must be a bool, got {normalize!r}")
+    return Options(
+        label_smoothing=_check_number("label_smoothing", values["label_smoothing"], 0.0, 1.0),
+        spread=_check_choice("spread", values["spread"], SPREADS),  # type: ignore[arg-type]
+        weight=values["weight"],
+        ignore_index=ignore_index,
+        z_loss=_check_number("z_loss", values["z_loss"], 0.0, None),
+        normalize=bool(normalize),
+        class_mask=values["class_mask"],
+        reduction=_check_choice("reduction", values["reduction"], REDUCTIONS),  # type: ignore[arg-type]
+        empty_mean=_check_choice("empty_mean", values["empty_mean"], EMPTY_MEANS),  # type: ignore[arg-type]
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shape-level checks (no values needed: safe under tracing)
+# --------------------------------------------------------------------------------------------------------
+def target_kind(dtype: Any) -> Literal["index", "probs"]:
+    """``"index"`` for integer targets, ``"probs"`` for floating ones; anything else is an error.
+
+    ``dtype`` is anything ``numpy.dtype`` accepts, or a framework dtype with a NumPy-compatible name.
+    """
+    name = getattr(dtype, "name", None) or str(dtype)
+    name = name.replace("torch.", "")
+    if name in ("bfloat16",):
+        return "probs"
+    try:
+        np_dtype = np.dtype(name)
+    except TypeError:
+        raise TypeError(f"target must hold integer labels or floating probabilities, got dtype {name}") from None
+    if np_dtype.kind in "iu":
+        return "index"
+    if np_dtype.kind == "f":
+        return "probs"
+    raise TypeError(f"target must hold integer labels or floating probabilities, got dtype {name}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the classes are: ``axis`` normalised to ``[0, ndim)``, ``num_classes`` its length K."""
+
+    axis: int
+    num_classes: int
+    kind: Literal["index", "probs"]
+
+
+def check_layout(
+    logits_shape: tuple[int, ...],
+    target_shape: tuple[int, ...],
+    kind: Literal["index", "probs"],
+    options: Options,
+    *,
+    axis: int,
+    weight_shape: tuple[int, ...] | None = None,
+    class_mask_shape: tuple[int, ...] | None = None,
+) -> Layout:
+    """Check shapes and shape-dependent options; return the normalised layout."""
+    logits_shape, target_shape = tuple(logits_shape), tuple(target_shape)
+    ndim = len(logits_shape)
+    if ndim == 0:
+        raise ValueError("logits must have a class axis, got a scalar")
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -ndim <= axis < ndim:
+        raise ValueError(f"axis must be an int in [{-ndim}, {ndim}) for logits of shape {logits_shape}, got {axis!r}")
+    axis = int(axis) % ndim
+    num_classes = int(logits_shape[axis])
+    if kind == "index":
+        expected = logits_shape[:axis] + logits_shape[axis + 1 :]
+        if target_shape != expected:
+            raise ValueError(
+                f"target of integer labels must have shape {expected} (logits {logits_shape} without axis {axis}), "
+                f"got {target_shape}"
+            )
+    elif target_shape != logits_shape:
+        raise ValueError(f"target of probabilities must have the logits' shape {logits_shape}, got {target_shape}")
+    if num_classes == 0:
+        raise ValueError(f"the class axis {axis} of logits {logits_shape} is empty")
+    for name, shape in (("weight", weight_shape), ("class_mask", class_mask_shape)):
+        if shape is not None and tuple(shape) != (num_classes,):
+            raise ValueError(f"{name} must have shape ({num_classes},) (one entry per class), got {tuple(shape)}")
+    if class_mask_shape is None:
+        _check_class_count(num_classes, options)
+    return Layout(axis=axis, num_classes=num_classes, kind=kind)
+
+
+def _check_class_count(valid_classes: int, options: Options) -> None:
+    if valid_classes < 1:
+        raise ValueError("class_mask must leave at least one valid class, got none")
+    if options.spread == "others" and valid_classes < 2 and options.label_smoothing > 0:
+        raise ValueError(
+            f'spread="others" needs at least 2 classes when label_smoothing > 0, got K={valid_classes} '
+            f"with label_smoothing={options.label_smoothing!r}"
+        )
+
+
+def smoothing_coefficients(options: Options, valid_classes: int) -> tuple[float, float]:
+    """``(a, b)`` such that the smoothed target is ``q = a·t + b`` on the valid classes.
+
+    ``spread="all"``: b = ε/K, a = 1 − ε.   ``spread="others"``: b = ε/(K−1), a = 1 − ε − b, so q_y = 1 − ε.
+    """
+    eps = options.label_smoothing
+    if options.spread == "all":
+        return 1.0 - eps, eps / valid_classes
+    off = eps / (valid_classes - 1) if eps > 0 else 0.0
+    return 1.0 - eps - off, off
+
+
+# --------------------------------------------------------------------------------------------------------
+# Value-level checks (need concrete NumPy values; adapters call them outside tracing)
+# --------------------------------------------------------------------------------------------------------
+def check_weight(weight: Any, num_classes: int) -> np.ndarray:
+    """Class weights as float64: shape (K,), finite, >= 0."""
+    w = np.asarray(weight)
+    if w.dtype.kind not in "fiu" or w.dtype == np.bool_:
+        raise TypeError(f"weight must be a real array, got dtype {w.dtype}")
+    if w.shape != (num_classes,):
+        raise ValueError(f"weight must have shape ({num_classes},) (one entry per class), got {w.shape}")
+    w = w.astype(np.float64)
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"weight must be finite and >= 0, got weight[{i}] = {w[i]!r}")
+    return w
+
+
+def check_class_mask(class_mask: Any, num_classes: int, options: Options) -> np.ndarray:
+    """A boolean (K,) mask of the classes that exist, leaving enough classes for the options."""
+    mask = np.asarray(class_mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"class_mask must be a boolean array, got dtype {mask.dtype}")
+    if mask.shape != (num_classes,):
+        raise ValueError(f"class_mask must have shape ({num_classes},) (one entry per class), got {mask.shape}")
+    _check_class_count(int(mask.sum()), options)
+    return mask
+
+
+def check_labels(labels: Any, num_classes: int, options: Options, class_mask: np.ndarray | None = None) -> None:
+    """Raise ``ValueError`` naming the first label outside ``[0, K)`` (other than ``ignore_index``)."""
+    y = np.asarray(labels)
+    active = y != options.ignore_index if options.ignore_index is not None else np.ones(y.shape, bool)
+    bad = active & ((y < 0) | (y >= num_classes))
+    if bad.any():
+        value = int(y[bad][0])
+        ignore = "" if options.ignore_index is None else f" and is not ignore_index={options.ignore_index}"
+        raise ValueError(f"target has label {value}, which is outside [0, {num_classes}){ignore}")
+    if class_mask is not None:
+        on_masked = active & ~bad & ~np.asarray(class_mask)[np.clip(y, 0, num_classes - 1)]
+        if on_masked.any():
+            raise ValueError(f"target has label {int(y[on_masked][0])}, a class that class_mask marks as absent")
+
+
+def check_probability_target_mask(target: Any, axis: int, class_mask: np.ndarray) -> None:
+    """Probability mass on a class that ``class_mask`` removes is an error."""
+    t = np.moveaxis(np.asarray(target), axis, -1)
+    masked = t[..., ~np.asarray(class_mask)]
+    if masked.size and np.any(masked != 0):
+        cls = int(np.flatnonzero(~np.asarray(class_mask))[np.argwhere(masked != 0)[0][-1]])
+        raise ValueError(f"target puts probability on class {cls}, which class_mask marks as absent")
+
+
+def validate(
+    logits: np.ndarray, target: np.ndarray, options: Options, axis: int
+) -> tuple[Layout, np.ndarray | None, np.ndarray | None]:
+    """All checks for concrete NumPy inputs: returns the layout, float64 weight and bool class mask."""
+    kind = target_kind(target.dtype)
+    if np.asarray(logits).dtype.kind != "f":
+        raise TypeError(f"logits must be floating point, got dtype {np.asarray(logits).dtype}")
+    layout = check_layout(
+        np.shape(logits),
+        np.shape(target),
+        kind,
+        options,
+        axis=axis,
+        weight_shape=None if options.weight is None else np.shape(options.weight),
+        class_mask_shape=None if options.class_mask is None else np.shape(options.class_mask),
+    )
+    k = layout.num_classes
+    weight = None if options.weight is None else check_weight(options.weight, k)
+    mask = None if options.class_mask is None else check_class_mask(options.class_mask, k, options)
+    if kind == "index":
+        check_labels(target, k, options, mask)
+    elif mask is not None:
+        check_probability_target_mask(target, layout.axis, mask)
+    return layout, weight, mask
+
+
+# --------------------------------------------------------------------------------------------------------
+# The float64 reference
+# --------------------------------------------------------------------------------------------------------
+def _xlogx(q: np.ndarray) -> np.ndarray:
+    """q·log q with 0·log 0 = 0."""
+    return np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0)
+
+
+def _reference_terms(logits: Any, target: Any, axis: int, convention: str | None, options: dict[str, Any]):
+    opts = resolve_options(convention, **options)
+    x = np.asarray(logits)
+    t = np.asarray(target)
+    layout, weight, mask = validate(x, t, opts, axis)
+    x = np.moveaxis(x.astype(np.float64), layout.axis, -1)  # (..., K)
+    k = layout.num_classes
+    valid = np.ones(k, bool) if mask is None else mask
+    w = np.where(valid, 1.0 if weight is None else weight, 0.0)
+    a, b = smoothing_coefficients(opts, int(valid.sum()))
+
+    if layout.kind == "index":
+        active = np.ones(t.shape, bool) if opts.ignore_index is None else t != opts.ignore_index
+        y = np.where(active, t, 0).astype(np.int64)
+        onehot = (np.arange(k) == y[..., None]).astype(np.float64)
+        w_y = w[y]
+    else:
+        onehot = np.moveaxis(t.astype(np.float64), layout.axis, -1)
+        active = np.ones(onehot.shape[:-1], bool)
+        w_y = np.ones(active.shape)
+    q = np.where(valid, a * onehot + b, 0.0)
+
+    # log-sum-exp over the valid classes, with the max shift
+    shifted = np.where(valid, x, -np.inf)
+    m = np.max(shifted, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    lse = np.log(np.sum(np.exp(shifted - m), axis=-1)) + m[..., 0]
+    p = np.where(valid, np.exp(shifted - lse[..., None]), 0.0)
+
+    # classes with q_c = 0 contribute nothing, even where x_c = −inf (no 0·∞)
+    nll = np.where(q > 0, lse[..., None] - x, 0.0)
+    cross_entropy = np.sum(w * q * nll, axis=-1)
+    z_term = opts.z_loss * w_y * lse**2
+    entropy_term = np.sum(w * _xlogx(q), axis=-1) if opts.normalize else 0.0
+    per_element = np.where(active, cross_entropy + z_term - entropy_term, 0.0)
+
+    grad = (np.sum(w * q, axis=-1) + 2 * opts.z_loss * w_y * lse)[..., None] * p - w * q
+    grad = np.where(active[..., None] & valid, grad, 0.0)
+
+    denominator = np.sum(np.where(active, w_y, 0.0)) if layout.kind == "index" else float(active.size)
+    return opts, layout, per_element, grad, denominator
+
+
+def _reduce(opts: Options, per_element: np.ndarray, denominator: float) -> np.ndarray:
+    if opts.reduction == "none":
+        return per_element
+    total = np.sum(per_element)
+    if opts.reduction == "sum":
+        return np.asarray(total)
+    if denominator == 0:
+        return np.asarray(np.nan if opts.empty_mean == "nan" else 0.0)
+    return np.asarray(total / denominator)
+
+
+def reference_loss(logits: Any, target: Any, *, axis: int = -1, convention: str | None = None, **options: Any) -> np.ndarray:
+    """The loss in float64, computed from the definition (materialising q). Slow; for testing."""
+    opts, _, per_element, _, denominator = _reference_terms(logits, target, axis, convention, options)
+    return _reduce(opts, per_element, denominator)
+
+
+def reference_grad(
+    logits: Any,
+    target: Any,
+    *,
+    axis: int = -1,
+    convention: str | None = None,
+    cotangent: Any = None,
+    **options: Any,
+) -> np.ndarray:
+    """∂(cotangent · loss)/∂logits in float64, in the logits' layout.
+
+    ``cotangent`` has the loss's shape (default: ones, i.e. the gradient of the sum for ``reduction="none"``).
+    """
+    opts, layout, per_element, grad, denominator = _reference_terms(logits, target, axis, convention, options)
+    if opts.reduction == "none":
+        scale = np.ones(per_element.shape) if cotangent is None else np.asarray(cotangent, np.float64)
+    else:
+        upstream = 1.0 if cotangent is None else float(np.asarray(cotangent))
+        factor = 1.0
+        if opts.reduction == "mean":
+            # with every element ignored the gradient is zero (like torch), not 0/0
+            factor = 1.0 / denominator if denominator != 0 else 0.0
+        scale = np.full(per_element.shape, upstream * factor)
+    return np.moveaxis(grad * scale[..., None], -1, layout.axis)

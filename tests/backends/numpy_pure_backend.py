@@ -1,0 +1,24 @@
+"""lsx.numpy forced onto the pure-NumPy engine (what runs when Numba is not installed)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+REQUIRES = ("numpy",)
+DTYPES = ("float64", "float32", "float16")
+MODES = ("eager",)
+
+
+def run(logits, target, options, *, axis, dtype, mode):
+    import lsx.numpy
+
+    x = logits.astype(dtype)
+    saved = lsx.numpy._numba_kernel
+    lsx.numpy._numba_kernel = lambda: None
+    try:
+        value, grad = lsx.numpy.loss_and_grad(x, target, axis=axis, **options)
+    finally:
+        lsx.numpy._numba_kernel = saved
+    assert isinstance(value, np.ndarray) and value.dtype == x.dtype
+    assert grad.dtype == x.dtype and grad.shape == x.shape
+    return value, grad

@@ -1,0 +1,129 @@
+"""The cross-backend case matrix: shapes, axes, target kinds and options, with deterministic data.
+
+Every backend module in ``tests/backends/`` is run over ``CASES`` × its dtypes × its modes and compared with
+the float64 reference (``lsx.spec``). A case is small so that the whole matrix stays fast.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lsx import spec
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    shape: tuple[int, ...]
+    axis: int
+    kind: str  # "index" or "probs"
+    options: dict[str, Any] = field(default_factory=dict)
+    ignored_fraction: float = 0.0
+    masked: bool = False  # class_mask leaving out the last two classes
+    neg_inf: bool = False  # some non-target logits are −inf
+
+    def make(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Float64 logits, the target and the options (weights and masks filled in) for this case."""
+        rng = np.random.default_rng(zlib.crc32(self.id.encode()))
+        logits = rng.normal(scale=2.0, size=self.shape)
+        axis = self.axis % len(self.shape)
+        k = self.shape[axis]
+        options = dict(self.options)
+        if options.get("weight") == "random":
+            options["weight"] = rng.uniform(0.2, 2.0, size=k)
+        valid = np.ones(k, bool)
+        if self.masked:
+            valid[-2:] = False
+            options["class_mask"] = valid
+        lead = self.shape[:axis] + self.shape[axis + 1 :]
+        if self.kind == "index":
+            target = rng.integers(0, int(valid.sum()), size=lead)
+            if self.ignored_fraction:
+                ignore_index = spec.resolve_options(**{n: v for n, v in options.items() if n != "weight"}).ignore_index
+                target[rng.random(lead) < self.ignored_fraction] = ignore_index
+            if self.neg_inf:
+                moved = np.moveaxis(logits, axis, -1)
+                moved[..., :] = np.where(
+                    (np.arange(k) != target[..., None]) & (rng.random(lead + (k,)) < 0.3), -np.inf, moved
+                )
+        else:
+            probs = rng.dirichlet(np.ones(int(valid.sum())), size=lead)
+            probs = np.concatenate([probs, np.zeros(lead + (k - int(valid.sum()),))], axis=-1)
+            target = np.moveaxis(probs, -1, axis)
+        return logits, target, options
+
+
+def _cases() -> list[Case]:
+    cases = [
+        Case("plain", (6, 5), -1, "index"),
+        Case("eps0.1", (6, 5), -1, "index", {"label_smoothing": 0.1}),
+        Case("eps1", (6, 5), -1, "index", {"label_smoothing": 1.0}),
+        Case("others", (6, 5), -1, "index", {"label_smoothing": 0.2, "spread": "others"}),
+        Case("weight", (8, 5), -1, "index", {"label_smoothing": 0.1, "weight": "random"}),
+        Case("ignore", (8, 5), -1, "index", {"label_smoothing": 0.1}, ignored_fraction=0.3),
+        Case("ignore-weight-others", (8, 5), -1, "index",
+             {"label_smoothing": 0.1, "weight": "random", "spread": "others"}, ignored_fraction=0.3),
+        Case("ignore-custom", (8, 5), -1, "index", {"label_smoothing": 0.1, "ignore_index": 3 + 1}, ignored_fraction=0.3),
+        Case("all-ignored-nan", (4, 5), -1, "index", {"label_smoothing": 0.1}, ignored_fraction=1.0),
+        Case("all-ignored-zero", (4, 5), -1, "index", {"label_smoothing": 0.1, "empty_mean": "zero"}, ignored_fraction=1.0),
+        Case("sum", (6, 5), -1, "index", {"label_smoothing": 0.1, "reduction": "sum"}, ignored_fraction=0.2),
+        Case("none", (6, 5), -1, "index", {"label_smoothing": 0.1, "reduction": "none"}, ignored_fraction=0.2),
+        Case("z-loss", (6, 5), -1, "index", {"label_smoothing": 0.1, "z_loss": 0.01, "weight": "random"}),
+        Case("normalize", (6, 5), -1, "index", {"label_smoothing": 0.1, "normalize": True, "spread": "others"}),
+        Case("t5x", (6, 7), -1, "index", {"convention": "t5x", "label_smoothing": 0.1}),
+        Case("fairseq", (6, 7), -1, "index", {"convention": "fairseq", "label_smoothing": 0.1}, ignored_fraction=0.2),
+        Case("class-mask", (6, 7), -1, "index", {"label_smoothing": 0.1}, masked=True),
+        Case("class-mask-others-weight", (6, 7), -1, "index",
+             {"label_smoothing": 0.1, "spread": "others", "weight": "random"}, masked=True),
+        Case("neg-inf-eps0", (6, 5), -1, "index", {}, neg_inf=True),
+        Case("axis1-3d", (3, 5, 4), 1, "index", {"label_smoothing": 0.1}, ignored_fraction=0.2),
+        Case("axis0", (5, 3), 0, "index", {"label_smoothing": 0.1, "reduction": "none"}),
+        Case("4d-weight", (2, 5, 3, 2), 1, "index", {"label_smoothing": 0.1, "weight": "random"}, ignored_fraction=0.2),
+        Case("single-row", (5,), -1, "index", {"label_smoothing": 0.1}),
+        Case("probs", (6, 5), -1, "probs", {}),
+        Case("probs-eps", (6, 5), -1, "probs", {"label_smoothing": 0.1, "weight": "random"}),
+        Case("probs-others-z", (6, 5), -1, "probs", {"label_smoothing": 0.2, "spread": "others", "z_loss": 0.01}),
+        Case("probs-normalize-sum", (6, 5), -1, "probs", {"label_smoothing": 0.1, "normalize": True, "reduction": "sum"}),
+        Case("probs-axis1-none", (3, 5, 4), 1, "probs", {"label_smoothing": 0.1, "reduction": "none"}),
+        Case("probs-class-mask", (6, 7), -1, "probs", {"label_smoothing": 0.1}, masked=True),
+        Case("wide", (4, 300), -1, "index", {"label_smoothing": 0.1, "z_loss": 1e-3}, ignored_fraction=0.25),
+    ]
+    return cases
+
+
+CASES = _cases()
+
+
+def round_to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Round float64 values to what ``dtype`` can hold, returned as float64 (the reference's input)."""
+    if dtype == "float64":
+        return x
+    if dtype in ("float32", "float16"):
+        return x.astype(dtype).astype(np.float64)
+    if dtype == "bfloat16":  # round to nearest even on the top 16 bits of float32
+        bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        out = rounded.astype(np.uint32).view(np.float32).astype(np.float64)
+        return np.where(np.isfinite(x), out, x)
+    raise ValueError(dtype)
+
+
+TOLERANCE = {"float64": 1e-10, "float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, dtype: str, what: str) -> None:
+    """Relative to the largest magnitude of ``expected``, so that tiny entries are not over-constrained."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert np.array_equal(np.isnan(actual), np.isnan(expected)), f"{what}: NaN pattern differs: {actual} vs {expected}"
+    finite = np.isfinite(expected)
+    assert np.array_equal(actual[~finite & ~np.isnan(expected)], expected[~finite & ~np.isnan(expected)]), what
+    if finite.any():
+        scale = max(1.0, float(np.max(np.abs(expected[finite]))))
+        error = float(np.max(np.abs(actual[finite] - expected[finite])))
+        assert error <= TOLERANCE[dtype] * scale, f"{what}: max abs error {error:.3g} > {TOLERANCE[dtype]:.1g}·{scale:.3g}"
