@@ -93,7 +93,7 @@ _DOC = """Label-smoothed cross-entropy of ``logits`` against ``target``.
 .. math::
 
     \\ell_i = \\sum_c w_c q_{ic} (\\mathrm{LSE}_i - x_{ic}) + s\\, w_{y_i} \\mathrm{LSE}_i^2
-              - [\\text{normalize}] \\sum_c w_c q_{ic} \\log q_{ic}
+              + [\\text{normalize}] \\sum_c w_c q_{ic} \\log q_{ic}
 
 with q = (1−ε)·onehot(y) + ε/K (``spread="all"``) or q_y = 1−ε, q_{c≠y} = ε/(K−1) (``spread="others"``).
 
@@ -231,7 +231,7 @@ def _numpy_engine(x2, t2, kind, opts, weight, mask, compute, want_grad):
             ce = ce + b * (total_weight * lse - weighted_sum)
         per_element = ce + compute(opts.z_loss) * w_y * lse * lse
         if opts.normalize:
-            per_element -= w_y * _xlogx(a + b).astype(compute) + _xlogx(b).astype(compute) * (total_weight - w_y)
+            per_element += w_y * _xlogx(a + b).astype(compute) + _xlogx(b).astype(compute) * (total_weight - w_y)
         target_mass = a * w_y + b * total_weight
         denominator = float(w_y[active].sum(dtype=np.float64))
     else:
@@ -244,7 +244,7 @@ def _numpy_engine(x2, t2, kind, opts, weight, mask, compute, want_grad):
         w_y = np.ones(n, compute)
         per_element += compute(opts.z_loss) * lse * lse
         if opts.normalize:
-            per_element -= (_xlogx(q) if w is None else w * _xlogx(q)).sum(axis=1, dtype=compute)
+            per_element += (_xlogx(q) if w is None else w * _xlogx(q)).sum(axis=1, dtype=compute)
         target_mass = wq.sum(axis=1, dtype=compute)
         denominator = float(n)
     per_element = np.where(active, per_element, 0).astype(compute)

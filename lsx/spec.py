@@ -7,7 +7,7 @@ NumPy implementation that follows the formula term by term.
 For one element i with logits x over K valid classes, log-sum-exp L = log Σ_c exp(x_c), smoothed target
 distribution q, class weights w and z-loss coefficient s::
 
-    loss_i = Σ_c w_c q_c (L − x_c)  +  s · w_y · L²  −  [normalize] Σ_c w_c q_c log q_c
+    loss_i = Σ_c w_c q_c (L − x_c)  +  s · w_y · L²  −  [normalize] H_w(q),    H_w(q) = −Σ_c w_c q_c log q_c
 
     ∂loss_i/∂x_c = (Σ_k w_k q_k) · p_c − w_c q_c + 2 s w_y L p_c,      p = softmax(x)
 
@@ -362,7 +362,7 @@ def check_weight(weight: Any, num_classes: int) -> np.ndarray:
     bad = ~np.isfinite(w) | (w < 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"weight must be finite and >= 0, got weight[{i}] = {w[i]!r}")
+        raise ValueError(f"weight must be finite and >= 0, got weight[{i}] = {float(w[i])!r}")
     return w
 
 
@@ -468,8 +468,9 @@ def _reference_terms(logits: Any, target: Any, axis: int, convention: str | None
     nll = np.where(q > 0, lse[..., None] - x, 0.0)
     cross_entropy = np.sum(w * q * nll, axis=-1)
     z_term = opts.z_loss * w_y * lse**2
-    entropy_term = np.sum(w * _xlogx(q), axis=-1) if opts.normalize else 0.0
-    per_element = np.where(active, cross_entropy + z_term - entropy_term, 0.0)
+    # normalize: subtract the smoothed target's (weighted) entropy, the KL form whose minimum is 0
+    entropy = -np.sum(w * _xlogx(q), axis=-1) if opts.normalize else 0.0
+    per_element = np.where(active, cross_entropy + z_term - entropy, 0.0)
 
     grad = (np.sum(w * q, axis=-1) + 2 * opts.z_loss * w_y * lse)[..., None] * p - w * q
     grad = np.where(active[..., None] & valid, grad, 0.0)
