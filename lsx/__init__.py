@@ -15,4 +15,4 @@ from lsx.spec import CONVENTIONS, Options, reference_grad, reference_loss, resol
 
 __version__ = "0.1.0"
 
-__all__ = ["CONVENTIONS", "Options", "reference_grad", "reference_loss", "resolve_options", "__version__"]
+__all__ = ["CONVENTIONS", "Options", "__version__", "reference_grad", "reference_loss", "resolve_options"]

@@ -25,7 +25,12 @@ NAMES = ("numpy", "numpy-pure", "torch", "jax", "tensorflow", "keras")
 
 
 def required() -> set[str]:
-    return {name.strip() for name in os.environ.get("LSX_TEST_BACKENDS", "").split(",") if name.strip()}
+    """Backends named by ``LSX_TEST_BACKENDS`` (``all`` names every one)."""
+    names = {name.strip() for name in os.environ.get("LSX_TEST_BACKENDS", "").split(",") if name.strip()}
+    unknown = names - set(NAMES) - {"all"}
+    if unknown:
+        raise ValueError(f"LSX_TEST_BACKENDS names unknown backends {sorted(unknown)}; known: {', '.join(NAMES)}")
+    return set(NAMES) if "all" in names else names
 
 
 def load(name: str) -> ModuleType | None:

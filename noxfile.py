@@ -1,0 +1,57 @@
+"""One session per backend (each installs only its extra and requires that backend), plus lint."""
+
+import nox
+
+nox.options.reuse_existing_virtualenvs = True
+TORCH = "torch==2.13.0"  # the CPU build; any torch the `torch` extra admits works
+
+
+def _tests(session: nox.Session, extra: str, backends: str, *pre: str) -> None:
+    if pre:
+        session.install(*pre)
+    session.install("-e", f".[{extra},test]")
+    session.run("python", "-m", "pytest", *session.posargs, env={"LSX_TEST_BACKENDS": backends})
+
+
+@nox.session
+def numpy(session: nox.Session) -> None:
+    """NumPy without Numba: the pure-NumPy engine."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *session.posargs, env={"LSX_TEST_BACKENDS": "numpy,numpy-pure"})
+
+
+@nox.session
+def numba(session: nox.Session) -> None:
+    _tests(session, "numba", "numpy,numpy-pure")
+
+
+@nox.session
+def torch(session: nox.Session) -> None:
+    _tests(session, "torch,numba", "numpy,torch", TORCH)
+
+
+@nox.session
+def jax(session: nox.Session) -> None:
+    _tests(session, "jax", "numpy,jax")
+
+
+@nox.session
+def tensorflow(session: nox.Session) -> None:
+    _tests(session, "tensorflow", "numpy,tensorflow")
+
+
+@nox.session
+def keras(session: nox.Session) -> None:
+    _tests(session, "keras,jax", "numpy,keras")
+
+
+@nox.session
+def all(session: nox.Session) -> None:
+    """Every backend in one environment: what CI runs."""
+    _tests(session, "all", "all", TORCH)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "lsx", "tests", "benchmarks", "noxfile.py")
