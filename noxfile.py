@@ -54,4 +54,4 @@ def all(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "lsx", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", ".")
