@@ -1,0 +1,202 @@
+"""PyTorch backend: drop-ins for ``torch.nn.functional.cross_entropy`` and ``torch.nn.CrossEntropyLoss``.
+
+Same argument names, order and defaults as torch (classes on dim 1, or dim 0 for a (C,) input), plus the lsx
+options keyword-only. The loss and its gradient come from one fused op (:mod:`lsx._torch_function`) that works
+under ``torch.compile`` and saves a single logits-sized gradient buffer for the backward pass.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+try:
+    import torch
+    from torch import nn
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("lsx.torch needs PyTorch: pip install 'lsx[torch]'") from error
+
+from lsx import _torch_function, spec
+from lsx.spec import default
+
+__all__ = ["CrossEntropyLoss", "loss"]
+
+
+def loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int | None = default(-100),
+    reduce: bool | None = None,
+    reduction: spec.Reduction = default("mean"),
+    label_smoothing: float = default(0.0),
+    *,
+    axis: int | None = None,
+    spread: spec.Spread = default("all"),
+    z_loss: float = default(0.0),
+    normalize: bool = default(False),
+    class_mask: Any = None,
+    empty_mean: spec.EmptyMean = default("nan"),
+    convention: str | None = None,
+) -> torch.Tensor:
+    if size_average is not None or reduce is not None:
+        reduction = _legacy_reduction(size_average, reduce)
+    opts = _options(
+        convention,
+        label_smoothing=label_smoothing,
+        spread=spread,
+        ignore_index=ignore_index,
+        z_loss=z_loss,
+        normalize=normalize,
+        reduction=reduction,
+        empty_mean=empty_mean,
+    )
+    return _torch_function.cross_entropy(input, target, opts, axis, weight, class_mask)
+
+
+loss.__doc__ = """Label-smoothed cross-entropy, a drop-in for ``torch.nn.functional.cross_entropy``.
+
+.. math::
+
+    \\ell_i = \\sum_c w_c q_{ic} (\\mathrm{LSE}_i - x_{ic}) + s\\, w_{y_i} \\mathrm{LSE}_i^2
+              - [\\text{normalize}]\\, H_w(q_i)
+
+with q = (1−ε)·onehot(y) + ε/K (``spread="all"``, torch's) or q_y = 1−ε, q_{c≠y} = ε/(K−1)
+(``spread="others"``). The definition and every option are those of :mod:`lsx.spec` (see ``lsx.numpy.loss``).
+
+Args:
+    input: logits (N, C), (N, C, d1, …, dk) or (C,); float64/32/16 or bfloat16 (accumulated in float32).
+    target: integer labels (input's shape without the class dim) or probabilities (input's shape).
+    weight, ignore_index, reduction, label_smoothing: as in torch (``weight`` may be positional; a
+        ``label_smoothing`` outside [0, 1] is an error). ``size_average``/``reduce`` are deprecated, as in torch.
+    axis: the class dim; None (default) is torch's rule: 1, or 0 for a 1-D input.
+    spread, z_loss, normalize, class_mask, empty_mean, convention: the lsx options (keyword-only).
+
+Returns:
+    The loss in the input's dtype: a scalar, or the target's shape for ``reduction="none"``. Differentiable
+    once in ``input`` (no double backward; not in the target).
+
+Raises:
+    ValueError: a label outside [0, C) other than ``ignore_index`` (CPU tensors; on accelerators the check
+        would synchronise, so such an element's loss is NaN instead), or an invalid option.
+
+Example:
+    >>> import torch, lsx.torch
+    >>> x = torch.tensor([[0.0, 0.2, 0.7, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0], [1.0, 0.2, 0.7, 0.9, 1.0]])
+    >>> y = torch.tensor([2, 1, 0])
+    >>> round(lsx.torch.loss(x, y, label_smoothing=0.3).item(), 4)
+    1.3883
+    >>> round(lsx.torch.loss(x, y, label_smoothing=0.3, spread="others").item(), 4)
+    1.4178
+"""
+
+
+def _options(convention: str | None, **given: Any) -> spec.Options:
+    """``spec.resolve_options`` for the scalar options (weight and class_mask travel as tensors).
+
+    Under ``torch.compile`` the options are compile-time constants: the resolution runs once at trace time
+    (dynamo cannot build spec's marked defaults), and the compiled graph is specialised to the result.
+    """
+    if not torch.compiler.is_compiling():
+        return spec.resolve_options(convention, **given)
+    explicit = tuple((name, value) for name, value in given.items() if not spec.is_default(value))
+    return _resolve_constant(convention, explicit)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(convention: str | None, explicit: tuple[tuple[str, Any], ...]) -> spec.Options:
+    return spec.resolve_options(convention, **dict(explicit))
+
+
+def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
+    """torch's mapping of the deprecated ``size_average``/``reduce`` flags, with torch's warning."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    reduction = "none" if not reduce else "mean" if size_average else "sum"
+    warnings.warn(
+        f"size_average and reduce args will be deprecated, please use reduction='{reduction}' instead.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return reduction
+
+
+class CrossEntropyLoss(nn.Module):
+    """A drop-in for ``torch.nn.CrossEntropyLoss`` computing :func:`lsx.torch.loss`.
+
+    Same constructor arguments, order and defaults as torch (``weight`` is registered as a buffer), and the
+    lsx options keyword-only.
+
+    Example:
+        >>> import torch, lsx.torch
+        >>> criterion = lsx.torch.CrossEntropyLoss(label_smoothing=0.1, spread="others")
+        >>> criterion
+        CrossEntropyLoss(ignore_index=-100, reduction='mean', label_smoothing=0.1, spread='others')
+        >>> criterion(torch.zeros(2, 4), torch.tensor([0, 3])).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        size_average: bool | None = None,
+        ignore_index: int | None = default(-100),
+        reduce: bool | None = None,
+        reduction: spec.Reduction = default("mean"),
+        label_smoothing: float = default(0.0),
+        *,
+        spread: spec.Spread = default("all"),
+        z_loss: float = default(0.0),
+        normalize: bool = default(False),
+        class_mask: Any = None,
+        empty_mean: spec.EmptyMean = default("nan"),
+        convention: str | None = None,
+    ) -> None:
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = _legacy_reduction(size_average, reduce)
+        # Validate now (a bad option fails at construction), keep the resolved values.
+        opts = _options(
+            convention,
+            label_smoothing=label_smoothing,
+            spread=spread,
+            ignore_index=ignore_index,
+            z_loss=z_loss,
+            normalize=normalize,
+            reduction=reduction,
+            empty_mean=empty_mean,
+        )
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight))
+        self.register_buffer("class_mask", None if class_mask is None else torch.as_tensor(class_mask))
+        self.ignore_index = opts.ignore_index
+        self.reduction = opts.reduction
+        self.label_smoothing = opts.label_smoothing
+        self.spread = opts.spread
+        self.z_loss = opts.z_loss
+        self.normalize = opts.normalize
+        self.empty_mean = opts.empty_mean
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return loss(
+            input,
+            target,
+            self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            spread=self.spread,
+            z_loss=self.z_loss,
+            normalize=self.normalize,
+            class_mask=self.class_mask,
+            empty_mean=self.empty_mean,
+        )
+
+    def extra_repr(self) -> str:
+        shown = [f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}"]
+        if self.label_smoothing:
+            shown.append(f"label_smoothing={self.label_smoothing}")
+        for name, plain in (("spread", "all"), ("z_loss", 0.0), ("normalize", False), ("empty_mean", "nan")):
+            if getattr(self, name) != plain:
+                shown.append(f"{name}={getattr(self, name)!r}")
+        return ", ".join(shown)
