@@ -1,0 +1,161 @@
+"""JAX backend: ``loss`` for JAX arrays, pure and jit-first, class axis ``-1`` by default.
+
+The loss and its closed-form gradient (a ``jax.custom_vjp``) live in :mod:`lsx._jax_engine`; this module
+validates options, shapes and, when they are concrete, values, then calls the compiled engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("lsx.jax needs JAX: pip install 'lsx[jax]'") from error
+
+import numpy as np
+
+from lsx import _jax_engine, spec
+from lsx import numpy as _numpy_adapter
+from lsx.spec import default
+
+__all__ = ["loss"]
+
+_STATIC_OPTIONS = ("label_smoothing", "spread", "ignore_index", "z_loss", "normalize", "reduction", "empty_mean")
+
+
+def loss(
+    logits: Any,
+    target: Any,
+    *,
+    axis: int = -1,
+    label_smoothing: float = default(0.0),
+    spread: spec.Spread = default("all"),
+    weight: Any = None,
+    ignore_index: int | None = default(-100),
+    z_loss: float = default(0.0),
+    normalize: bool = default(False),
+    class_mask: Any = None,
+    reduction: spec.Reduction = default("mean"),
+    empty_mean: spec.EmptyMean = default("nan"),
+    convention: str | None = None,
+) -> jax.Array:
+    given = dict(
+        label_smoothing=label_smoothing,
+        spread=spread,
+        ignore_index=ignore_index,
+        z_loss=z_loss,
+        normalize=normalize,
+        reduction=reduction,
+        empty_mean=empty_mean,
+    )
+    for name in _STATIC_OPTIONS:
+        if _traced(given[name]):
+            raise TypeError(
+                f"{name} is a static option but was traced; use jax.jit(functools.partial(loss, {name}=...)) "
+                f"or jax.jit(..., static_argnames=({name!r},))"
+            )
+    opts = spec.resolve_options(convention, weight=weight, class_mask=class_mask, **given)
+
+    x = jnp.asarray(logits)
+    t = jnp.asarray(target)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"logits must be floating point, got dtype {x.dtype}")
+    kind = spec.target_kind(t.dtype)
+    w = None if opts.weight is None else jnp.asarray(opts.weight)
+    mask = None if opts.class_mask is None else jnp.asarray(opts.class_mask)
+    layout = spec.check_layout(
+        x.shape,
+        t.shape,
+        kind,
+        opts,
+        axis=axis,
+        weight_shape=None if w is None else w.shape,
+        class_mask_shape=None if mask is None else mask.shape,
+    )
+    k = layout.num_classes
+
+    # value checks need concrete values; traced values are left to the engine (bad labels give NaN)
+    if w is not None:
+        if not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)):
+            raise TypeError(f"weight must be a real array, got dtype {w.dtype}")
+        if not _traced(w):
+            spec.check_weight(np.asarray(w), k)
+    concrete_mask = None
+    valid_count: int | None = k
+    if mask is not None:
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"class_mask must be a boolean array, got dtype {mask.dtype}")
+        if _traced(mask):
+            valid_count = None
+        else:
+            concrete_mask = spec.check_class_mask(np.asarray(mask), k, opts)
+            valid_count = int(concrete_mask.sum())
+    if not _traced(t):
+        if kind == "index":
+            spec.check_labels(np.asarray(t), k, opts, concrete_mask)
+        elif concrete_mask is not None:
+            spec.check_probability_target_mask(np.asarray(t), layout.axis, concrete_mask)
+
+    cfg = _jax_engine.Config(
+        kind=kind,
+        label_smoothing=opts.label_smoothing,
+        spread=opts.spread,
+        z_loss=opts.z_loss,
+        normalize=opts.normalize,
+        ignore_index=opts.ignore_index,
+        reduction=opts.reduction,
+        empty_mean=opts.empty_mean,
+        valid_count=valid_count,
+        compute="float64" if x.dtype == jnp.float64 else "float32",
+    )
+    return _jax_engine.loss(
+        cfg,
+        jnp.moveaxis(x, layout.axis, -1),
+        t if kind == "index" else jnp.moveaxis(t, layout.axis, -1),
+        w,
+        mask,
+    )
+
+
+def _traced(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+_JAX_NOTES = """JAX:
+    ``loss`` is pure and works under ``jax.jit``, ``jax.vmap``, ``jax.grad`` and ``jax.value_and_grad``.
+    Options are static (Python values): jit it as ``jax.jit(functools.partial(loss, label_smoothing=0.1))``
+    or ``jax.jit(loss, static_argnames=("label_smoothing", ...))``. ``weight`` and ``class_mask`` may be
+    traced arrays. The gradient is a ``jax.custom_vjp`` in closed form, computed from the saved log-sum-exp
+    (residuals: logits, target and one scalar per element), and integer labels are never expanded to a
+    one-hot tensor. float16/bfloat16 logits are accumulated in float32; loss and gradient keep the logits'
+    dtype.
+
+    Values are checked when they are concrete: out-of-range labels raise ``ValueError``, as do bad weights
+    and class masks. Under ``jit``/``vmap`` they cannot be checked; an element whose label is out of range
+    (or on a masked class) then has a NaN loss and a NaN gradient, never a silent finite number, and traced
+    ``weight``/``class_mask`` values are trusted.
+
+"""
+
+
+def _docstring() -> str:
+    shared = _numpy_adapter.loss.__doc__ or ""
+    head, _, _ = shared.partition("Example:")
+    return (
+        head
+        + _JAX_NOTES
+        + """Example:
+    >>> import jax, jax.numpy as jnp, lsx.jax
+    >>> x = jnp.array([[0.0, 0.2, 0.7, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0], [1.0, 0.2, 0.7, 0.9, 1.0]])
+    >>> y = jnp.array([2, 1, 0])
+    >>> round(float(lsx.jax.loss(x, y, label_smoothing=0.3)), 4)
+    1.3883
+    >>> round(float(jax.jit(lambda x: lsx.jax.loss(x, y, label_smoothing=0.3, spread="others"))(x)), 4)
+    1.4178
+"""
+    )
+
+
+loss.__doc__ = _docstring()

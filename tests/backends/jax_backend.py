@@ -1,0 +1,36 @@
+"""lsx.jax, eagerly and under ``jax.jit``: the loss and ``jax.grad`` of its sum, in float64 with x64 enabled."""
+
+from __future__ import annotations
+
+import numpy as np
+
+REQUIRES = ("jax",)
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+MODES = ("eager", "compiled")
+
+
+def run(logits, target, options, *, axis, dtype, mode):
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    import lsx.jax
+
+    x = jnp.asarray(logits, dtype=dtype)
+    t = jnp.asarray(target if np.issubdtype(target.dtype, np.integer) else target.astype(dtype))
+
+    def total(x):
+        value = lsx.jax.loss(x, t, axis=axis, **options)
+        return jnp.sum(value), value
+
+    value_and_grad = jax.value_and_grad(total, has_aux=True)
+    if mode == "compiled":
+        value_and_grad = jax.jit(value_and_grad)
+    (_, value), grad = value_and_grad(x)
+    assert isinstance(value, jax.Array) and value.dtype == x.dtype, (type(value), getattr(value, "dtype", None))
+    assert isinstance(grad, jax.Array) and grad.dtype == x.dtype and grad.shape == x.shape
+    alone = lsx.jax.loss(x, t, axis=axis, **options)
+    if mode == "compiled":
+        alone = jax.jit(lambda x: lsx.jax.loss(x, t, axis=axis, **options))(x)
+    np.testing.assert_array_equal(np.asarray(alone, np.float64), np.asarray(value, np.float64))
+    return np.asarray(value, np.float64), np.asarray(grad, np.float64)
