@@ -1,0 +1,281 @@
+"""lsx.jax against optax, the T5X loss, the float64 reference, and JAX's transformations."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+
+import lsx.jax  # noqa: E402
+from lsx import spec  # noqa: E402
+from tests.cases import assert_close  # noqa: E402
+
+
+def _data(shape, k, seed=0, dtype=jnp.float64):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=2.0, size=shape + (k,))
+    labels = rng.integers(0, k, size=shape)
+    return jnp.asarray(logits, dtype), jnp.asarray(labels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parity with optax and T5X
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.3, 1.0])
+@pytest.mark.parametrize("k", [2, 7, 257])
+def test_matches_optax_smooth_labels_recipe(alpha, k):
+    x, y = _data((6,), k, seed=k)
+
+    def recipe(x):
+        return optax.softmax_cross_entropy(x, optax.smooth_labels(jax.nn.one_hot(y, k, dtype=x.dtype), alpha))
+
+    def ours(x):
+        return lsx.jax.loss(x, y, label_smoothing=alpha, convention="optax")
+
+    np.testing.assert_allclose(ours(x), recipe(x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        jax.jit(jax.grad(lambda x: ours(x).sum()))(x), jax.grad(lambda x: recipe(x).sum())(x), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_class_mask_matches_optax_where():
+    # optax: smooth over the valid classes only (K = their count), softmax over them only
+    k = 9
+    x, y = _data((5,), k, seed=3)
+    mask = jnp.arange(k) % 3 != 2
+    y = jnp.asarray([0, 1, 3, 4, 7])
+    alpha = 0.2
+
+    def recipe(x):
+        labels = optax.smooth_labels(jax.nn.one_hot(y, k, dtype=x.dtype), alpha, where=mask)
+        return optax.softmax_cross_entropy(x, jnp.where(mask, labels, 0), where=jnp.broadcast_to(mask, x.shape))
+
+    def ours(x):
+        return lsx.jax.loss(x, y, label_smoothing=alpha, class_mask=mask, convention="optax")
+
+    np.testing.assert_allclose(ours(x), recipe(x), rtol=1e-12)
+    grad = jax.grad(lambda x: ours(x).sum())(x)
+    np.testing.assert_allclose(grad, jax.grad(lambda x: recipe(x).sum())(x), rtol=1e-12, atol=1e-14)
+    assert np.all(np.asarray(grad)[:, ~np.asarray(mask)] == 0)
+    # a traced mask gives the same numbers
+    traced = jax.jit(lambda x, m: lsx.jax.loss(x, y, label_smoothing=alpha, class_mask=m, convention="optax"))
+    np.testing.assert_allclose(traced(x, mask), ours(x), rtol=1e-12)
+
+
+def _t5x_loss(logits, targets, weights, label_smoothing, z_loss):
+    """T5X's compute_weighted_cross_entropy, written out: (K−1)-spread soft targets, the target entropy
+    subtracted as a normalising constant, z_loss·LSE² per token, weighted and summed."""
+    k = logits.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low = (1.0 - confidence) / (k - 1)
+    normalizing_constant = -(confidence * jnp.log(confidence) + (k - 1) * low * jnp.log(low + 1e-20))
+    soft_targets = jax.nn.one_hot(targets, k, dtype=logits.dtype) * (confidence - low) + low
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    token_loss = -jnp.sum(soft_targets * (logits - log_z[..., None]), axis=-1) - normalizing_constant
+    token_loss = token_loss + z_loss * log_z**2
+    return jnp.sum(token_loss * weights)
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-4, 0.01])
+@pytest.mark.parametrize("eps", [0.1, 0.4])
+def test_matches_t5x_loss(eps, z_loss):
+    x, y = _data((3, 4), 11, seed=5)
+    ones = jnp.ones(y.shape)
+    expected = _t5x_loss(x, y, ones, eps, z_loss)
+    ours = functools.partial(lsx.jax.loss, label_smoothing=eps, z_loss=z_loss, convention="t5x")
+    np.testing.assert_allclose(ours(x, y), expected, rtol=1e-12)
+    np.testing.assert_allclose(
+        jax.jit(jax.grad(ours))(x, y), jax.grad(_t5x_loss)(x, y, ones, eps, z_loss), rtol=1e-10, atol=1e-14
+    )
+    # T5X's own closed form: (1 + 2s·LSE)·softmax − q
+    q = jax.nn.one_hot(y, 11) * (1 - eps - eps / 10) + eps / 10
+    closed = (1 + 2 * z_loss * jax.nn.logsumexp(x, axis=-1))[..., None] * jax.nn.softmax(x) - q
+    np.testing.assert_allclose(jax.grad(ours)(x, y), closed, rtol=1e-10, atol=1e-14)
+
+
+def test_t5x_default_z_loss_and_minimum_zero():
+    x, y = _data((4,), 6, seed=2)
+    np.testing.assert_allclose(
+        lsx.jax.loss(x, y, label_smoothing=0.1, convention="t5x"), _t5x_loss(x, y, jnp.ones(4), 0.1, 1e-4), rtol=1e-12
+    )
+    # KL form: logits equal to log q give the z-loss term only
+    q = jax.nn.one_hot(y, 6) * (0.9 - 0.02) + 0.02
+    at_target = jnp.log(q)
+    assert abs(float(lsx.jax.loss(at_target, y, label_smoothing=0.1, convention="t5x", z_loss=0.0))) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JAX transformations
+# ----------------------------------------------------------------------------------------------------------
+OPTIONS = dict(label_smoothing=0.1, z_loss=1e-3, ignore_index=-1)
+
+
+def test_jit_with_partial_and_static_argnames_equals_eager():
+    x, y = _data((8,), 5, seed=7)
+    y = y.at[2].set(-1)
+    eager = lsx.jax.loss(x, y, **OPTIONS)
+    np.testing.assert_allclose(eager, spec.reference_loss(np.asarray(x), np.asarray(y), **OPTIONS), rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(functools.partial(lsx.jax.loss, **OPTIONS))(x, y), eager, rtol=1e-12)
+    static = jax.jit(lsx.jax.loss, static_argnames=tuple(OPTIONS))
+    np.testing.assert_allclose(static(x, y, **OPTIONS), eager, rtol=1e-12)
+
+
+def test_traced_option_gets_a_helpful_error():
+    x, y = _data((3,), 4)
+    with pytest.raises(TypeError, match="static option"):
+        jax.jit(lsx.jax.loss)(x, y, label_smoothing=0.1)
+
+
+def test_grad_and_value_and_grad_match_reference():
+    x, y = _data((8,), 6, seed=11)
+    y = y.at[0].set(-1)
+    weight = jnp.linspace(0.5, 2.0, 6)
+    opts = dict(OPTIONS, weight=weight, spread="others", normalize=True)
+    f = functools.partial(lsx.jax.loss, **opts)
+    value, grad = jax.value_and_grad(f)(x, y)
+    ref_opts = dict(opts, weight=np.asarray(weight))
+    np.testing.assert_allclose(value, spec.reference_loss(np.asarray(x), np.asarray(y), **ref_opts), rtol=1e-12)
+    expected = spec.reference_grad(np.asarray(x), np.asarray(y), **ref_opts)
+    np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(jax.jit(jax.grad(f))(x, y), expected, rtol=1e-10, atol=1e-14)
+
+
+def test_vmap_equals_batched():
+    x, y = _data((5, 7), 4, seed=13)
+    y = y.at[1, 3].set(-1)
+    per_row = jax.vmap(functools.partial(lsx.jax.loss, **OPTIONS))(x, y)  # mean over each row of 7
+    expected = [spec.reference_loss(np.asarray(x[i]), np.asarray(y[i]), **OPTIONS) for i in range(5)]
+    np.testing.assert_allclose(per_row, expected, rtol=1e-12)
+    grads = jax.vmap(jax.grad(functools.partial(lsx.jax.loss, **OPTIONS)))(x, y)
+    expected = [spec.reference_grad(np.asarray(x[i]), np.asarray(y[i]), **OPTIONS) for i in range(5)]
+    np.testing.assert_allclose(grads, expected, rtol=1e-10, atol=1e-14)
+
+
+def _naive(x, t, weight, *, eps, normalize, z_loss, probs):
+    """The definition with a materialised q, differentiated by JAX itself (for gradients we do not write out)."""
+    k = x.shape[-1]
+    q = (1 - eps) * (t if probs else jax.nn.one_hot(t, k, dtype=x.dtype)) + eps / k
+    lse = jax.nn.logsumexp(x, axis=-1)
+    w_y = 1.0 if probs else weight[t]
+    loss = jnp.sum(weight * q * (lse[..., None] - x), axis=-1) + z_loss * w_y * lse**2
+    if normalize:
+        loss = loss + jnp.sum(weight * q * jnp.log(q), axis=-1)
+    return jnp.sum(loss)
+
+
+@pytest.mark.parametrize("probs", [False, True], ids=["index", "probs"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gradients_for_weight_and_probability_target(probs, normalize):
+    x, y = _data((6,), 5, seed=17)
+    t = jax.nn.softmax(jnp.asarray(np.random.default_rng(1).normal(size=(6, 5)))) if probs else y
+    weight = jnp.linspace(0.5, 2.0, 5)
+    kw = dict(eps=0.2, normalize=normalize, z_loss=0.01, probs=probs)
+
+    def ours(x, t, weight):
+        return lsx.jax.loss(x, t, label_smoothing=0.2, normalize=normalize, z_loss=0.01, weight=weight, reduction="sum")
+
+    np.testing.assert_allclose(ours(x, t, weight), _naive(x, t, weight, **kw), rtol=1e-12)
+    argnums = (0, 1, 2) if probs else (0, 2)
+    got = jax.jit(jax.grad(ours, argnums=argnums))(x, t, weight)
+    want = jax.grad(functools.partial(_naive, **kw), argnums=argnums)(x, t, weight)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_traced_weight_equals_concrete_weight():
+    x, y = _data((6,), 5, seed=19)
+    weight = jnp.asarray([1.0, 0.5, 2.0, 0.0, 1.5])
+    concrete = lsx.jax.loss(x, y, weight=weight, label_smoothing=0.1)
+    traced = jax.jit(lambda x, w: lsx.jax.loss(x, y, weight=w, label_smoothing=0.1))(x, weight)
+    np.testing.assert_allclose(traced, concrete, rtol=1e-12)
+
+
+def test_residuals_are_logits_labels_and_lse():
+    x, y = _data((16,), 300, seed=23, dtype=jnp.float32)
+    _, vjp = jax.vjp(lambda x: lsx.jax.loss(x, y, label_smoothing=0.1), x)
+    large = [leaf for leaf in jax.tree_util.tree_leaves(vjp) if np.size(leaf) >= 300]
+    assert len(large) == 1 and large[0].shape == x.shape and large[0].dtype == x.dtype
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Axis and dtypes
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("axis", [0, 1, -1, 2])
+def test_axis_anywhere(axis):
+    rng = np.random.default_rng(axis + 10)
+    x = rng.normal(size=(3, 4, 5))
+    labels_shape = tuple(s for i, s in enumerate(x.shape) if i != axis % 3)
+    y = rng.integers(0, x.shape[axis], size=labels_shape)
+    opts = dict(label_smoothing=0.1, reduction="none")
+    value, grad = jax.value_and_grad(lambda x: lsx.jax.loss(x, y, axis=axis, **opts).sum())(jnp.asarray(x))
+    assert_close(lsx.jax.loss(jnp.asarray(x), y, axis=axis, **opts), spec.reference_loss(x, y, axis=axis, **opts),
+                 "float64", "loss")
+    assert_close(grad, spec.reference_grad(x, y, axis=axis, **opts), "float64", "grad")
+    moved = lsx.jax.loss(jnp.moveaxis(jnp.asarray(x), axis, -1), y, **opts)
+    np.testing.assert_allclose(lsx.jax.loss(jnp.asarray(x), y, axis=axis, **opts), moved, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_accumulates_in_float32(dtype):
+    # 8192 classes: a sum of the smoothing term in bfloat16 would be off by far more than one output ulp
+    x, y = _data((4,), 8192, seed=29, dtype=dtype)
+    f = functools.partial(lsx.jax.loss, label_smoothing=0.1, z_loss=1e-4)
+    value, grad = jax.jit(jax.value_and_grad(f))(x, y)
+    assert value.dtype == jnp.dtype(dtype) and grad.dtype == jnp.dtype(dtype) and grad.shape == x.shape
+    x64 = np.asarray(x.astype(jnp.float64))
+    expected = spec.reference_loss(x64, np.asarray(y), label_smoothing=0.1, z_loss=1e-4)
+    # float32 accumulation: the only error left is rounding the result to the output dtype
+    assert abs(float(value) - float(expected)) <= float(jnp.finfo(dtype).eps) * abs(float(expected))
+    assert_close(grad, spec.reference_grad(x64, np.asarray(y), label_smoothing=0.1, z_loss=1e-4), dtype, "grad")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad values
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [7, -3])
+def test_bad_label_raises_eagerly_naming_it(bad):
+    x, y = _data((4,), 5)
+    y = y.at[2].set(bad)
+    with pytest.raises(ValueError, match=f"label {bad}"):
+        lsx.jax.loss(x, y)
+    with pytest.raises(ValueError, match=f"label {bad}"):
+        jax.grad(lsx.jax.loss)(x, y)  # the labels are concrete even while the logits are traced
+
+
+@pytest.mark.parametrize("bad", [7, -3, 5])
+def test_bad_label_under_jit_is_nan_never_finite(bad):
+    x, y = _data((4,), 5)
+    y = y.at[2].set(bad)
+    per_element = jax.jit(functools.partial(lsx.jax.loss, label_smoothing=0.1, reduction="none"))(x, y)
+    assert np.isnan(per_element[2]) and np.all(np.isfinite(np.delete(np.asarray(per_element), 2)))
+    value, grad = jax.jit(jax.value_and_grad(functools.partial(lsx.jax.loss, label_smoothing=0.1)))(x, y)
+    assert np.isnan(value) and np.all(np.isnan(grad[2]))
+
+
+def test_label_on_masked_class_is_an_error_or_nan():
+    x, y = _data((4,), 5)
+    mask = jnp.asarray([True, True, True, False, True])
+    y = y.at[1].set(3)
+    with pytest.raises(ValueError, match="label 3"):
+        lsx.jax.loss(x, y, class_mask=mask)
+    traced = jax.jit(lambda x, y: lsx.jax.loss(x, y, class_mask=mask, reduction="none"))(x, y)
+    assert np.isnan(traced[1]) and np.isfinite(traced[0])
+
+
+def test_bad_weight_and_mask_values_raise_when_concrete():
+    x, y = _data((4,), 5)
+    with pytest.raises(ValueError, match=r"weight\[1\]"):
+        lsx.jax.loss(x, y, weight=jnp.asarray([1.0, -1.0, 1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="at least one valid class"):
+        lsx.jax.loss(x, y, class_mask=jnp.zeros(5, bool))
+    with pytest.raises(TypeError, match="boolean"):
+        lsx.jax.loss(x, y, class_mask=jnp.ones(5))
+    with pytest.raises(TypeError, match="floating"):
+        lsx.jax.loss(y[:, None], y)
