@@ -141,6 +141,8 @@ def _compute(logits: Any, target: Any, opts: spec.Options, axis: int, *, want_gr
     layout, weight, mask = spec.validate(x, t, opts, axis)
     if out is not None and (not isinstance(out, np.ndarray) or out.shape != x.shape or out.dtype != x.dtype):
         raise ValueError(f"out must be an ndarray of shape {x.shape} and dtype {x.dtype}, got {_describe(out)}")
+    if out is not None and not out.flags.writeable:
+        raise ValueError("out must be writeable")
 
     compute = np.float64 if x.dtype == np.float64 else np.float32
     x2 = np.moveaxis(x, layout.axis, -1)
@@ -154,17 +156,25 @@ def _compute(logits: Any, target: Any, opts: spec.Options, axis: int, *, want_gr
 
     kernel = _numba_kernel()
     if kernel is not None:
-        per_element, denominator, grad2 = kernel(x2, t2, layout.kind, opts, weight, mask, compute, want_grad)
+        # the kernel writes straight into ``out`` when it already has the kernel's row layout and dtype
+        out2 = None
+        if want_grad and out is not None and layout.axis == x.ndim - 1 and out.dtype == compute and out.flags.c_contiguous:
+            out2 = out.reshape(-1, k)
+        per_element, denominator, grad2 = kernel(
+            x2, t2, layout.kind, opts, weight, mask, compute, want_grad, out2, scale_mean=True
+        )
     else:
         per_element, denominator, grad2 = _numpy_engine(x2, t2, layout.kind, opts, weight, mask, compute, want_grad)
+        if want_grad and opts.reduction == "mean":
+            grad2 *= compute(1.0 / denominator) if denominator != 0 else compute(0.0)
 
     value = _reduce(opts, per_element, denominator, compute).astype(x.dtype)
     if opts.reduction == "none":
         value = value.reshape(lead_shape)
     if not want_grad:
         return value, None
-    if opts.reduction == "mean":
-        grad2 *= compute(1.0 / denominator) if denominator != 0 else compute(0.0)
+    if out is not None and kernel is not None and out2 is not None and grad2 is out2:
+        return value, out
     grad = np.moveaxis(grad2.reshape(lead_shape + (k,)), -1, layout.axis)
     if out is None:
         return value, grad.astype(x.dtype, copy=False)

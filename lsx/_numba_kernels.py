@@ -1,0 +1,449 @@
+"""Fused Numba kernels: loss and gradient of label-smoothed cross-entropy in one sweep per row.
+
+Imported by :mod:`lsx.numpy` on first use, never by ``import lsx``. ``AVAILABLE`` says whether Numba
+imported. :func:`forward_backward` has the contract of ``lsx.numpy._numpy_engine``.
+
+Per row, three passes over data that stays in L2 cache (a 32768-class float32 row is 128 KiB), so the
+logits are read from memory once and the gradient written once:
+
+1. the maximum over the valid classes;
+2. ``e = exp(x − max)``, summed, and stored in the gradient row; the running ``Σ w·(x − max)`` for the
+   smoothing term (probability targets: ``Σ w·q·(x − max)``);
+3. the gradient ``e · coef − w∘q`` rewritten over the stored ``e``.
+
+The gradient row may be the logits row itself (in-place mode): pass 2 reads each element before it
+overwrites it, and the target logit is read before pass 2.
+
+``math.exp`` does not vectorise inside Numba loops, so :func:`_exp` is a range-reduced polynomial
+(2^k · P(r), Cody–Waite reduction) that LLVM turns into SIMD code: degree 7 for float32 (error below
+1 ulp), degree 12 for float64 (a few ulp). Arguments below the smallest normal result give exactly 0 and
+NaN propagates. Loops use ``fastmath`` without ``nnan``/``ninf``, so −inf (masked) logits and NaN keep the
+spec's behaviour; only the row maximum is taken with ``nnan`` (a NaN there still poisons the row through
+the sum of exponentials, as in the reference).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+try:
+    import numba
+    from llvmlite import ir
+    from numba import prange, types
+    from numba.extending import intrinsic, overload
+except ImportError:  # the pure-NumPy engine in lsx.numpy takes over
+    AVAILABLE = False
+else:
+    AVAILABLE = True
+
+__all__ = ["AVAILABLE", "forward_backward"]
+
+_BLOCK = 2048  # partial sums in the compute dtype, accumulated across blocks in float64
+_LOOP_FLAGS = {"nsz", "arcp", "contract", "reassoc"}
+_MAX_FLAGS = {"nnan", "nsz", "reassoc"}
+_EXP_FLAGS = {"contract"}  # no reassociation: Cody–Waite needs its operations in order
+
+if AVAILABLE:
+
+    @intrinsic
+    def _bits_to_float(typingctx, bits):
+        """Reinterpret int32 → float32 or int64 → float64 (a bitcast LLVM can vectorise)."""
+        if bits == types.int32:
+            sig = types.float32(types.int32)
+        elif bits == types.int64:
+            sig = types.float64(types.int64)
+        else:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(signature.return_type))
+
+        return sig, codegen
+
+    def _exp(d):  # pragma: no cover - replaced by the overload below inside Numba
+        return math.exp(d)
+
+    def _to_dtype_of(value, like):  # pragma: no cover - Numba only
+        return value
+
+    @overload(_to_dtype_of, inline="always")
+    def _to_dtype_of_impl(value, like):
+        if like.dtype == types.float32:
+            return lambda value, like: np.float32(value)
+        return lambda value, like: np.float64(value)
+
+    @overload(_exp, jit_options={"fastmath": _EXP_FLAGS})
+    def _exp_impl(d):
+        if d == types.float32:
+
+            def exp32(d):
+                # exp(−87.3) is just above the smallest normal float32; exp(88) just below the largest
+                big = d > np.float32(88.0)
+                tiny = d < np.float32(-87.3)
+                dc = d if not tiny else np.float32(-87.3)
+                dc = dc if not big else np.float32(88.0)
+                dk = dc if dc == dc else np.float32(0.0)  # NaN: keep k finite, r carries the NaN
+                kf = np.floor(dk * np.float32(1.4426950408889634) + np.float32(0.5))
+                r = dc - kf * np.float32(0.693359375)
+                r = r - kf * np.float32(-2.12194440e-4)
+                p = np.float32(1.0 / 5040.0)
+                p = p * r + np.float32(1.0 / 720.0)
+                p = p * r + np.float32(1.0 / 120.0)
+                p = p * r + np.float32(1.0 / 24.0)
+                p = p * r + np.float32(1.0 / 6.0)
+                p = p * r + np.float32(0.5)
+                p = p * r + np.float32(1.0)
+                p = p * r + np.float32(1.0)
+                scale = _bits_to_float(np.int32(np.int32(kf + np.float32(127.0)) << 23))  # Numba widens int32 arithmetic
+                y = p * scale
+                y = y if not tiny else np.float32(0.0)
+                return y if not big else np.float32(np.inf)
+
+            return exp32
+        if d == types.float64:
+
+            def exp64(d):
+                big = d > 709.0
+                tiny = d < -708.0
+                dc = d if not tiny else -708.0
+                dc = dc if not big else 709.0
+                dk = dc if dc == dc else 0.0
+                kf = np.floor(dk * 1.4426950408889634 + 0.5)
+                r = dc - kf * 6.93147180369123816490e-01  # ln 2 split so that kf·hi is exact
+                r = r - kf * 1.90821492927058770002e-10
+                p = 1.0 / 479001600.0
+                p = p * r + 1.0 / 39916800.0
+                p = p * r + 1.0 / 3628800.0
+                p = p * r + 1.0 / 362880.0
+                p = p * r + 1.0 / 40320.0
+                p = p * r + 1.0 / 5040.0
+                p = p * r + 1.0 / 720.0
+                p = p * r + 1.0 / 120.0
+                p = p * r + 1.0 / 24.0
+                p = p * r + 1.0 / 6.0
+                p = p * r + 0.5
+                p = p * r + 1.0
+                p = p * r + 1.0
+                scale = _bits_to_float((np.int64(kf) + np.int64(1023)) << np.int64(52))
+                y = p * scale
+                y = y if not tiny else 0.0
+                return y if not big else np.inf
+
+            return exp64
+        return None
+
+    @intrinsic
+    def _maxnum(typingctx, left, right):
+        """``llvm.maxnum``: the larger operand, ignoring a NaN one; unlike compare-and-select it vectorises."""
+        if left != right or left not in (types.float32, types.float64):
+            return None
+        sig = left(left, right)
+
+        def codegen(context, builder, signature, args):
+            ty = args[0].type
+            fn = builder.module.declare_intrinsic("llvm.maxnum", [ty], ir.FunctionType(ty, [ty, ty]))
+            return builder.call(fn, args)
+
+        return sig, codegen
+
+    @numba.njit(fastmath=_MAX_FLAGS, cache=True)
+    def _row_max(xr, valid, has_mask):
+        """Max over the valid classes, 0 when it is not finite (like the reference); NaN is skipped here."""
+        low = _to_dtype_of(-np.inf, xr)
+        m = low
+        k = xr.shape[0]
+        if has_mask:
+            for c in range(k):
+                m = _maxnum(m, xr[c] if valid[c] else low)
+        else:
+            for c in range(k):
+                m = _maxnum(m, xr[c])
+        return np.float64(m) if math.isfinite(m) else 0.0
+
+    # Block helpers: each is one simple loop that LLVM vectorises; partial sums stay in the compute dtype
+    # for one block and are accumulated in float64 across blocks.
+    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
+    def _block_store(xs, ds, mt):
+        sum_e = mt - mt
+        sum_x = mt - mt
+        for c in range(xs.shape[0]):
+            d = xs[c] - mt
+            e = _exp(d)
+            sum_e += e
+            sum_x += d
+            ds[c] = e
+        return sum_e, sum_x
+
+    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
+    def _block_inplace(xs, mt):
+        sum_e = mt - mt
+        sum_x = mt - mt
+        for c in range(xs.shape[0]):
+            d = xs[c] - mt
+            e = _exp(d)
+            sum_e += e
+            sum_x += d
+            xs[c] = e
+        return sum_e, sum_x
+
+    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
+    def _block_sum(xs, mt):
+        sum_e = mt - mt
+        sum_x = mt - mt
+        for c in range(xs.shape[0]):
+            d = xs[c] - mt
+            sum_e += _exp(d)
+            sum_x += d
+        return sum_e, sum_x
+
+    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
+    def _block_store_masked(xs, ds, ws, vs, mt):
+        zero = mt - mt
+        sum_e = zero
+        sum_x = zero
+        for c in range(xs.shape[0]):
+            d = xs[c] - mt
+            e = _exp(d) if vs[c] else zero
+            sum_e += e
+            sum_x += ws[c] * d if vs[c] else zero
+            ds[c] = e
+        return sum_e, sum_x
+
+    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
+    def _block_sum_masked(xs, ws, vs, mt):
+        zero = mt - mt
+        sum_e = zero
+        sum_x = zero
+        for c in range(xs.shape[0]):
+            d = xs[c] - mt
+            sum_e += _exp(d) if vs[c] else zero
+            sum_x += ws[c] * d if vs[c] else zero
+        return sum_e, sum_x
+
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    def _exp_pass(xr, dst, w, valid, plain, m, mode):
+        """Σ exp(x − m) and Σ w·(x − m) over the valid classes (``plain``: no weight, no mask).
+
+        ``mode`` 0: sums only; 1: also store exp(x − m) (0 on masked classes) in ``dst``; 2: store it in ``xr``.
+        """
+        k = xr.shape[0]
+        mt = _to_dtype_of(m, xr)
+        sum_e = 0.0
+        sum_x = 0.0
+        for start in range(0, k, _BLOCK):
+            stop = min(start + _BLOCK, k)
+            xs = xr[start:stop]
+            if plain:
+                if mode == 0:
+                    block_e, block_x = _block_sum(xs, mt)
+                elif mode == 1:
+                    block_e, block_x = _block_store(xs, dst[start:stop], mt)
+                else:
+                    block_e, block_x = _block_inplace(xs, mt)
+            else:
+                if mode == 0:
+                    block_e, block_x = _block_sum_masked(xs, w[start:stop], valid[start:stop], mt)
+                else:
+                    target = dst[start:stop] if mode == 1 else xs
+                    block_e, block_x = _block_store_masked(xs, target, w[start:stop], valid[start:stop], mt)
+            sum_e += block_e
+            sum_x += block_x
+        return sum_e, sum_x
+
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    def _index_rows(x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss):
+        n, k = x.shape
+        a, b, total_w, z, h_target, h_other, normalize, scale = (
+            params[0], params[1], params[2], params[3], params[4], params[5], params[6] != 0.0, params[7]
+        )
+        zero = _to_dtype_of(0.0, x)
+        for i in prange(n):
+            xr = x[i]
+            dst = out[i]
+            label = y[i]
+            if has_ignore and label == ignore_index:
+                loss[i] = 0.0
+                if want_grad:
+                    for c in range(k):
+                        dst[c] = zero
+                continue
+            x_y = np.float64(xr[label])
+            w_y = np.float64(w[label]) if has_w else 1.0
+            m = _row_max(xr, valid, has_mask)
+            sum_e, sum_x = _exp_pass(xr, dst, w, valid, not has_w, m, (2 if inplace else 1) if want_grad else 0)
+            lse_shifted = math.log(sum_e)
+            lse = m + lse_shifted
+            value = 0.0
+            if a != 0.0:
+                value += a * w_y * (lse - x_y)
+            if b != 0.0:
+                value += b * (total_w * lse_shifted - sum_x)
+            value += z * w_y * lse * lse
+            if normalize:
+                value += w_y * h_target + h_other * (total_w - w_y)  # + Σ w q log q: the KL form
+            loss[i] = value
+            if not want_grad:
+                continue
+            coef = _to_dtype_of(scale * (a * w_y + b * total_w + 2.0 * z * w_y * lse) / sum_e, x)
+            bs = _to_dtype_of(scale * b, x)
+            if has_w:
+                for c in range(k):
+                    dst[c] = dst[c] * coef - bs * w[c]
+            else:
+                for c in range(k):
+                    dst[c] = dst[c] * coef - bs
+            dst[label] -= _to_dtype_of(scale * a * w_y, x)
+            if has_mask and lse != lse:  # a NaN row stays NaN on valid classes only
+                for c in range(k):
+                    if not valid[c]:
+                        dst[c] = zero
+
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    def _prob_rows(x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss):
+        n, k = x.shape
+        a, b, z, normalize, scale = params[0], params[1], params[3], params[6] != 0.0, params[7]
+        at = _to_dtype_of(a, x)
+        bt = _to_dtype_of(b, x)
+        zero = _to_dtype_of(0.0, x)
+        for i in prange(n):
+            xr = x[i]
+            tr = t[i]
+            dst = out[i]
+            m = _row_max(xr, valid, has_mask)
+            mt = _to_dtype_of(m, x)
+            # Σ w·q·(x − m), Σ w·q and Σ w·q·log q before pass 2 may overwrite x (in-place mode)
+            sum_qx = 0.0
+            mass = 0.0
+            entropy = 0.0
+            for c in range(k):
+                ok = valid[c] if has_mask else True
+                wq = (at * tr[c] + bt) * (w[c] if has_w else _to_dtype_of(1.0, x))
+                if ok and wq > zero:
+                    sum_qx += np.float64(wq * (xr[c] - mt))
+                    mass += np.float64(wq)
+                    if normalize:
+                        q = np.float64(at * tr[c] + bt)
+                        entropy += (np.float64(w[c]) if has_w else 1.0) * q * math.log(q)
+            sum_e, _ = _exp_pass(xr, dst, w, valid, not has_w, m, (2 if inplace else 1) if want_grad else 0)
+            lse_shifted = math.log(sum_e)
+            lse = m + lse_shifted
+            loss[i] = mass * lse_shifted - sum_qx + z * lse * lse + (entropy if normalize else 0.0)
+            if not want_grad:
+                continue
+            coef = _to_dtype_of(scale * (mass + 2.0 * z * lse) / sum_e, x)
+            st = _to_dtype_of(scale, x)
+            for c in range(k):
+                ok = valid[c] if has_mask else True
+                wq = (at * tr[c] + bt) * (w[c] if has_w else _to_dtype_of(1.0, x))
+                dst[c] = (dst[c] * coef - st * wq) if ok else zero
+
+
+def _xlogx(q: float) -> float:
+    return q * math.log(q) if q > 0 else 0.0
+
+
+def forward_backward(
+    x2: np.ndarray,
+    t2: np.ndarray,
+    kind: str,
+    opts: Any,
+    weight: np.ndarray | None,
+    mask: np.ndarray | None,
+    compute: type,
+    want_grad: bool,
+    out2: np.ndarray | None = None,
+    *,
+    scale_mean: bool = False,
+) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """Loss per row, the mean's denominator and the gradient, for (N, K) logits ``x2``.
+
+    ``t2``: labels (N,) for ``kind="index"`` or probabilities (N, K) for ``kind="probs"``; ``weight``
+    float64 (K,) or None; ``mask`` bool (K,) or None; ``compute``: np.float32 or np.float64.
+    The gradient is that of the per-element losses, unscaled, unless ``scale_mean`` (then it already carries
+    the mean's 1/D, or 0 for D = 0, when ``opts.reduction == "mean"``). It is written into ``out2`` when
+    given: an (N, K) C-contiguous array of the ``compute`` dtype, which may be ``x2`` itself (in place).
+    """
+    if not AVAILABLE:
+        raise ImportError("lsx._numba_kernels needs numba: pip install 'lsx[numba]'")
+    n, k = x2.shape
+    x = np.ascontiguousarray(x2, dtype=compute)
+    valid_count = k if mask is None else int(mask.sum())
+    a, b = _smoothing(opts, valid_count)
+    has_w = weight is not None or mask is not None
+    w = np.ones(k, compute) if weight is None else weight.astype(compute)
+    if mask is not None:
+        w = np.where(mask, w, 0).astype(compute)
+    valid = np.ones(k, np.bool_) if mask is None else np.ascontiguousarray(mask, np.bool_)
+    total_w = float(valid_count) if weight is None else float(np.where(valid, weight, 0).sum())
+
+    if kind == "index":
+        labels = np.ascontiguousarray(t2, np.int64)
+        has_ignore = opts.ignore_index is not None
+        ignore_index = int(opts.ignore_index) if has_ignore else 0
+        active = labels != ignore_index if has_ignore else np.ones(n, bool)
+        if weight is None:
+            denominator = float(np.count_nonzero(active))
+        else:
+            denominator = float(weight[np.where(active, labels, 0)][active].sum(dtype=np.float64))
+    else:
+        probs = np.ascontiguousarray(t2, dtype=compute)
+        denominator = float(n)
+
+    scale = 1.0
+    if scale_mean and opts.reduction == "mean":
+        scale = 1.0 / denominator if denominator != 0 else 0.0
+    params = np.array(
+        [a, b, total_w, opts.z_loss, _xlogx(a + b), _xlogx(b), float(opts.normalize), scale], np.float64
+    )
+
+    if want_grad:
+        if out2 is None or not _usable_out(out2, x, compute):
+            grad = np.empty((n, k), compute)
+        else:
+            grad = out2
+        if _same_memory(grad, x):
+            grad = x  # in place: each row's logits are read before its gradient overwrites them
+        elif np.may_share_memory(grad, x):  # partial overlap: go through a fresh buffer
+            grad = np.empty((n, k), compute)
+    else:
+        grad = np.empty((1, k), compute)  # never written
+    per_element = np.empty(n, compute)
+    dst = x if grad is x else grad
+    if n:
+        if kind == "index":
+            _index_rows(x, labels, w, valid, has_w, mask is not None, ignore_index, has_ignore, params,
+                        want_grad, grad is x, dst if want_grad else np.empty((n, 0), compute), per_element)
+        else:
+            _prob_rows(x, probs, w, valid, has_w, mask is not None, params, want_grad, grad is x,
+                       dst if want_grad else np.empty((n, 0), compute), per_element)
+    if not want_grad:
+        return per_element, denominator, None
+    if out2 is not None and grad is x:
+        grad = out2  # the same memory
+    elif out2 is not None and grad is not out2:
+        np.copyto(out2, grad, casting="same_kind")
+        grad = out2
+    return per_element, denominator, grad
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype and a.ctypes.data == b.ctypes.data
+
+
+def _usable_out(out2: np.ndarray, x: np.ndarray, compute: type) -> bool:
+    return (
+        isinstance(out2, np.ndarray)
+        and out2.shape == x.shape
+        and out2.dtype == np.dtype(compute)
+        and out2.flags.c_contiguous
+        and out2.flags.writeable
+    )
+
+
+def _smoothing(opts: Any, valid_count: int) -> tuple[float, float]:
+    from lsx import spec
+
+    return spec.smoothing_coefficients(opts, valid_count)
