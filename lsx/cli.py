@@ -1,0 +1,218 @@
+"""The ``lsx`` command: ``lsx parity``, ``lsx identify FILE.py:NAME`` and ``lsx explain``.
+
+Exit codes: 0 success, 1 a parity mismatch (or a requested backend missing), 2 a usage error (bad
+arguments, a bad FILE:NAME, a callable that raises or returns the wrong thing), printed as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lsx import spec
+
+__all__ = ["CommandError", "main"]
+
+
+_UNSET = object()
+
+
+class CommandError(Exception):
+    """A problem with the user's input: printed as ``lsx: error: <message>``, exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args))
+    except CommandError as exc:
+        print(f"lsx: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lsx: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lsx",
+        description="Label-smoothed cross-entropy, defined once: check backends, identify a hand-written loss, "
+        "explain the options.",
+    )
+    parser.set_defaults(command=None)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    parity = sub.add_parser("parity", help="compare every installed backend with the reference and built-ins")
+    parity.add_argument("--backends", help="comma-separated subset of numpy,torch,jax,tensorflow,keras")
+    parity.add_argument("--json", action="store_true", help="print a JSON report (no table, no progress bar)")
+    matrix = parity.add_mutually_exclusive_group()
+    matrix.add_argument("--quick", dest="matrix", action="store_const", const="quick",
+                        help="eager runs only (no compilation)")
+    matrix.add_argument("--full", dest="matrix", action="store_const", const="full",
+                        help="compiled runs in float64 too (default: eager float64/float32, compiled float32)")
+    parity.set_defaults(matrix="default")
+    parity.set_defaults(command="parity", run=_parity)
+
+    identify = sub.add_parser("identify", help="which label smoothing does a hand-written loss compute?")
+    identify.add_argument("target", metavar="FILE.py:NAME", help="a loss function, or a class/nn.Module to instantiate")
+    identify.add_argument("--framework", choices=("torch", "jax", "numpy"), help="how to call it (default: detect)")
+    identify.add_argument("--json", action="store_true", help="print a JSON report")
+    identify.set_defaults(command="identify", run=_identify)
+
+    explain = sub.add_parser("explain", help="print the formula with the effective options")
+    explain.add_argument("--convention", choices=tuple(spec.CONVENTIONS), help="a preset of lsx.spec.CONVENTIONS")
+    explain.add_argument("--label-smoothing", type=float, metavar="E")
+    explain.add_argument("--spread", choices=spec.SPREADS)
+    explain.add_argument("--z-loss", type=float, metavar="S")
+    explain.add_argument("--normalize", action="store_true", default=None)
+    explain.add_argument("--reduction", choices=spec.REDUCTIONS)
+    explain.add_argument("--ignore-index", type=_ignore_index, default=_UNSET, metavar="I", help="an int, or 'none'")
+    explain.add_argument("--empty-mean", choices=spec.EMPTY_MEANS)
+    explain.add_argument("--num-classes", "-K", type=int, metavar="K", help="show q for this K")
+    explain.set_defaults(command="explain", run=_explain)
+    return parser
+
+
+def _ignore_index(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'none', got {text!r}") from None
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+# --------------------------------------------------------------------------------------------------------
+def _parity(args: argparse.Namespace) -> int:
+    from lsx import _parity
+
+    names = list(_parity.BACKENDS)
+    requested = None
+    if args.backends:
+        requested = [n.strip() for n in args.backends.split(",") if n.strip()]
+        unknown = [n for n in requested if n not in _parity.BACKENDS]
+        if unknown or not requested:
+            raise CommandError(f"unknown backend(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(names)}")
+        names = requested
+
+    if args.json:
+        report = _parity.run(names, matrix=args.matrix)
+        print(json.dumps(report.as_json(), indent=1))
+    else:
+        report = _run_with_progress(_parity, names, args.matrix)
+        _parity.render(report, _console())
+    missing = [b.name for b in report.backends if b.status == "not installed"]
+    if requested and missing:
+        print(f"lsx: requested backend(s) not installed: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0 if report.ok else 1
+
+
+def _run_with_progress(_parity: Any, names: list[str], matrix: str) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    total = sum(_parity.steps(_parity.BACKENDS[n](), _parity.RUNS[matrix], _parity.CASES) for n in names)
+    columns = (TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=_console(stderr=True), transient=True) as progress:
+        task = progress.add_task("parity", total=total)
+
+        def tick(description: str, advance: int) -> None:
+            progress.update(task, description=description, advance=advance)
+
+        return _parity.run(names, matrix=matrix, progress=tick)
+
+
+# --------------------------------------------------------------------------------------------------------
+def _identify(args: argparse.Namespace) -> int:
+    from lsx import _identify
+
+    try:
+        fn, label = _identify.load(args.target)
+        result = _identify.identify(fn, framework=args.framework)
+    except _identify.ProbeError as exc:
+        raise CommandError(str(exc)) from None
+    result.name = label
+    if args.json:
+        print(json.dumps(result.as_json(), indent=1))
+    else:
+        _identify.render(result, _console())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
+def _explain(args: argparse.Namespace) -> int:
+    given = {
+        "label_smoothing": args.label_smoothing,
+        "spread": args.spread,
+        "z_loss": args.z_loss,
+        "normalize": args.normalize,
+        "reduction": args.reduction,
+        "empty_mean": args.empty_mean,
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    if args.ignore_index is not _UNSET:
+        given["ignore_index"] = args.ignore_index
+    try:
+        opts = spec.resolve_options(args.convention, **given)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+    if args.num_classes is not None and args.num_classes < 1:
+        raise CommandError(f"--num-classes must be >= 1, got {args.num_classes}")
+    print(explain_text(opts, args.convention, args.num_classes))
+    return 0
+
+
+def explain_text(opts: spec.Options, convention: str | None = None, num_classes: int | None = None) -> str:
+    """The formula with ``opts`` filled in, the effective options and the list of conventions."""
+    eps, s = opts.label_smoothing, opts.z_loss
+    if opts.spread == "all":
+        q = f"q_c = (1 − {eps:g})·[c = y] + {eps:g}/K      (spread=\"all\": ε/K on every class)"
+    else:
+        q = f"q_y = 1 − {eps:g},  q_c = {eps:g}/(K − 1) for c ≠ y      (spread=\"others\")"
+    terms = ["Σ_c w_c q_c (LSE − x_c)"]
+    if s:
+        terms.append(f"{s:g}·w_y·LSE²")
+    line = "loss_i = " + " + ".join(terms)
+    if opts.normalize:
+        line += " − Σ_c w_c q_c log q_c        (KL form: minimum 0)"
+    if opts.ignore_index is None:
+        ignore = "ignore_index=None: every label must be in [0, K)"
+    else:
+        ignore = f"elements with label {opts.ignore_index}: loss 0, gradient 0, left out of the mean"
+    reduction = {
+        "none": "reduction=\"none\": one loss per element",
+        "sum": "reduction=\"sum\": Σ_i loss_i",
+        "mean": "reduction=\"mean\": Σ_i loss_i / Σ_i w_{y_i} over non-ignored elements (probabilities: ÷ count)"
+        + ("; nothing to average → NaN" if opts.empty_mean == "nan" else "; nothing to average → 0"),
+    }[opts.reduction]
+    lines = [
+        f"lsx options{f' (convention {convention!r})' if convention else ''}:",
+        "  " + ", ".join(f"{k}={v!r}" for k, v in opts.describe().items() if k not in ("weight", "class_mask")),
+        "",
+        "  " + line,
+        "  " + q,
+        "  LSE = log Σ_c exp(x_c);  w = class weights (1 without weight=)",
+        "  " + ignore,
+        "  " + reduction,
+        "  gradient: ∂loss_i/∂x_c = (Σ_k w_k q_k)·p_c − w_c q_c" + (f" + 2·{s:g}·w_y·LSE·p_c" if s else ""),
+    ]
+    if num_classes:
+        a, b = spec.smoothing_coefficients(opts, num_classes) if num_classes > 1 or opts.spread == "all" else (1.0, 0.0)
+        lines.append(f"  with K={num_classes}: q_y = {a + b:.6g}, q_c = {b:.6g} (c ≠ y)")
+    lines += ["", "conventions (lsx.spec.CONVENTIONS; options passed explicitly win):"]
+    for name, preset in spec.CONVENTIONS.items():
+        lines.append(f"  {name:<8} " + ", ".join(f"{k}={v!r}" for k, v in preset.items()))
+    return "\n".join(lines)
