@@ -1,0 +1,231 @@
+"""lsx.keras against Keras's own losses: parity, reductions, sample weights, model.fit, saving, JAX backend."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+import lsx.keras  # noqa: E402
+from lsx import spec  # noqa: E402
+
+K = 6
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(11)
+    logits = rng.normal(scale=2.0, size=(12, K)).astype(np.float32)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = exp / exp.sum(axis=1, keepdims=True)
+    probs[0] = [1.0, 0, 0, 0, 0, 0]  # exercises the [1e-7, 1 − 1e-7] clip
+    labels = rng.integers(0, K, size=12)
+    labels[0] = 3
+    sample_weight = rng.uniform(0.0, 2.0, size=12).astype(np.float32)
+    return logits, probs, labels, sample_weight
+
+
+def _close(actual, expected, rtol=2e-6):
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(actual), keras.ops.convert_to_numpy(expected), rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "none", "mean_with_sample_weight"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_sparse_smoothing_equals_keras_categorical_on_one_hot(data, eps, from_logits, weighted, reduction):
+    logits, probs, labels, sample_weight = data
+    y_pred = logits if from_logits else probs
+    sw = sample_weight if weighted else None
+    ours = lsx.keras.SparseCategoricalCrossentropy(from_logits=from_logits, label_smoothing=eps, reduction=reduction)
+    theirs = keras.losses.CategoricalCrossentropy(from_logits=from_logits, label_smoothing=eps, reduction=reduction)
+    _close(ours(labels, y_pred, sample_weight=sw), theirs(np.eye(K)[labels], y_pred, sample_weight=sw))
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_categorical_equals_keras_categorical(data, from_logits):
+    logits, probs, labels, sample_weight = data
+    y_pred = logits if from_logits else probs
+    target = np.random.default_rng(0).dirichlet(np.ones(K), size=12)
+    for eps in (0.0, 0.2):
+        ours = lsx.keras.CategoricalCrossentropy(from_logits=from_logits, label_smoothing=eps)
+        theirs = keras.losses.CategoricalCrossentropy(from_logits=from_logits, label_smoothing=eps)
+        _close(ours(target, y_pred, sample_weight=sample_weight), theirs(target, y_pred, sample_weight=sample_weight))
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "none"])
+def test_ignore_class_equals_keras_sparse(data, reduction):
+    logits, _, labels, sample_weight = data
+    labels = labels.copy()
+    labels[[1, 5, 6]] = -1
+    for sw in (None, sample_weight):
+        ours = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1, reduction=reduction)
+        theirs = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1, reduction=reduction)
+        _close(ours(labels, logits, sample_weight=sw), theirs(labels, logits, sample_weight=sw))
+
+
+def test_ignore_class_with_smoothing_averages_over_the_kept_elements(data):
+    logits, _, labels, sample_weight = data
+    labels = labels.copy()
+    labels[[1, 5, 6]] = 255
+    kept = labels != 255
+    ours = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, ignore_class=255, label_smoothing=0.1)
+    summed = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1, reduction="sum")
+    one_hot = np.eye(K)[np.where(kept, labels, 0)]
+    _close(ours(labels, logits, sample_weight=sample_weight), summed(one_hot, logits, sample_weight=sample_weight * kept) / kept.sum())
+
+
+def test_everything_ignored_gives_zero_like_keras_or_nan_on_request(data):
+    logits, _, _, _ = data
+    labels = np.full(12, -1)
+    assert float(lsx.keras.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1, label_smoothing=0.1)(labels, logits)) == 0.0
+    assert float(keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)(labels, logits)) == 0.0
+    nan_loss = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1, empty_mean="nan")
+    assert np.isnan(float(nan_loss(labels, logits)))
+
+
+def test_labels_of_shape_n_by_1_and_class_axis_1(data):
+    logits, _, labels, _ = data
+    ours = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.1)
+    _close(ours(labels[:, None], logits), ours(labels, logits))
+    moved = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.1, axis=0)
+    _close(moved(labels, logits.T), ours(labels, logits))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"label_smoothing": 0.2, "spread": "others", "weight": np.linspace(0.5, 2.0, K)},
+        {"label_smoothing": 0.1, "z_loss": 1e-2, "normalize": True},
+        {"label_smoothing": 0.1, "class_mask": np.array([True] * (K - 2) + [False] * 2)},
+    ],
+    ids=["others-weight", "z-normalize", "class-mask"],
+)
+def test_lsx_options_match_the_reference(data, options):
+    logits, _, labels, _ = data
+    labels = labels % (K - 2)
+    x = logits.astype(np.float64)
+    ours = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, dtype="float64", reduction="none", **options)
+    expected = spec.reference_loss(x, labels, reduction="none", **options)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(ours(labels, x)), expected, rtol=1e-12)
+    probs = np.eye(K)[labels]
+    dense = lsx.keras.CategoricalCrossentropy(from_logits=True, dtype="float64", reduction="none", **options)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(dense(probs, x)), expected, rtol=1e-12)
+
+
+def test_functional_loss_gradient_matches_reference(data):
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("gradient taken with tf.GradientTape")
+    logits, _, labels, _ = data
+    x = tf.constant(logits.astype(np.float64))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = lsx.keras.loss(x, labels, label_smoothing=0.1, z_loss=1e-3)
+    grad = tape.gradient(value, x)
+    np.testing.assert_allclose(value.numpy(), spec.reference_loss(logits, labels, label_smoothing=0.1, z_loss=1e-3), rtol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), spec.reference_grad(logits, labels, label_smoothing=0.1, z_loss=1e-3), atol=1e-14)
+
+
+def test_bad_labels(data):
+    logits, _, labels, _ = data
+    bad = labels.copy()
+    bad[3] = K
+    ours = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.1)
+    with pytest.raises(ValueError, match=f"label {K}"):
+        ours(bad, logits)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        assert np.isnan(float(tf.function(ours)(tf.constant(bad), tf.constant(logits))))
+    with pytest.raises(ValueError, match="z_loss needs logits"):
+        lsx.keras.SparseCategoricalCrossentropy(z_loss=1e-4)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        lsx.keras.SparseCategoricalCrossentropy(label_smoothing=-0.1)
+
+
+def test_config_round_trip():
+    loss = lsx.keras.SparseCategoricalCrossentropy(
+        from_logits=True, ignore_class=-1, label_smoothing=0.1, spread="others", weight=[1.0, 2.0, 1.0],
+        class_mask=[True, True, False], empty_mean="nan", name="smoothed",
+    )
+    config = loss.get_config()
+    again = lsx.keras.SparseCategoricalCrossentropy.from_config(config)
+    assert again.get_config() == config
+    restored = keras.losses.deserialize(keras.losses.serialize(loss))
+    assert type(restored) is lsx.keras.SparseCategoricalCrossentropy and restored.get_config() == config
+    dense = lsx.keras.CategoricalCrossentropy(label_smoothing=0.2, axis=1)
+    assert lsx.keras.CategoricalCrossentropy.from_config(dense.get_config()).get_config() == dense.get_config()
+
+
+def _model(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(K)])
+
+
+def test_model_fit_trains_and_saved_model_reloads(tmp_path):
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(256, 8)).astype(np.float32)
+    labels = (features[:, :K].argmax(axis=1)).astype(np.int32)
+    model = _model(0)
+    loss = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.1, ignore_class=-1)
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss=loss)
+    history = model.fit(features, labels, batch_size=64, epochs=8, verbose=0).history["loss"]
+    assert history[-1] < 0.6 * history[0]
+
+    path = tmp_path / "model.keras"
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    assert type(reloaded.loss) is lsx.keras.SparseCategoricalCrossentropy
+    assert reloaded.loss.get_config() == loss.get_config()
+    np.testing.assert_allclose(
+        reloaded.evaluate(features, labels, verbose=0), model.evaluate(features, labels, verbose=0), rtol=1e-6
+    )
+
+
+JAX_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np, jax, keras, lsx.keras
+    from lsx import spec
+    assert keras.backend.backend() == "jax"
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 5)).astype(np.float32)
+    y = rng.integers(0, 5, size=10)
+    ours = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.1)
+    theirs = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1)
+    np.testing.assert_allclose(ours(y, x), theirs(np.eye(5)[y], x), rtol=2e-6)
+    p = np.asarray(jax.nn.softmax(x))
+    np.testing.assert_allclose(
+        lsx.keras.SparseCategoricalCrossentropy(label_smoothing=0.1)(y, p),
+        keras.losses.CategoricalCrossentropy(label_smoothing=0.1)(np.eye(5)[y], p), rtol=2e-6)
+    grad = jax.grad(lambda v: lsx.keras.loss(v, y, label_smoothing=0.1, z_loss=1e-3))(x)
+    np.testing.assert_allclose(grad, spec.reference_grad(x, y, label_smoothing=0.1, z_loss=1e-3), atol=2e-7)
+    bad = y.copy(); bad[2] = 5
+    try:
+        ours(bad, x)
+        raise AssertionError("no error")
+    except ValueError as error:
+        assert "label 5" in str(error)
+    assert np.isnan(jax.jit(lambda t: ours(t, x))(bad))
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(5)])
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss=ours)
+    losses = model.fit(x, y, epochs=10, verbose=0).history["loss"]
+    assert losses[-1] < losses[0], losses
+    print("jax ok")
+    """
+)
+
+
+def test_jax_backend_in_a_subprocess():
+    pytest.importorskip("jax")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", JAX_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "jax ok" in result.stdout, result.stderr[-3000:]

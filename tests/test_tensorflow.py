@@ -1,0 +1,175 @@
+"""lsx.tensorflow beyond the shared matrix: parity with torch's and TensorFlow's built-ins, tracing, bad labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+import lsx.tensorflow  # noqa: E402
+from lsx import spec  # noqa: E402
+
+
+def _value_and_grad(x, y, **options):
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = lsx.tensorflow.loss(x, y, **options)
+        summed = tf.reduce_sum(value)
+    return value, tape.gradient(summed, x)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(scale=2.0, size=(16, 7))
+    labels = rng.integers(0, 7, size=16)
+    labels[[2, 9]] = -100
+    return logits, labels, rng.uniform(0.2, 2.0, size=7)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_index_targets_match_torch_cross_entropy(data, eps, weighted):
+    torch = pytest.importorskip("torch")
+    logits, labels, weight = data
+    w = weight if weighted else None
+    xt = torch.tensor(logits, requires_grad=True)
+    expected = torch.nn.functional.cross_entropy(
+        xt, torch.tensor(labels), weight=None if w is None else torch.tensor(w), label_smoothing=eps
+    )
+    expected.backward()
+    value, grad = _value_and_grad(logits, labels, label_smoothing=eps, weight=w)
+    assert value.dtype == tf.float64
+    np.testing.assert_allclose(value.numpy(), expected.item(), rtol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), xt.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_probability_targets_and_class_axis_1_match_torch(data):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 5, 4))
+    probs = rng.dirichlet(np.ones(5), size=(3, 4)).transpose(0, 2, 1)
+    xt = torch.tensor(logits, requires_grad=True)
+    expected = torch.nn.functional.cross_entropy(xt, torch.tensor(probs), label_smoothing=0.2)
+    expected.backward()
+    value, grad = _value_and_grad(logits, probs, axis=1, label_smoothing=0.2)
+    np.testing.assert_allclose(value.numpy(), expected.item(), rtol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), xt.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_float32_matches_tensorflow_builtin_on_smoothed_one_hot(data):
+    logits, labels, _ = data
+    labels = np.where(labels < 0, 0, labels)
+    x = tf.constant(logits, tf.float32)
+    q = tf.one_hot(labels, 7) * 0.9 + 0.1 / 7
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        expected = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=q, logits=x))
+    expected_grad = tape.gradient(expected, x)
+    value, grad = _value_and_grad(x, labels, label_smoothing=0.1)
+    assert value.dtype == grad.dtype == tf.float32
+    np.testing.assert_allclose(value.numpy(), expected.numpy(), rtol=2e-6)
+    np.testing.assert_allclose(grad.numpy(), expected_grad.numpy(), atol=2e-7)
+
+
+def test_seed_vector_under_xla_with_dynamic_batch():
+    logits = np.array([[1.2215, -0.9342, -0.1349, -0.5035, 0.4492], [-0.1989, 0.2589, 2.1556, -0.5734, 0.8668],
+                       [0.1215, 0.5060, 0.5376, -1.7609, -0.6566]], np.float32)
+    labels = np.array([2, 3, 2], np.int32)
+    step = tf.function(
+        lambda x, y: lsx.tensorflow.loss(x, y, label_smoothing=0.1),
+        jit_compile=True,
+        input_signature=[tf.TensorSpec([None, 5], tf.float32), tf.TensorSpec([None], tf.int32)],
+    )
+    assert abs(float(step(logits, labels)) - 2.1038) < 1e-4
+    assert abs(float(step(logits[:2], labels[:2])) - float(spec.reference_loss(logits[:2], labels[:2], label_smoothing=0.1))) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_keeps_dtype_and_accumulates_in_float32(dtype):
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(64, 1000))
+    labels = rng.integers(0, 1000, size=64)
+    x = tf.cast(tf.constant(logits), dtype)
+    value, grad = _value_and_grad(x, labels, label_smoothing=0.1, z_loss=1e-3)
+    assert value.dtype == grad.dtype == x.dtype
+    rounded = tf.cast(x, tf.float64).numpy()
+    expected = spec.reference_loss(rounded, labels, label_smoothing=0.1, z_loss=1e-3)
+    # one rounding of the result, not 1000 rounded additions
+    assert abs(float(tf.cast(value, tf.float64)) - float(expected)) <= 2 ** -7 * abs(float(expected))
+
+
+def test_out_of_range_label_raises_eagerly_naming_it(data):
+    logits, labels, _ = data
+    bad = labels.copy()
+    bad[4] = 7
+    with pytest.raises(ValueError, match="label 7"):
+        lsx.tensorflow.loss(tf.constant(logits), tf.constant(bad))
+    bad[4] = -1
+    with pytest.raises(ValueError, match="label -1"):
+        lsx.tensorflow.loss(logits, bad)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_out_of_range_label_inside_a_traced_function_is_nan_not_a_silent_number(data, jit):
+    logits, labels, _ = data
+    bad = labels.copy()
+    bad[4] = 7
+
+    @tf.function(jit_compile=jit)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = lsx.tensorflow.loss(x, y, label_smoothing=0.1)
+        return value, tape.gradient(value, x)
+
+    value, grad = step(tf.constant(logits), tf.constant(bad))
+    assert np.isnan(value.numpy())
+    assert np.isnan(grad.numpy()[4]).all()
+    value, grad = step(tf.constant(logits), tf.constant(labels))
+    assert np.isfinite(value.numpy()) and np.isfinite(grad.numpy()).all()
+
+
+def test_label_on_a_masked_class_inside_tf_function_is_nan(data):
+    logits, _, _ = data
+    mask = np.array([True] * 5 + [False] * 2)
+    step = tf.function(lambda x, y: lsx.tensorflow.loss(x, y, class_mask=mask, reduction="none"))
+    out = step(tf.constant(logits), tf.constant(np.array([0, 6] + [1] * 14))).numpy()
+    assert np.isnan(out[1]) and np.isfinite(np.delete(out, 1)).all()
+    with pytest.raises(ValueError, match="class_mask"):
+        lsx.tensorflow.loss(logits, np.array([0, 6] + [1] * 14), class_mask=mask)
+
+
+def test_all_ignored_mean_and_its_gradient(data):
+    logits, _, _ = data
+    labels = np.full(16, -100)
+    value, grad = _value_and_grad(logits, labels, label_smoothing=0.1)
+    assert np.isnan(value.numpy()) and not grad.numpy().any()
+    value, _ = _value_and_grad(logits, labels, empty_mean="zero")
+    assert value.numpy() == 0.0
+
+
+def test_errors_for_bad_inputs(data):
+    logits, labels, _ = data
+    with pytest.raises(TypeError, match="floating"):
+        lsx.tensorflow.loss(tf.constant([[1, 2]]), tf.constant([0]))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        lsx.tensorflow.loss(logits, labels, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="weight"):
+        lsx.tensorflow.loss(logits, labels, weight=-np.ones(7))
+
+    @tf.function
+    def symbolic_mask(x, y, m):
+        return lsx.tensorflow.loss(x, y, class_mask=m)
+
+    with pytest.raises(TypeError, match="class_mask"):
+        symbolic_mask(tf.constant(logits), tf.constant(labels), tf.constant(np.ones(7, bool)))
+
+
+def test_convention_preset_fills_unpassed_options(data):
+    logits, labels, _ = data
+    labels = np.where(labels < 0, 1, labels)
+    value = lsx.tensorflow.loss(logits, labels, convention="fairseq", label_smoothing=0.1)
+    expected = spec.reference_loss(logits, labels, convention="fairseq", label_smoothing=0.1)
+    np.testing.assert_allclose(value.numpy(), expected, rtol=1e-12)
