@@ -1,0 +1,242 @@
+"""The fused Numba kernel against the pure-NumPy engine and the float64 reference; ``out=``, in place, fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import lsx.numpy
+from lsx import spec
+from tests.cases import assert_close
+
+numba = pytest.importorskip("numba")
+from lsx import _numba_kernels  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+OPTION_SETS = [
+    {},
+    {"label_smoothing": 0.1},
+    {"label_smoothing": 1.0, "reduction": "sum"},
+    {"label_smoothing": 0.3, "spread": "others", "normalize": True},
+    {"label_smoothing": 0.1, "weight": "random", "z_loss": 1e-2},
+    {"label_smoothing": 0.2, "spread": "others", "weight": "random", "reduction": "none"},
+    {"label_smoothing": 0.1, "class_mask": "random"},
+    {"label_smoothing": 0.1, "class_mask": "random", "weight": "random", "normalize": True, "z_loss": 1e-3},
+    {"label_smoothing": 0.1, "ignore_index": 0},
+    {"label_smoothing": 0.1, "ignore_index": None, "reduction": "none"},
+]
+
+
+def _pure(logits, target, **options):
+    saved = lsx.numpy._numba_kernel
+    lsx.numpy._numba_kernel = lambda: None
+    try:
+        return lsx.numpy.loss_and_grad(logits, target, **options)
+    finally:
+        lsx.numpy._numba_kernel = saved
+
+
+def _make(rng, n, k, kind, options, dtype):
+    options = dict(options)
+    valid = np.ones(k, bool)
+    if options.get("class_mask") == "random":
+        valid = rng.random(k) < 0.7
+        valid[rng.integers(k)] = True
+        if options.get("spread") == "others" and valid.sum() < 2:
+            valid[:2] = True
+        options["class_mask"] = valid
+    if options.get("weight") == "random":
+        options["weight"] = rng.uniform(0.2, 2.0, k)
+    x = (rng.normal(scale=3.0, size=(n, k))).astype(dtype)
+    if kind == "index":
+        classes = np.flatnonzero(valid)
+        target = classes[rng.integers(0, len(classes), n)]
+        ignore_index = spec.resolve_options(**{k_: v for k_, v in options.items() if k_ not in ("weight", "class_mask")}).ignore_index
+        if ignore_index is not None:
+            target[rng.random(n) < 0.25] = ignore_index
+    else:
+        target = np.zeros((n, k))
+        target[:, valid] = rng.dirichlet(np.ones(int(valid.sum())), size=n)
+    return x, target, options
+
+
+def _skip_unsupported(k, options):
+    valid = k if not isinstance(options.get("class_mask"), np.ndarray) else int(options["class_mask"].sum())
+    if options.get("spread") == "others" and valid < 2 and options.get("label_smoothing", 0) > 0:
+        pytest.skip("spread='others' needs two classes")
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("k", [1, 2, 7, 17, 300, 2049, 4133])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("option_set", range(len(OPTION_SETS)))
+def test_kernel_matches_pure_path_and_reference(kind, k, dtype, option_set):
+    rng = np.random.default_rng([k, option_set, kind == "index", dtype == "float32"])
+    n = 1 + int(rng.integers(1, 9))
+    x, target, options = _make(rng, n, k, kind, OPTION_SETS[option_set], dtype)
+    _skip_unsupported(k, options)
+    value, grad = lsx.numpy.loss_and_grad(x, target, **options)
+    pure_value, pure_grad = _pure(x, target, **options)
+    assert value.dtype == x.dtype and grad.dtype == x.dtype and grad.shape == x.shape
+    assert_close(value, spec.reference_loss(x.astype(np.float64), target, **options), dtype, "kernel loss")
+    assert_close(grad, spec.reference_grad(x.astype(np.float64), target, **options), dtype, "kernel gradient")
+    assert_close(value, pure_value, dtype, "kernel vs pure loss")
+    assert_close(grad, pure_grad, dtype, "kernel vs pure gradient")
+    np.testing.assert_array_equal(lsx.numpy.loss(x, target, **options), value)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("scale", [1e3, 3e4])
+def test_huge_logits(dtype, scale):
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(5, 40)) * scale).astype(dtype)
+    y = rng.integers(0, 40, 5)
+    for options in ({"label_smoothing": 0.1, "z_loss": 1e-4}, {"label_smoothing": 0.2, "spread": "others"}):
+        value, grad = lsx.numpy.loss_and_grad(x, y, **options)
+        assert np.isfinite(value) and np.isfinite(grad).all()
+        assert_close(value, spec.reference_loss(x.astype(np.float64), y, **options), dtype, "loss")
+        assert_close(grad, spec.reference_grad(x.astype(np.float64), y, **options), dtype, "gradient")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_negative_infinite_logits(dtype, eps):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6, 37)).astype(dtype)
+    y = rng.integers(0, 37, 6)
+    x[rng.random(x.shape) < 0.4] = -np.inf
+    x[np.arange(6), y] = rng.normal(size=6)
+    x[1, :] = -np.inf
+    x[1, y[1]] = 0.5  # one finite logit: p = onehot
+    x[2] = np.where(np.arange(37) == y[2], x[2], -800.0)  # exp underflows to exactly 0
+    value, grad = lsx.numpy.loss_and_grad(x, y, label_smoothing=eps, reduction="none")
+    expected = spec.reference_loss(x.astype(np.float64), y, label_smoothing=eps, reduction="none")
+    if eps == 0:
+        assert np.isfinite(value).all() and np.isfinite(grad).all()
+    assert_close(value, expected, dtype, "loss")
+    assert_close(grad, spec.reference_grad(x.astype(np.float64), y, label_smoothing=eps, reduction="none"), dtype, "grad")
+    if eps == 0:
+        assert value[2] == 0 and grad[2, y[2]] == 0  # p_y is exactly 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_nan_propagates_to_its_row_only(dtype):
+    x = np.random.default_rng(3).normal(size=(4, 9)).astype(dtype)
+    y = np.array([1, 2, -100, 4])
+    x[0, 5] = np.nan
+    x[2, 3] = np.nan  # ignored row: 0 loss and 0 gradient, like the reference
+    value, grad = lsx.numpy.loss_and_grad(x, y, label_smoothing=0.1, reduction="none")
+    assert np.isnan(value[0]) and np.isnan(grad[0]).all()
+    assert value[2] == 0 and (grad[2] == 0).all()
+    assert np.isfinite(value[[1, 3]]).all() and np.isfinite(grad[[1, 3]]).all()
+    masked = np.ones(9, bool)
+    masked[7] = False
+    value, grad = lsx.numpy.loss_and_grad(x, y, label_smoothing=0.1, class_mask=masked, weight=np.ones(9))
+    expected = spec.reference_grad(x.astype(np.float64), y, label_smoothing=0.1, class_mask=masked, weight=np.ones(9))
+    assert np.isnan(value)
+    assert_close(grad, expected, dtype, "gradient with a NaN row and a class mask")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_vectorised_exp(dtype):
+    @numba.njit
+    def apply(values):
+        out = np.empty_like(values)
+        for i in range(values.size):
+            out[i] = _numba_kernels._exp(values[i])
+        return out
+
+    d = np.linspace(-80.0, 0.0, 200_001).astype(dtype)
+    relative = np.abs(apply(d).astype(np.float64) / np.exp(d.astype(np.float64)) - 1)
+    assert relative.max() < (3e-7 if dtype == "float32" else 1e-14)
+    below_smallest_normal = -104.0 if dtype == "float32" else -710.0
+    special = np.array([-np.inf, -1e30, -800.0, below_smallest_normal, np.nan, 0.0], dtype)
+    result = apply(special)
+    assert (result[:4] == 0).all() and np.isnan(result[4]) and result[5] == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_out_and_in_place(dtype, axis):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(33, 65)).astype(dtype)
+    y = rng.integers(0, x.shape[axis], x.shape[1 - (axis % 2)])
+    y[::5] = -100
+    options = {"label_smoothing": 0.1, "z_loss": 1e-3, "axis": axis}
+    value, grad = lsx.numpy.loss_and_grad(x, y, **options)
+
+    out = np.full_like(x, np.nan)
+    value_out, grad_out = lsx.numpy.loss_and_grad(x, y, out=out, **options)
+    assert grad_out is out
+    np.testing.assert_array_equal(out, grad)
+    np.testing.assert_array_equal(value_out, value)
+
+    logits = x.copy()
+    value_in, grad_in = lsx.numpy.loss_and_grad(logits, y, out=logits, **options)
+    assert grad_in is logits
+    np.testing.assert_array_equal(logits, grad)
+    np.testing.assert_array_equal(value_in, value)
+
+
+def test_out_is_validated():
+    x = np.zeros((3, 4), np.float32)
+    y = np.zeros(3, np.int64)
+    with pytest.raises(ValueError, match="out must be"):
+        lsx.numpy.loss_and_grad(x, y, out=np.zeros((3, 4), np.float64))
+    with pytest.raises(ValueError, match="out must be"):
+        lsx.numpy.loss_and_grad(x, y, out=np.zeros((4, 3), np.float32))
+
+
+def test_kernel_writes_unscaled_gradient_into_a_given_buffer():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 10))
+    y = rng.integers(0, 10, 6)
+    opts = spec.resolve_options(label_smoothing=0.1)
+    buffer = np.empty_like(x)
+    per_element, denominator, grad = _numba_kernels.forward_backward(x, y, "index", opts, None, None, np.float64, True, buffer)
+    assert grad is buffer and denominator == 6
+    np.testing.assert_allclose(per_element, spec.reference_loss(x, y, label_smoothing=0.1, reduction="none"), rtol=1e-12)
+    np.testing.assert_allclose(grad, spec.reference_grad(x, y, label_smoothing=0.1, reduction="sum"), rtol=1e-12, atol=1e-15)
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_import_lsx_loads_no_numba():
+    result = _run("import sys, lsx, lsx.spec; assert 'numba' not in sys.modules, 'numba imported'")
+    assert result.returncode == 0, result.stderr
+
+
+def test_fallback_without_numba():
+    result = _run(
+        """
+        import sys
+        sys.modules["numba"] = None  # makes `import numba` raise ImportError
+        import numpy as np
+        import lsx.numpy
+        from lsx import _numba_kernels, spec
+        assert _numba_kernels.AVAILABLE is False
+        assert lsx.numpy._numba_kernel() is None
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(5, 7)).astype(np.float32)
+        y = np.array([0, 3, -100, 6, 2])
+        original = x.astype(np.float64)
+        value, grad = lsx.numpy.loss_and_grad(x, y, label_smoothing=0.1, out=x)
+        assert grad is x and value.dtype == np.float32
+        np.testing.assert_allclose(value, spec.reference_loss(original, y, label_smoothing=0.1), rtol=1e-5)
+        np.testing.assert_allclose(grad, spec.reference_grad(original, y, label_smoothing=0.1), atol=1e-6)
+        assert "numba" not in sys.modules or sys.modules["numba"] is None
+        print("fallback ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fallback ok" in result.stdout
