@@ -28,11 +28,12 @@ def _data(shape, k, seed=0, dtype=jnp.float64):
 # ----------------------------------------------------------------------------------------------------------
 # Parity with optax and T5X
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.3, 1.0])
-@pytest.mark.parametrize("k", [2, 7, 257])
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("k", [2, 257])
 def test_matches_optax_smooth_labels_recipe(alpha, k):
     x, y = _data((6,), k, seed=k)
 
+    @jax.jit
     def recipe(x):
         return optax.softmax_cross_entropy(x, optax.smooth_labels(jax.nn.one_hot(y, k, dtype=x.dtype), alpha))
 
@@ -53,6 +54,7 @@ def test_class_mask_matches_optax_where():
     y = jnp.asarray([0, 1, 3, 4, 7])
     alpha = 0.2
 
+    @jax.jit
     def recipe(x):
         labels = optax.smooth_labels(jax.nn.one_hot(y, k, dtype=x.dtype), alpha, where=mask)
         return optax.softmax_cross_entropy(x, jnp.where(mask, labels, 0), where=jnp.broadcast_to(mask, x.shape))
@@ -69,6 +71,7 @@ def test_class_mask_matches_optax_where():
     np.testing.assert_allclose(traced(x, mask), ours(x), rtol=1e-12)
 
 
+@functools.partial(jax.jit, static_argnames=("label_smoothing", "z_loss"))
 def _t5x_loss(logits, targets, weights, label_smoothing, z_loss):
     """T5X's compute_weighted_cross_entropy, written out: (K−1)-spread soft targets, the target entropy
     subtracted as a normalising constant, z_loss·LSE² per token, weighted and summed."""
@@ -83,7 +86,7 @@ def _t5x_loss(logits, targets, weights, label_smoothing, z_loss):
     return jnp.sum(token_loss * weights)
 
 
-@pytest.mark.parametrize("z_loss", [0.0, 1e-4, 0.01])
+@pytest.mark.parametrize("z_loss", [0.0, 0.01])
 @pytest.mark.parametrize("eps", [0.1, 0.4])
 def test_matches_t5x_loss(eps, z_loss):
     x, y = _data((3, 4), 11, seed=5)
@@ -158,6 +161,7 @@ def test_vmap_equals_batched():
     np.testing.assert_allclose(grads, expected, rtol=1e-10, atol=1e-14)
 
 
+@functools.partial(jax.jit, static_argnames=("eps", "normalize", "z_loss", "probs"))
 def _naive(x, t, weight, *, eps, normalize, z_loss, probs):
     """The definition with a materialised q, differentiated by JAX itself (for gradients we do not write out)."""
     k = x.shape[-1]
