@@ -32,7 +32,9 @@ def data():
 
 
 def _close(actual, expected, rtol=2e-6):
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(actual), keras.ops.convert_to_numpy(expected), rtol=rtol, atol=1e-7)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(actual), keras.ops.convert_to_numpy(expected), rtol=rtol, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "none", "mean_with_sample_weight"])
@@ -50,7 +52,7 @@ def test_sparse_smoothing_equals_keras_categorical_on_one_hot(data, eps, from_lo
 
 @pytest.mark.parametrize("from_logits", [True, False])
 def test_categorical_equals_keras_categorical(data, from_logits):
-    logits, probs, labels, sample_weight = data
+    logits, probs, _, sample_weight = data
     y_pred = logits if from_logits else probs
     target = np.random.default_rng(0).dirichlet(np.ones(K), size=12)
     for eps in (0.0, 0.2):
@@ -78,13 +80,23 @@ def test_ignore_class_with_smoothing_averages_over_the_kept_elements(data):
     ours = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, ignore_class=255, label_smoothing=0.1)
     summed = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1, reduction="sum")
     one_hot = np.eye(K)[np.where(kept, labels, 0)]
-    _close(ours(labels, logits, sample_weight=sample_weight), summed(one_hot, logits, sample_weight=sample_weight * kept) / kept.sum())
+    _close(
+        ours(labels, logits, sample_weight=sample_weight),
+        summed(one_hot, logits, sample_weight=sample_weight * kept) / kept.sum(),
+    )
 
 
 def test_everything_ignored_gives_zero_like_keras_or_nan_on_request(data):
     logits, _, _, _ = data
     labels = np.full(12, -1)
-    assert float(lsx.keras.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1, label_smoothing=0.1)(labels, logits)) == 0.0
+    assert (
+        float(
+            lsx.keras.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1, label_smoothing=0.1)(
+                labels, logits
+            )
+        )
+        == 0.0
+    )
     assert float(keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)(labels, logits)) == 0.0
     nan_loss = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1, empty_mean="nan")
     assert np.isnan(float(nan_loss(labels, logits)))
@@ -130,8 +142,12 @@ def test_functional_loss_gradient_matches_reference(data):
         tape.watch(x)
         value = lsx.keras.loss(x, labels, label_smoothing=0.1, z_loss=1e-3)
     grad = tape.gradient(value, x)
-    np.testing.assert_allclose(value.numpy(), spec.reference_loss(logits, labels, label_smoothing=0.1, z_loss=1e-3), rtol=1e-12)
-    np.testing.assert_allclose(grad.numpy(), spec.reference_grad(logits, labels, label_smoothing=0.1, z_loss=1e-3), atol=1e-14)
+    np.testing.assert_allclose(
+        value.numpy(), spec.reference_loss(logits, labels, label_smoothing=0.1, z_loss=1e-3), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        grad.numpy(), spec.reference_grad(logits, labels, label_smoothing=0.1, z_loss=1e-3), atol=1e-14
+    )
 
 
 def test_bad_labels(data):
@@ -153,8 +169,14 @@ def test_bad_labels(data):
 
 def test_config_round_trip():
     loss = lsx.keras.SparseCategoricalCrossentropy(
-        from_logits=True, ignore_class=-1, label_smoothing=0.1, spread="others", weight=[1.0, 2.0, 1.0],
-        class_mask=[True, True, False], empty_mean="nan", name="smoothed",
+        from_logits=True,
+        ignore_class=-1,
+        label_smoothing=0.1,
+        spread="others",
+        weight=[1.0, 2.0, 1.0],
+        class_mask=[True, True, False],
+        empty_mean="nan",
+        name="smoothed",
     )
     config = loss.get_config()
     again = lsx.keras.SparseCategoricalCrossentropy.from_config(config)

@@ -74,8 +74,14 @@ def test_float32_matches_tensorflow_builtin_on_smoothed_one_hot(data):
 
 
 def test_seed_vector_under_xla_with_dynamic_batch():
-    logits = np.array([[1.2215, -0.9342, -0.1349, -0.5035, 0.4492], [-0.1989, 0.2589, 2.1556, -0.5734, 0.8668],
-                       [0.1215, 0.5060, 0.5376, -1.7609, -0.6566]], np.float32)
+    logits = np.array(
+        [
+            [1.2215, -0.9342, -0.1349, -0.5035, 0.4492],
+            [-0.1989, 0.2589, 2.1556, -0.5734, 0.8668],
+            [0.1215, 0.5060, 0.5376, -1.7609, -0.6566],
+        ],
+        np.float32,
+    )
     labels = np.array([2, 3, 2], np.int32)
     step = tf.function(
         lambda x, y: lsx.tensorflow.loss(x, y, label_smoothing=0.1),
@@ -83,7 +89,13 @@ def test_seed_vector_under_xla_with_dynamic_batch():
         input_signature=[tf.TensorSpec([None, 5], tf.float32), tf.TensorSpec([None], tf.int32)],
     )
     assert abs(float(step(logits, labels)) - 2.1038) < 1e-4
-    assert abs(float(step(logits[:2], labels[:2])) - float(spec.reference_loss(logits[:2], labels[:2], label_smoothing=0.1))) < 1e-6
+    assert (
+        abs(
+            float(step(logits[:2], labels[:2]))
+            - float(spec.reference_loss(logits[:2], labels[:2], label_smoothing=0.1))
+        )
+        < 1e-6
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -97,7 +109,7 @@ def test_half_precision_keeps_dtype_and_accumulates_in_float32(dtype):
     rounded = tf.cast(x, tf.float64).numpy()
     expected = spec.reference_loss(rounded, labels, label_smoothing=0.1, z_loss=1e-3)
     # one rounding of the result, not 1000 rounded additions
-    assert abs(float(tf.cast(value, tf.float64)) - float(expected)) <= 2 ** -7 * abs(float(expected))
+    assert abs(float(tf.cast(value, tf.float64)) - float(expected)) <= 2**-7 * abs(float(expected))
 
 
 def test_out_of_range_label_raises_eagerly_naming_it(data):

@@ -39,4 +39,6 @@ def run(logits, target, options, *, axis, dtype, mode):
         (grad,) = __import__("torch").autograd.grad(summed, x)
     assert keras.backend.standardize_dtype(value.dtype) == dtype, value.dtype
     assert keras.backend.standardize_dtype(grad.dtype) == dtype and tuple(grad.shape) == tuple(x.shape)
-    return np.asarray(keras.ops.convert_to_numpy(value), np.float64), np.asarray(keras.ops.convert_to_numpy(grad), np.float64)
+    return np.asarray(keras.ops.convert_to_numpy(value), np.float64), np.asarray(
+        keras.ops.convert_to_numpy(grad), np.float64
+    )
