@@ -218,9 +218,10 @@ def test_axis_anywhere(axis):
     labels_shape = tuple(s for i, s in enumerate(x.shape) if i != axis % 3)
     y = rng.integers(0, x.shape[axis], size=labels_shape)
     opts = dict(label_smoothing=0.1, reduction="none")
-    value, grad = jax.value_and_grad(lambda x: lsx.jax.loss(x, y, axis=axis, **opts).sum())(jnp.asarray(x))
-    assert_close(lsx.jax.loss(jnp.asarray(x), y, axis=axis, **opts), spec.reference_loss(x, y, axis=axis, **opts),
-                 "float64", "loss")
+    total, grad = jax.value_and_grad(lambda x: lsx.jax.loss(x, y, axis=axis, **opts).sum())(jnp.asarray(x))
+    expected = spec.reference_loss(x, y, axis=axis, **opts)
+    assert_close(lsx.jax.loss(jnp.asarray(x), y, axis=axis, **opts), expected, "float64", "loss")
+    assert_close(total, expected.sum(), "float64", "summed loss")
     assert_close(grad, spec.reference_grad(x, y, axis=axis, **opts), "float64", "grad")
     moved = lsx.jax.loss(jnp.moveaxis(jnp.asarray(x), axis, -1), y, **opts)
     np.testing.assert_allclose(lsx.jax.loss(jnp.asarray(x), y, axis=axis, **opts), moved, rtol=1e-12)
