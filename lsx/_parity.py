@@ -476,6 +476,12 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> tuple[float, float, flo
     return error, error / max(peak, 1e-300) if error else 0.0, max(1.0, peak)
 
 
+def _float(value: Any) -> float:
+    if value is None:
+        return math.nan
+    return math.inf if value == "inf" else float(value)
+
+
 @dataclass
 class Check:
     backend: str
@@ -493,9 +499,16 @@ class Check:
 
     def as_json(self) -> dict[str, Any]:
         out = dict(self.__dict__)
-        for key in ("loss_abs", "grad_abs", "loss_rel", "grad_rel", "tolerance"):
+        for key in _FLOATS:
             out[key] = _json_float(out[key])
         return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Check:
+        return cls(**{k: _float(v) if k in _FLOATS else v for k, v in data.items()})
+
+
+_FLOATS = ("loss_abs", "grad_abs", "loss_rel", "grad_rel", "tolerance")
 
 
 def _json_float(value: float) -> float | str | None:
@@ -578,14 +591,46 @@ def install_hint(extra: str) -> str:
     return f"pip install 'lsx[{extra}]'"
 
 
+#: Backends sharing an import run in the same worker process.
+_GROUPS = (("tensorflow", "keras"), ("jax",), ("torch",), ("numpy",))
+_BUILTIN_RUNNERS = {"numpy": NumpyRunner, "torch": TorchRunner, "jax": JaxRunner, "tensorflow": TensorflowRunner,
+                    "keras": KerasRunner}
+
+
 def run(
     names: list[str],
     *,
     matrix: str = "default",
     cases: tuple[Case, ...] = CASES,
     progress: Callable[[str, int], None] | None = None,
+    jobs: int = 1,
 ) -> Report:
-    """Run the matrix for ``names``; ``progress(description, advance)`` is called as work completes."""
+    """Run the matrix for ``names``; ``progress(description, advance)`` is called as work completes.
+
+    ``jobs > 1`` runs groups of backends in that many worker processes at once (framework imports and
+    compilers are single-threaded enough for this to pay on two cores). Runners registered at run time (not
+    the built-in ones) always run in this process.
+    """
+    groups = [[n for n in group if n in names] for group in _GROUPS]
+    groups = [g for g in groups if g]
+    parallel = (
+        jobs > 1
+        and cases is CASES
+        and len(groups) > 1
+        and all(BACKENDS.get(n) is _BUILTIN_RUNNERS.get(n) for n in names)
+    )
+    if parallel:
+        return _run_parallel(names, groups, matrix, progress, jobs)
+    return _run_here(names, matrix=matrix, cases=cases, progress=progress)
+
+
+def _run_here(
+    names: list[str],
+    *,
+    matrix: str,
+    cases: tuple[Case, ...],
+    progress: Callable[[str, int], None] | None,
+) -> Report:
     start = time.perf_counter()
     tick = progress or (lambda description, advance: None)
     runs = RUNS[matrix]
@@ -627,6 +672,84 @@ def run(
             report.status = "mismatch"
         report.seconds = round(time.perf_counter() - began, 3)
     return Report(backends, checks, cases, runs, time.perf_counter() - start)
+
+
+def _run_parallel(names, groups, matrix, progress, jobs) -> Report:
+    import json
+    import queue
+    import subprocess
+    import sys
+    import threading
+
+    start = time.perf_counter()
+    tick = progress or (lambda description, advance: None)
+    events: queue.Queue = queue.Queue()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    def worker(group: list[str]) -> None:
+        command = [sys.executable, "-m", "lsx._parity", "--matrix", matrix, *group]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stderr: list[str] = []
+        reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+        reader.start()
+        report = None
+        for line in proc.stdout:  # type: ignore[union-attr]
+            message = json.loads(line)
+            if "tick" in message:
+                events.put(("tick", message["tick"]))
+            else:
+                report = message["report"]
+        proc.wait()
+        reader.join()
+        events.put(("done", (group, report, proc.returncode, stderr)))
+
+    pending = list(groups)
+    running = 0
+    finished: dict[str, Any] = {}
+    while pending or running:
+        while pending and running < jobs:
+            threading.Thread(target=worker, args=(pending.pop(0),), daemon=True).start()
+            running += 1
+        kind, payload = events.get()
+        if kind == "tick":
+            tick(*payload)
+            continue
+        running -= 1
+        group, report, returncode, stderr = payload
+        if report is None:
+            last = next((line.strip() for line in reversed(stderr) if line.strip()), f"exit code {returncode}")
+            for name in group:
+                finished[name] = (BackendReport(name, "error", install_hint(BACKENDS[name]().extra or name),
+                                                message=f"worker failed: {last[:300]}"), [])
+            continue
+        for name in group:
+            backend = BackendReport(name=name, **report["backends"][name])
+            checks = [Check.from_json(c) for c in report["checks"] if c["backend"] == name]
+            finished[name] = (backend, checks)
+    backends = [finished[n][0] for n in names]
+    checks = [c for n in names for c in finished[n][1]]
+    return Report(backends, checks, CASES, RUNS[matrix], time.perf_counter() - start)
+
+
+def _worker_main(argv: list[str]) -> int:
+    import argparse
+    import json
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    parser = argparse.ArgumentParser(prog="python -m lsx._parity")
+    parser.add_argument("--matrix", choices=tuple(RUNS), default="default")
+    parser.add_argument("backends", nargs="+", choices=tuple(BACKENDS))
+    args = parser.parse_args(argv)
+
+    def tick(description: str, advance: int) -> None:
+        print(json.dumps({"tick": [description, advance]}), flush=True)
+
+    report = _run_here(args.backends, matrix=args.matrix, cases=CASES, progress=tick)
+    print(json.dumps({"report": report.as_json()}), flush=True)
+    return 0
 
 
 def steps(runner: Runner, runs: tuple[tuple[str, str], ...], cases: tuple[Case, ...]) -> int:
@@ -676,7 +799,7 @@ def rows(report: Report) -> list[dict[str, Any]]:
             if builtins:
                 worst = [max(_num(b.get("loss_abs")), _num(b.get("grad_abs"))) for b in builtins if "error" not in b]
                 mark = "" if all(b["ok"] for b in builtins) else " ✗"
-                builtin = f"{builtins[0]['name'].split()[0]} {_fmt(max(worst)) if worst else 'n/a'}{mark}"
+                builtin = f"{_fmt(max(worst)) if worst else 'n/a'}{mark}"
             failed = [c for c in mine if not c.ok]
             out.append(
                 {
@@ -705,7 +828,7 @@ def render(report: Report, console: Any) -> None:
 
     table = Table(title="lsx parity: loss and gradient vs the float64 reference", title_justify="left")
     for name, justify in (("backend", "left"), ("case", "left"), ("checks", "right"), ("max abs err", "right"),
-                          ("max rel err", "right"), ("vs built-in (abs err)", "left"), ("", "left")):
+                          ("max rel err", "right"), ("built-in Δ", "right"), ("", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     previous = None
     for row in rows(report):
@@ -735,10 +858,13 @@ def render(report: Report, console: Any) -> None:
         else:
             how = f"eager + {b.compiler}" if b.compiler else "eager"
             console.print(f"[dim]{b.name} {b.version}: {how}, {b.seconds:.1f} s[/]", highlight=False)
+    used = sorted({(c.backend, c.builtin["name"]) for c in report.checks if c.builtin})
+    if used:
+        console.print("[dim]built-in Δ: max abs difference from " + "; ".join(f"{b}: {n}" for b, n in used) + "[/]",
+                      highlight=False)
     n_checks = len(report.checks)
     n_failed = sum(not c.ok for c in report.checks)
-    cases = ", ".join(f"{c.id} ({c.describe()})" for c in report.cases)
-    console.print(f"[dim]cases: {cases}[/]", highlight=False)
+    console.print("[dim]cases: " + "; ".join(f"{c.id}: {c.describe()}" for c in report.cases) + "[/]", highlight=False)
     console.print(
         f"[dim]runs: {', '.join(f'{m} {d}' for m, d in report.runs)}; tolerance {TOLERANCE['float64']:g} (float64), {TOLERANCE['float32']:g} "
         f"(float32) × max(1, max |reference|), ×{BUILTIN_FACTOR:g} against built-ins[/]",
@@ -749,3 +875,9 @@ def render(report: Report, console: Any) -> None:
     else:
         console.print(f"[bold red]parity: {n_failed} of {n_checks} checks failed[/] in {report.seconds:.1f} s",
                       highlight=False)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_worker_main(sys.argv[1:]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -57,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="eager runs only (no compilation)")
     matrix.add_argument("--full", dest="matrix", action="store_const", const="full",
                         help="compiled runs in float64 too (default: eager float64/float32, compiled float32)")
+    parity.add_argument("--jobs", "-j", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
+                        help="worker processes running backends side by side (default: %(default)s)")
     parity.set_defaults(matrix="default")
     parity.set_defaults(command="parity", run=_parity)
 
@@ -109,10 +112,10 @@ def _parity(args: argparse.Namespace) -> int:
         names = requested
 
     if args.json:
-        report = _parity.run(names, matrix=args.matrix)
+        report = _parity.run(names, matrix=args.matrix, jobs=args.jobs)
         print(json.dumps(report.as_json(), indent=1))
     else:
-        report = _run_with_progress(_parity, names, args.matrix)
+        report = _run_with_progress(_parity, names, args.matrix, args.jobs)
         _parity.render(report, _console())
     missing = [b.name for b in report.backends if b.status == "not installed"]
     if requested and missing:
@@ -121,7 +124,7 @@ def _parity(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _run_with_progress(_parity: Any, names: list[str], matrix: str) -> Any:
+def _run_with_progress(_parity: Any, names: list[str], matrix: str, jobs: int) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     total = sum(_parity.steps(_parity.BACKENDS[n](), _parity.RUNS[matrix], _parity.CASES) for n in names)
@@ -132,7 +135,7 @@ def _run_with_progress(_parity: Any, names: list[str], matrix: str) -> Any:
         def tick(description: str, advance: int) -> None:
             progress.update(task, description=description, advance=advance)
 
-        return _parity.run(names, matrix=matrix, progress=tick)
+        return _parity.run(names, matrix=matrix, progress=tick, jobs=jobs)
 
 
 # --------------------------------------------------------------------------------------------------------
