@@ -2,18 +2,19 @@
 
 One command::
 
-    python -m benchmarks.run            # every shape (about 10 minutes on 2 cores)
-    python -m benchmarks.run --quick    # (4096, 32768) and (64, 10) only, fewer repeats
+    python -m benchmarks.run            # every shape
+    python -m benchmarks.run --quick    # (4096, 32768) and (64, 10) only
 
 Each (framework, shape) pair runs in a fresh subprocess (``--worker``) so that frameworks do not share
 threads or allocators and memory figures start clean. Workload: float32 logits, int64 labels with 1/8 of the
 rows set to the ignore index, label smoothing ε = 0.1, mean reduction; one timed call computes the loss and
-the gradient with respect to the logits. Times are medians over several calls after warm-up (compilation
-excluded); on the tiny shape each sample is the mean of a batch of calls, so it measures per-call overhead.
+the gradient with respect to the logits. Times are medians over several calls (3 by default) after a
+warm-up call (compilation excluded); on the tiny shape each sample is the mean of a batch of 50 calls, so it
+measures per-call overhead.
 
-Peak extra memory: for every method alike, the worker resets the kernel's resident-set high-water mark
-(``/proc/self/clear_refs``), reads the resident set, makes one warm call and holds its results, then reads the
-high-water mark (``VmHWM``). The difference is the memory the call touched beyond the inputs, the gradient
+Peak extra memory: for every method alike, before its first timed call the worker resets the kernel's
+resident-set high-water mark (``/proc/self/clear_refs``) and reads the resident set; after the call, with its
+results still held, it reads the high-water mark (``VmHWM``). The difference is the memory the call touched beyond the inputs, the gradient
 included, whatever allocator the framework uses; it is reported as a multiple of the logits' size.
 The copy floor is ``np.copyto`` of the logits into a preallocated buffer: one read and one write.
 
@@ -47,6 +48,7 @@ IGNORE = -100
 # which built-ins each lsx method is compared with (method names as the workers report them)
 BASELINES = {
     "lsx.numpy (Numba)": ["torch F.cross_entropy eager", "TF XLA built-in"],
+    "lsx.numpy out=buffer (preallocated)": ["torch F.cross_entropy eager", "TF XLA built-in"],
     "lsx.numpy out=logits (in place)": ["torch F.cross_entropy eager", "TF XLA built-in"],
     "lsx.numpy (pure NumPy)": ["torch F.cross_entropy eager"],
     "lsx.torch": ["torch F.cross_entropy eager", "torch.compile(F.cross_entropy)"],
@@ -66,37 +68,40 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _peak_extra(call: Callable[[], Any]) -> int | None:
-    """Bytes the call adds to the resident set at its peak, results included (None where unsupported)."""
+def _reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # resets VmHWM to the current resident set
     except OSError:
-        return None
-    before = _status("VmRSS")
-    result = call()
-    peak = _status("VmHWM")
-    del result
-    return max(0, peak - before)
+        return False
+    return True
 
 
 def _measure(call: Callable[[], Any], big: bool, repeats: int) -> dict[str, Any]:
+    """Median time of warm calls, and the peak extra resident memory of the first timed one."""
     call()  # warm-up: compilation and first-touch allocations
-    call()
+    record: dict[str, Any] = {}
     samples = []
     if big:
-        for _ in range(repeats):
+        for i in range(repeats):
+            measure_memory = i == 0 and _reset_peak()
+            before = _status("VmRSS") if measure_memory else 0
             start = time.perf_counter()
-            call()
+            result = call()
             samples.append(time.perf_counter() - start)
+            if measure_memory:
+                record["peak_extra_bytes"] = max(0, _status("VmHWM") - before)
+            del result
     else:
+        call()
         batch = 50
         for _ in range(repeats):
             start = time.perf_counter()
             for _ in range(batch):
                 call()
             samples.append((time.perf_counter() - start) / batch)
-    return {"median_ms": 1e3 * statistics.median(samples), "min_ms": 1e3 * min(samples), "runs": len(samples)}
+    record.update(median_ms=1e3 * statistics.median(samples), min_ms=1e3 * min(samples), runs=len(samples))
+    return record
 
 
 def _data(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -113,10 +118,14 @@ def _numpy_methods(logits, labels):
 
     buffer = np.empty_like(logits)
     yield "copy floor (np.copyto)", "NumPy", lambda: np.copyto(buffer, logits)
+    yield "allocating copy (logits.copy())", "NumPy", lambda: logits.copy()
     if lsx.numpy._numba_kernel() is None:
         yield "lsx.numpy (Numba)", "NumPy", None  # reported as unavailable
     else:
         yield "lsx.numpy (Numba)", "NumPy", lambda: lsx.numpy.loss_and_grad(logits, labels, label_smoothing=EPS)
+        yield "lsx.numpy out=buffer (preallocated)", "NumPy", lambda: lsx.numpy.loss_and_grad(
+            logits, labels, label_smoothing=EPS, out=buffer
+        )
         scratch = logits.copy()
         # the logits are overwritten by their gradient at every call; timings run on those (finite) values
         yield "lsx.numpy out=logits (in place)", "NumPy", lambda: lsx.numpy.loss_and_grad(
@@ -144,10 +153,10 @@ def _torch_methods(logits, labels):
 
     def step(fn):
         def call():
-            x.grad = None
             value = fn(x, y)
             value.backward()
-            return value, x.grad
+            grad, x.grad = x.grad, None  # the caller holds the gradient; nothing stays behind between calls
+            return value, grad
 
         return call
 
@@ -248,10 +257,8 @@ def worker(group: str, shape: tuple[int, int], repeats: int) -> None:
         else:
             try:
                 record.update(_measure(call, big, repeats if big else max(repeats, 7)))
-                peak = _peak_extra(call)
-                if peak is not None:
-                    record["peak_extra_bytes"] = peak
-                    record["peak_extra_x_logits"] = peak / logits.nbytes
+                if "peak_extra_bytes" in record:
+                    record["peak_extra_x_logits"] = record["peak_extra_bytes"] / logits.nbytes
             except Exception as error:  # a backend that fails is reported, not fatal
                 record["note"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
         print("RESULT " + json.dumps(record), flush=True)
@@ -392,7 +399,7 @@ def chart(records: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="main shape and tiny shape only, fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="main shape and tiny shape only")
     parser.add_argument("--groups", default=",".join(GROUPS), help="frameworks to run, comma-separated")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per method (big shapes)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for results.{json,md,png}")
@@ -405,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or 3
     info = machine()
     print(f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB", flush=True)
     records: list[dict[str, Any]] = []
