@@ -145,20 +145,21 @@ def _compute(logits: Any, target: Any, opts: spec.Options, axis: int, *, want_gr
         raise ValueError("out must be writeable")
 
     compute = np.float64 if x.dtype == np.float64 else np.float32
-    x2 = np.moveaxis(x, layout.axis, -1)
+    last = layout.axis == x.ndim - 1
+    x2 = x if last else np.moveaxis(x, layout.axis, -1)
     lead_shape = x2.shape[:-1]
     k = layout.num_classes
     x2 = x2.reshape(-1, k)
     if layout.kind == "index":
         t2 = t.reshape(-1)
     else:
-        t2 = np.moveaxis(t, layout.axis, -1).reshape(-1, k)
+        t2 = (t if last else np.moveaxis(t, layout.axis, -1)).reshape(-1, k)
 
     kernel = _numba_kernel()
     if kernel is not None:
         # the kernel writes straight into ``out`` when it already has the kernel's row layout and dtype
         out2 = None
-        if want_grad and out is not None and layout.axis == x.ndim - 1 and out.dtype == compute and out.flags.c_contiguous:
+        if want_grad and out is not None and last and out.dtype == compute and out.flags.c_contiguous:
             out2 = out.reshape(-1, k)
         per_element, denominator, grad2 = kernel(
             x2, t2, layout.kind, opts, weight, mask, compute, want_grad, out2, scale_mean=True
@@ -175,7 +176,9 @@ def _compute(logits: Any, target: Any, opts: spec.Options, axis: int, *, want_gr
         return value, None
     if out is not None and kernel is not None and out2 is not None and grad2 is out2:
         return value, out
-    grad = np.moveaxis(grad2.reshape(lead_shape + (k,)), -1, layout.axis)
+    grad = grad2.reshape(lead_shape + (k,))
+    if not last:
+        grad = np.moveaxis(grad, -1, layout.axis)
     if out is None:
         return value, grad.astype(x.dtype, copy=False)
     np.copyto(out, grad, casting="same_kind")
