@@ -660,25 +660,26 @@ def _array_text(framework: str, values: list[float]) -> str:
 
 # --------------------------------------------------------------------------------------------------------
 def render(result: Result, console: Any) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     console.print(f"[bold]{result.name}[/] ({result.framework}, {result.calls} probe calls)")
     for f in result.findings:
         mark = "[green]✓[/]" if f.ok else "[red]✗[/]"
-        console.print(f"  {mark} {f.topic}: {f.text}")
+        console.print(f"  {mark} {f.topic}: {escape(f.text)}")
     table = Table(title="checked against lsx on random inputs", title_justify="left")
     for col in ("input", "its output", "lsx", "deviation"):
         table.add_column(col, justify="left" if col == "input" else "right")
     for check in result.checks:
         if "error" in check:
-            table.add_row(check["name"], "[red]" + check["error"] + "[/]", "", "")
+            table.add_row(check["name"], "[red]" + escape(check["error"]) + "[/]", "", "")
             continue
         table.add_row(check["name"], _short(check["output"]), _short(check["lsx"]), f"{check['deviation']:.2g}")
     console.print(table)
     if result.matches:
         names = ", ".join(result.conventions)
         console.print(f"[bold green]verdict: lsx computes exactly this[/] (max deviation {result.deviation:.1e})")
-        console.print(f"  {result.call}")
+        console.print(f"  {escape(result.call)}", soft_wrap=True)
         if names:
             console.print(f"  matching convention(s): {names}")
     elif result.verdict == "valid labels only":
@@ -687,10 +688,10 @@ def render(result: Result, console: Any) -> None:
     else:
         console.print(f"[bold red]verdict: no lsx option set reproduces it[/] (max relative deviation "
                       f"{result.deviation:.3g}); closest:")
-        console.print(f"  {result.call}")
+        console.print(f"  {escape(result.call)}", soft_wrap=True)
         for f in result.findings:
             if not f.ok:
-                console.print(f"  differs: {f.text}")
+                console.print(f"  differs: {escape(f.text)}")
 
 
 def _short(values: Any) -> str:

@@ -824,6 +824,7 @@ def _num(value: Any) -> float:
 
 def render(report: Report, console: Any) -> None:
     """Print the report with rich."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="lsx parity: loss and gradient vs the float64 reference", title_justify="left")
@@ -847,14 +848,15 @@ def render(report: Report, console: Any) -> None:
         console.print(table)
     failures = [(r["backend"], r["case"], f) for r in rows(report) for f in r["failed"]]
     for backend, case, what in failures[:20]:
-        console.print(f"[red]✗[/] {backend} {case} {what}", highlight=False)
+        console.print(f"[red]✗[/] {backend} {case} {escape(what)}", highlight=False, soft_wrap=True)
     if len(failures) > 20:
         console.print(f"[red]… and {len(failures) - 20} more failures[/]")
     for b in report.backends:
         if b.status == "not installed":
-            console.print(f"[yellow]not installed[/] {b.name}: {b.install}  [dim]({b.message})[/]", highlight=False)
+            console.print(f"[yellow]not installed[/] {b.name}: {escape(b.install)}  [dim]({escape(b.message or '')})[/]",
+                          highlight=False, soft_wrap=True)
         elif b.status == "error":
-            console.print(f"[bold red]error[/] {b.name}: {b.message}", highlight=False)
+            console.print(f"[bold red]error[/] {b.name}: {escape(b.message or '')}", highlight=False, soft_wrap=True)
         else:
             how = f"eager + {b.compiler}" if b.compiler else "eager"
             console.print(f"[dim]{b.name} {b.version}: {how}, {b.seconds:.1f} s[/]", highlight=False)
