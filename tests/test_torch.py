@@ -1,0 +1,431 @@
+"""lsx.torch against torch's own cross-entropy, the float64 reference, gradcheck and torch.compile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+import lsx.numpy  # noqa: E402
+import lsx.torch  # noqa: E402
+from lsx import _torch_function, spec  # noqa: E402
+
+F64 = torch.float64
+
+
+@pytest.fixture(params=["default", "plain-torch"])
+def engine(request, monkeypatch):
+    """Both CPU engines: the default (the Numba kernel where installed) and the plain-torch one."""
+    if request.param == "plain-torch":
+        monkeypatch.setattr(_torch_function, "_numba_engine", lambda: None)
+    return request.param
+
+
+def _data(shape, kind, seed, *, ignore=None, k_axis=None, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    axis = (1 if len(shape) >= 2 else 0) if k_axis is None else k_axis
+    k = shape[axis]
+    x = (2 * torch.randn(shape, generator=gen, dtype=F64)).to(dtype)
+    if kind == "index":
+        lead = shape[:axis] + shape[axis + 1 :]
+        y = torch.randint(0, k, lead, generator=gen)
+        if ignore is not None:
+            y = torch.where(torch.rand(lead, generator=gen) < 0.3, torch.tensor(ignore), y)
+    else:
+        y = torch.softmax(torch.randn(shape, generator=gen, dtype=F64), dim=axis)
+    return x, y
+
+
+def _loss_and_grad(fn, x, *args, grad_output=None, **kwargs):
+    x = x.detach().clone().requires_grad_(True)
+    value = fn(x, *args, **kwargs)
+    (grad,) = torch.autograd.grad(value, x, grad_output if grad_output is not None else torch.ones_like(value))
+    return value.detach(), grad
+
+
+def _assert_close(actual, expected, tol=1e-12):
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parity with torch.nn.functional.cross_entropy, float64, loss and gradient
+# --------------------------------------------------------------------------------------------------------
+SHAPES = {"1d": (5,), "2d": (7, 5), "3d": (3, 5, 4), "4d": (2, 5, 3, 2)}
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore", ["no-ignored", "default-ignore", "custom-ignore"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_parity_with_torch_cross_entropy(engine, shape, kind, weighted, ignore, reduction, eps):
+    seed = hash((shape, kind, weighted, ignore, reduction, eps)) % 2**31
+    ignore_index = {"no-ignored": None, "default-ignore": -100, "custom-ignore": 2}[ignore]
+    x, y = _data(SHAPES[shape], kind, seed, ignore=ignore_index)
+    k = SHAPES[shape][1 if len(SHAPES[shape]) > 1 else 0]
+    weight = torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=F64) + 0.2 if weighted else None
+    kwargs = dict(reduction=reduction, label_smoothing=eps)
+    if ignore == "custom-ignore":
+        kwargs["ignore_index"] = 2
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_output = torch.randn(y.shape if kind == "index" else y.sum(dim=1 if y.dim() > 1 else 0).shape, generator=gen, dtype=F64)
+    grad_output = grad_output if reduction == "none" else None
+    actual = _loss_and_grad(lsx.torch.loss, x, y, weight, grad_output=grad_output, **kwargs)
+    if kind == "probs":  # torch refuses a custom ignore_index with probabilities; it has no effect on them
+        kwargs.pop("ignore_index", None)
+    expected = _loss_and_grad(F.cross_entropy, x, y, weight, grad_output=grad_output, **kwargs)
+    _assert_close(actual[0], expected[0])
+    _assert_close(actual[1], expected[1])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_all_ignored_mean_is_nan_with_zero_gradient(engine, weighted):
+    x, _ = _data((4, 5), "index", 0)
+    y = torch.full((4,), -100)
+    weight = torch.linspace(0.5, 2, 5, dtype=F64) if weighted else None
+    expected = _loss_and_grad(F.cross_entropy, x, y, weight, label_smoothing=0.1)
+    actual = _loss_and_grad(lsx.torch.loss, x, y, weight, label_smoothing=0.1)
+    assert torch.isnan(actual[0]) and torch.isnan(expected[0])
+    _assert_close(actual[1], expected[1])
+    assert not actual[1].any()
+    zero = _loss_and_grad(lsx.torch.loss, x, y, weight, label_smoothing=0.1, empty_mean="zero")
+    assert zero[0].item() == 0.0 and not zero[1].any()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Every lsx option: gradcheck, and the float64 reference with a random upstream gradient
+# --------------------------------------------------------------------------------------------------------
+MASK = torch.tensor([True, True, False, True, True, False])
+OPTION_SETS = {
+    "others": dict(label_smoothing=0.2, spread="others"),
+    "z-loss-weight": dict(label_smoothing=0.1, z_loss=0.05, weight=torch.linspace(0.3, 2.0, 6, dtype=F64)),
+    "normalize": dict(label_smoothing=0.2, normalize=True, spread="others"),
+    "class-mask": dict(label_smoothing=0.1, class_mask=MASK),
+    "class-mask-others-weight": dict(
+        label_smoothing=0.3, spread="others", class_mask=MASK, weight=torch.linspace(0.3, 2.0, 6, dtype=F64)
+    ),
+    "weight-ignore": dict(label_smoothing=0.1, weight=torch.linspace(0.3, 2.0, 6, dtype=F64), ignore_index=0),
+    "none": dict(label_smoothing=0.1, reduction="none", z_loss=0.01),
+    "sum-normalize-z": dict(label_smoothing=0.1, reduction="sum", normalize=True, z_loss=0.02),
+    "t5x": dict(convention="t5x", label_smoothing=0.1),
+    "fairseq": dict(convention="fairseq", label_smoothing=0.1),
+}
+
+
+def _option_data(name, kind, shape=(4, 6)):
+    x, y = _data(shape, kind, len(name))
+    options = OPTION_SETS[name]
+    if "class_mask" in options:
+        x = x.clone()
+        if kind == "index":
+            y = torch.where(MASK[y.clamp(0, 5)], y, torch.zeros_like(y))
+        else:
+            y = torch.softmax(torch.where(MASK.view(1, -1, *([1] * (y.dim() - 2))), y.log(), -torch.inf), dim=1)
+    return x, y, options
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("name", OPTION_SETS)
+def test_gradcheck_every_option(engine, name, kind):
+    x, y, options = _option_data(name, kind)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: lsx.torch.loss(x, y, **options), (x,))
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (2, 6, 3)], ids=str)
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("name", OPTION_SETS)
+def test_matches_reference_with_random_upstream_gradient(engine, name, kind, shape):
+    x, y, options = _option_data(name, kind, shape)
+    value = lsx.torch.loss(x, y, **options)
+    cotangent = torch.randn(value.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    value, grad = _loss_and_grad(lsx.torch.loss, x, y, grad_output=cotangent, **options)
+    plain = {n: v.numpy() if isinstance(v, torch.Tensor) else v for n, v in options.items()}
+    ref_loss = spec.reference_loss(x.numpy(), y.numpy(), axis=1, **plain)
+    ref_grad = spec.reference_grad(x.numpy(), y.numpy(), axis=1, cotangent=cotangent.numpy(), **plain)
+    np.testing.assert_allclose(value.numpy(), ref_loss, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_is_refused():
+    x, y = _data((3, 5), "index", 1)
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(lsx.torch.loss(x, y), x, create_graph=False)
+    assert grad.shape == x.shape
+    with pytest.raises(RuntimeError, match="first-order"):
+        torch.autograd.grad(lsx.torch.loss(x, y), x, create_graph=True)
+
+
+def test_retain_graph_and_scaled_backward_keep_the_saved_gradient():
+    x, y = _data((6, 5), "index", 2, ignore=-100)
+    x.requires_grad_(True)
+    value = lsx.torch.loss(x, y, label_smoothing=0.1)
+    (once,) = torch.autograd.grad(value, x, retain_graph=True)
+    once = once.clone()
+    value.backward(retain_graph=True)
+    (2.5 * value).backward()
+    _assert_close(x.grad, 3.5 * once)
+
+
+def test_saves_one_gradient_buffer_and_hands_it_on():
+    """fwd+bwd keeps a single logits-sized buffer: the one saved for backward becomes ``.grad``."""
+    x = torch.randn(16, 40, requires_grad=True)
+    y = torch.randint(0, 40, (16,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        value = lsx.torch.loss(x, y, label_smoothing=0.1)
+    assert [tuple(t.shape) for t in saved] == [(16, 40)]
+    pointer = saved[0].data_ptr()
+    del saved
+    value.backward()
+    assert x.grad.data_ptr() == pointer
+
+
+# --------------------------------------------------------------------------------------------------------
+# Engines, dtypes, layouts
+# --------------------------------------------------------------------------------------------------------
+def test_cpu_engine_choice_and_the_kernel_contract(monkeypatch):
+    """The kernel gets contiguous float32/64 CPU logits only; any engine with its contract gives the same loss."""
+    calls = []
+
+    def counting_engine(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return lsx.numpy._numpy_engine(*args)
+
+    monkeypatch.setattr(_torch_function, "_numba_engine", lambda: counting_engine)
+    x, y = _data((6, 7), "index", 4, ignore=-100)
+    options = dict(label_smoothing=0.1, z_loss=0.01, weight=torch.linspace(0.5, 1.5, 7, dtype=F64))
+    for dtype in (F64, torch.float32):
+        value, grad = _loss_and_grad(lsx.torch.loss, x.to(dtype), y, **options)
+        expected = _loss_and_grad(F.cross_entropy, x.to(dtype), y, options["weight"].to(dtype), label_smoothing=0.1)
+        assert value.dtype == grad.dtype == dtype
+        tol = 1e-12 if dtype == F64 else 1e-5
+        z_term = 0.01 * (options["weight"][y.clamp(0)] * (y != -100) * torch.logsumexp(x, 1) ** 2).sum()
+        z_term = z_term / (options["weight"][y.clamp(0)] * (y != -100)).sum()
+        _assert_close(value.double(), expected[0].double() + z_term, tol)
+    assert calls == [np.dtype(np.float64), np.dtype(np.float32)]
+    _loss_and_grad(lsx.torch.loss, x.half(), y)
+    _loss_and_grad(lsx.torch.loss, x.t().contiguous().t(), y)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_accumulates_in_float32(dtype):
+    k = 3000
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, k, generator=gen).to(dtype)
+    y = torch.randint(0, k, (8,), generator=gen)
+    x[torch.arange(8), y] = 12.0  # p_y ≈ q_y: the target-class gradient is a small difference
+    value, grad = _loss_and_grad(lsx.torch.loss, x, y, label_smoothing=0.1, reduction="sum")
+    assert value.dtype == grad.dtype == dtype
+    ref_loss = spec.reference_loss(x.double().numpy(), y.numpy(), axis=1, label_smoothing=0.1, reduction="sum")
+    ref_grad = spec.reference_grad(x.double().numpy(), y.numpy(), axis=1, label_smoothing=0.1, reduction="sum")
+    unit = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    assert abs(value.double().item() - float(ref_loss)) <= unit * abs(float(ref_loss))
+    target_grad = grad.double().numpy()[np.arange(8), y.numpy()]
+    ref_target = ref_grad[np.arange(8), y.numpy()]
+    np.testing.assert_array_less(np.abs(target_grad - ref_target), unit * np.abs(ref_target) + 1e-7)
+    np.testing.assert_allclose(grad.double().numpy(), ref_grad, rtol=2 * unit, atol=1e-7)
+
+
+def test_low_precision_probability_targets_and_none():
+    x, y = _data((5, 6, 3), "probs", 6, dtype=torch.bfloat16)
+    value, grad = _loss_and_grad(lsx.torch.loss, x, y, label_smoothing=0.1, reduction="none")
+    assert value.dtype == grad.dtype == torch.bfloat16 and value.shape == (5, 3)
+    ref = spec.reference_loss(x.double().numpy(), y.numpy(), axis=1, label_smoothing=0.1, reduction="none")
+    np.testing.assert_allclose(value.double().numpy(), ref, rtol=2**-7, atol=1e-6)
+
+
+def test_non_contiguous_inputs(engine):
+    base = torch.randn(5, 9, dtype=F64)
+    x = base.t()  # (9, 5), strided
+    y = torch.randint(0, 5, (9,))
+    assert not x.is_contiguous()
+    _assert_close(lsx.torch.loss(x, y, label_smoothing=0.1), F.cross_entropy(x, y, label_smoothing=0.1))
+    actual = _loss_and_grad(lsx.torch.loss, x, y, label_smoothing=0.1)
+    expected = _loss_and_grad(F.cross_entropy, x, y, label_smoothing=0.1)
+    _assert_close(actual[1], expected[1])
+    x4 = torch.randn(2, 3, 4, 5, dtype=F64).permute(0, 3, 1, 2)  # (2, 5, 3, 4) channels-last-like
+    y4 = torch.randint(0, 5, (2, 3, 4))
+    actual = _loss_and_grad(lsx.torch.loss, x4, y4, label_smoothing=0.1, reduction="sum")
+    expected = _loss_and_grad(F.cross_entropy, x4, y4, label_smoothing=0.1, reduction="sum")
+    _assert_close(actual[0], expected[0])
+    _assert_close(actual[1], expected[1])
+
+
+def test_single_row_input_and_explicit_axis():
+    x = torch.randn(5, dtype=F64)
+    y = torch.tensor(3)
+    _assert_close(lsx.torch.loss(x, y, label_smoothing=0.2), F.cross_entropy(x, y, label_smoothing=0.2))
+    last = torch.randn(4, 3, 5, dtype=F64)
+    labels = torch.randint(0, 5, (4, 3))
+    _assert_close(
+        lsx.torch.loss(last, labels, axis=-1, label_smoothing=0.1),
+        F.cross_entropy(last.movedim(-1, 1), labels, label_smoothing=0.1),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------------------
+def test_torch_compile_fullgraph_inductor():
+    def step(x, y, weight):
+        return lsx.torch.loss(x, y, weight, label_smoothing=0.1, z_loss=1e-3, spread="others")
+
+    compiled = torch.compile(step, fullgraph=True)
+    x, y = _data((6, 7), "index", 7, ignore=-100, dtype=torch.float32)
+    weight = torch.linspace(0.5, 1.5, 7)
+    expected = _loss_and_grad(step, x, y, weight)
+    actual = _loss_and_grad(compiled, x, y, weight)
+    _assert_close(actual[0], expected[0], 1e-6)
+    _assert_close(actual[1], expected[1], 1e-6)
+
+
+def test_torch_compile_module_with_convention_and_none():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5).double())
+    criterion = lsx.torch.CrossEntropyLoss(convention="fairseq", label_smoothing=0.1, reduction="none")
+
+    def step(inputs, y):
+        return criterion(model(inputs), y)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    inputs = torch.randn(6, 4, dtype=F64)
+    y = torch.tensor([0, 1, 2, 3, 4, 1])  # 1 is fairseq's padding index
+    eager = step(inputs, y)
+    out = compiled(inputs, y)
+    _assert_close(out, eager)
+    assert out[1].item() == 0.0 and out[5].item() == 0.0
+    cotangent = torch.rand(6, dtype=F64)
+    (eager_grad,) = torch.autograd.grad(eager, model[0].weight, cotangent)
+    (compiled_grad,) = torch.autograd.grad(out, model[0].weight, cotangent)
+    _assert_close(compiled_grad, eager_grad)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The nn.Module drop-in
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, kwargs",
+    [
+        ((), {}),
+        ((torch.linspace(0.5, 2, 5, dtype=F64),), dict(label_smoothing=0.1)),
+        ((None, None, 3), dict(reduction="sum", label_smoothing=0.3)),
+        ((torch.linspace(0.5, 2, 5, dtype=F64), None, -100, None, "none", 1.0), {}),
+    ],
+)
+def test_module_is_a_drop_in(args, kwargs):
+    ours = lsx.torch.CrossEntropyLoss(*args, **kwargs)
+    theirs = torch.nn.CrossEntropyLoss(*args, **kwargs)
+    x, y = _data((6, 5, 2), "index", 8, ignore=-100)
+    y = torch.where(y == -100, torch.full_like(y, theirs.ignore_index), y)
+    cot = torch.rand(y.shape, dtype=F64) if theirs.reduction == "none" else None
+    _assert_close(_loss_and_grad(ours, x, y, grad_output=cot)[1], _loss_and_grad(theirs, x, y, grad_output=cot)[1])
+    _assert_close(ours(x, y), theirs(x, y))
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+
+
+def test_module_weight_is_a_buffer_and_repr():
+    weight = torch.linspace(0.5, 2, 5)
+    criterion = lsx.torch.CrossEntropyLoss(weight, label_smoothing=0.1, z_loss=1e-4, class_mask=torch.ones(5, dtype=torch.bool))
+    assert "weight" in dict(criterion.named_buffers()) and "class_mask" in dict(criterion.named_buffers())
+    assert not list(criterion.parameters())
+    assert criterion.double().weight.dtype == F64
+    assert repr(criterion) == "CrossEntropyLoss(ignore_index=-100, reduction='mean', label_smoothing=0.1, z_loss=0.0001)"
+    x, y = _data((4, 5), "index", 9)
+    _assert_close(criterion(x, y), lsx.torch.loss(x, y, weight.double(), label_smoothing=0.1, z_loss=1e-4))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        lsx.torch.CrossEntropyLoss(label_smoothing=1.5)
+
+
+def test_deprecated_size_average_and_reduce_follow_torch():
+    x, y = _data((4, 5), "index", 10)
+    for size_average, reduce in [(False, None), (None, False), (True, True)]:
+        with pytest.warns(UserWarning):
+            expected = F.cross_entropy(x, y, None, size_average, -100, reduce)
+        with pytest.warns(UserWarning):
+            actual = lsx.torch.loss(x, y, None, size_average, -100, reduce)
+        _assert_close(actual, expected)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [5, 17, -3, -101])
+def test_out_of_range_labels_raise_naming_the_value(engine, bad):
+    x = torch.randn(3, 5)
+    y = torch.tensor([0, bad, 1])
+    with pytest.raises(ValueError, match=f"label {bad}\\b"):
+        lsx.torch.loss(x, y)
+
+
+def test_bad_options_and_shapes_raise():
+    x, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        lsx.torch.loss(x, y, label_smoothing=-0.1)
+    with pytest.raises(ValueError, match="spread"):
+        lsx.torch.loss(x, y, spread="some")
+    with pytest.raises(ValueError, match="weight"):
+        lsx.torch.loss(x, y, torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        lsx.torch.loss(x, y, torch.ones(4))
+    with pytest.raises(ValueError, match="target of integer labels"):
+        lsx.torch.loss(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="class_mask"):
+        lsx.torch.loss(x, y, class_mask=torch.tensor([True, True, False, True, True]))
+    with pytest.raises(TypeError, match="floating"):
+        lsx.torch.loss(torch.ones(3, 5, dtype=torch.int64), y)
+    with pytest.raises(ValueError, match="detach"):
+        lsx.torch.loss(x, torch.rand(3, 5, requires_grad=True))
+    with pytest.raises(ValueError, match="convention"):
+        lsx.torch.loss(x, y, convention="sklearn")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Conventions, against the peers' formulas written out
+# --------------------------------------------------------------------------------------------------------
+def _hf_label_smoother(logits, labels, epsilon=0.1, ignore_index=-100):
+    """transformers' LabelSmoother: K-spread over the last dim, mean over the active positions."""
+    neg_log_probs = -torch.log_softmax(logits, dim=-1)
+    padding = labels == ignore_index
+    labels = labels.clamp(min=0)
+    nll = neg_log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1).masked_fill(padding, 0.0)
+    smoothed = neg_log_probs.sum(-1).masked_fill(padding, 0.0)
+    active = (~padding).sum()
+    return (1 - epsilon) * nll.sum() / active + epsilon * smoothed.sum() / (active * logits.shape[-1])
+
+
+def _fairseq_label_smoothed_nll(logits, target, epsilon, ignore_index=1):
+    """fairseq's label_smoothed_nll_loss (2021 on): (K−1)-spread, padding dropped, summed."""
+    lprobs = torch.log_softmax(logits, dim=-1)
+    nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    smooth = -lprobs.sum(-1)
+    padding = target == ignore_index
+    nll, smooth = nll.masked_fill(padding, 0.0), smooth.masked_fill(padding, 0.0)
+    eps_i = epsilon / (logits.shape[-1] - 1)
+    return ((1.0 - epsilon - eps_i) * nll + eps_i * smooth).sum()
+
+
+def test_convention_hf_matches_label_smoother():
+    x, y = _data((3, 4, 7), "index", 11, ignore=-100, k_axis=2)
+    _assert_close(lsx.torch.loss(x, y, axis=-1, convention="hf"), _hf_label_smoother(x, y))
+    # an explicit option wins over the preset
+    _assert_close(lsx.torch.loss(x, y, axis=-1, convention="hf", label_smoothing=0.0), _hf_label_smoother(x, y, 0.0))
+
+
+def test_convention_fairseq_matches_its_formula():
+    x, y = _data((10, 6), "index", 12, ignore=1)
+    actual = _loss_and_grad(lsx.torch.loss, x, y, label_smoothing=0.1, convention="fairseq")
+    expected = _loss_and_grad(_fairseq_label_smoothed_nll, x, y, 0.1)
+    _assert_close(actual[0], expected[0])
+    _assert_close(actual[1], expected[1])
+
+
+def test_empty_mean_follows_the_convention_unless_passed():
+    x = torch.randn(2, 5, dtype=F64)
+    y = torch.tensor([-100, -100])
+    assert torch.isnan(lsx.torch.loss(x, y, convention="torch"))
+    assert lsx.torch.loss(x, y, convention="hf", empty_mean="zero").item() == 0.0
