@@ -32,8 +32,8 @@ def run(logits, target, options, *, axis, dtype, mode):
     import torch
 
     torch_dtype = getattr(torch, dtype)
-    if mode == "compiled" and dtype not in ("float64", "float32"):
-        pytest.skip("compiled runs are checked in float64/float32; low precision shares the eager op")
+    if mode == "compiled" and dtype != "float64":
+        pytest.skip("compiled runs are checked in float64 (the same op runs every dtype; see tests/test_torch.py)")
     x = torch.tensor(logits).to(torch_dtype).requires_grad_(True)
     t = torch.from_numpy(np.asarray(target))
     options = {
