@@ -20,7 +20,7 @@ label gives NaN for its element (and its gradient row) instead of an error.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,11 +109,11 @@ def _as_tensor(value: Any, name: str, device: torch.device | None) -> torch.Tens
 def _fused(
     x2: torch.Tensor,
     t2: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    class_mask: Optional[torch.Tensor],
+    weight: torch.Tensor | None,
+    class_mask: torch.Tensor | None,
     label_smoothing: float,
     spread: str,
-    ignore_index: Optional[int],
+    ignore_index: int | None,
     z_loss: float,
     normalize: bool,
     reduction: str,
@@ -279,7 +279,9 @@ def _torch_engine(x2, t2, kind, opts, weight, class_mask, grad):
 
     if kind == "index":
         labels = t2.to(device)
-        active = torch.ones(n, dtype=torch.bool, device=device) if opts.ignore_index is None else labels != opts.ignore_index
+        active = (
+            torch.ones(n, dtype=torch.bool, device=device) if opts.ignore_index is None else labels != opts.ignore_index
+        )
         y = torch.where(active, labels, torch.zeros_like(labels))
         # On the CPU the labels were checked; elsewhere a bad label turns its element into NaN (no sync).
         invalid = (y < 0) | (y >= k)

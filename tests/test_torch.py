@@ -184,7 +184,7 @@ def test_saves_one_gradient_buffer_and_hands_it_on():
         value = lsx.torch.loss(x, y, label_smoothing=0.1)
     assert [tuple(t.shape) for t in saved] == [(16, 40)]
     pointer = saved[0].data_ptr()
-    del saved
+    saved.clear()  # drop the test's reference, as autograd hands the buffer on only when unshared
     value.backward()
     assert x.grad.data_ptr() == pointer
 
@@ -335,11 +335,15 @@ def test_module_is_a_drop_in(args, kwargs):
 
 def test_module_weight_is_a_buffer_and_repr():
     weight = torch.linspace(0.5, 2, 5)
-    criterion = lsx.torch.CrossEntropyLoss(weight, label_smoothing=0.1, z_loss=1e-4, class_mask=torch.ones(5, dtype=torch.bool))
+    criterion = lsx.torch.CrossEntropyLoss(
+        weight, label_smoothing=0.1, z_loss=1e-4, class_mask=torch.ones(5, dtype=torch.bool)
+    )
     assert "weight" in dict(criterion.named_buffers()) and "class_mask" in dict(criterion.named_buffers())
     assert not list(criterion.parameters())
     assert criterion.double().weight.dtype == F64
-    assert repr(criterion) == "CrossEntropyLoss(ignore_index=-100, reduction='mean', label_smoothing=0.1, z_loss=0.0001)"
+    assert (
+        repr(criterion) == "CrossEntropyLoss(ignore_index=-100, reduction='mean', label_smoothing=0.1, z_loss=0.0001)"
+    )
     x, y = _data((4, 5), "index", 9)
     _assert_close(criterion(x, y), lsx.torch.loss(x, y, weight.double(), label_smoothing=0.1, z_loss=1e-4))
     with pytest.raises(ValueError, match="label_smoothing"):
