@@ -179,7 +179,8 @@ def _backward(ctx, grad_value, _grad_of_grad):
     if torch.compiler.is_compiling() or _is_traced(grad) or _graph_kept():
         return (grad * scale,) + none
     # The graph is released after this call: reuse the saved buffer as the result (no copy), so that
-    # fwd+bwd holds a single logits-sized buffer; skip the pass for the usual loss.backward().
+    # fwd+bwd holds a single logits-sized buffer; skip the pass for the usual loss.backward() (reading the
+    # scalar is one tiny device read on accelerators).
     if scale.numel() == 1 and float(scale) == 1.0:
         return (grad,) + none
     return (grad.mul_(scale),) + none
