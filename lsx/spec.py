@@ -175,6 +175,8 @@ class Options:
 
 
 OPTION_NAMES = tuple(f.name for f in fields(Options))
+#: what an option that was not passed at all stands for: its marked default (arrays default to None)
+_UNPASSED = {name: default(getattr(Options, name)) for name in OPTION_NAMES if name not in ("weight", "class_mask")}
 
 #: Presets reproducing well-known implementations. Each sets the options it names; options passed
 #: explicitly win. ``label_smoothing`` is the peer's own default (0.1 for timm's
@@ -230,7 +232,7 @@ def resolve_options(convention: str | None = None, **given: Any) -> Options:
         preset = CONVENTIONS[name]
     values = {}
     for name in OPTION_NAMES:
-        value = given.get(name, default(getattr(Options, name)) if name not in ("weight", "class_mask") else None)
+        value = given.get(name, _UNPASSED.get(name))
         if is_default(value) and name in preset:
             value = preset[name]
         values[name] = _plain(value)
