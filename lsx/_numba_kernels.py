@@ -253,7 +253,7 @@ if AVAILABLE:
             sum_x += block_x
         return sum_e, sum_x
 
-    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True, parallel=True)
     def _index_rows(x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss):
         n, k = x.shape
         a, b, total_w, z, h_target, h_other, normalize, scale = (
@@ -301,7 +301,7 @@ if AVAILABLE:
                     if not valid[c]:
                         dst[c] = zero
 
-    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True, parallel=True)
     def _prob_rows(x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss):
         n, k = x.shape
         a, b, z, normalize, scale = params[0], params[1], params[3], params[6] != 0.0, params[7]
