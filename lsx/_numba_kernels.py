@@ -41,6 +41,7 @@ else:
 
 __all__ = ["AVAILABLE", "forward_backward"]
 
+_PARALLEL_MIN_ELEMENTS = 1 << 16  # below this, starting threads costs more than it saves
 _BLOCK = 2048  # partial sums in the compute dtype, accumulated across blocks in float64
 _LOOP_FLAGS = {"nsz", "arcp", "contract", "reassoc"}
 _MAX_FLAGS = {"nnan", "nsz", "reassoc"}
@@ -253,93 +254,113 @@ if AVAILABLE:
             sum_x += block_x
         return sum_e, sum_x
 
-    @numba.njit(fastmath=_LOOP_FLAGS, cache=True, parallel=True)
-    def _index_rows(x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss):
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    def _index_row(i, x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss):
         n, k = x.shape
         a, b, total_w, z, h_target, h_other, normalize, scale = (
             params[0], params[1], params[2], params[3], params[4], params[5], params[6] != 0.0, params[7]
         )
         zero = _to_dtype_of(0.0, x)
-        for i in prange(n):
-            xr = x[i]
-            dst = out[i]
-            label = y[i]
-            if has_ignore and label == ignore_index:
-                loss[i] = 0.0
-                if want_grad:
-                    for c in range(k):
-                        dst[c] = zero
-                continue
-            x_y = np.float64(xr[label])
-            w_y = np.float64(w[label]) if has_w else 1.0
-            m = _row_max(xr, valid, has_mask)
-            sum_e, sum_x = _exp_pass(xr, dst, w, valid, not has_w, m, (2 if inplace else 1) if want_grad else 0)
-            lse_shifted = math.log(sum_e)
-            lse = m + lse_shifted
-            value = 0.0
-            if a != 0.0:
-                value += a * w_y * (lse - x_y)
-            if b != 0.0:
-                value += b * (total_w * lse_shifted - sum_x)
-            value += z * w_y * lse * lse
-            if normalize:
-                value += w_y * h_target + h_other * (total_w - w_y)  # + Σ w q log q: the KL form
-            loss[i] = value
-            if not want_grad:
-                continue
-            coef = _to_dtype_of(scale * (a * w_y + b * total_w + 2.0 * z * w_y * lse) / sum_e, x)
-            bs = _to_dtype_of(scale * b, x)
-            if has_w:
+        xr = x[i]
+        dst = out[i]
+        label = y[i]
+        if has_ignore and label == ignore_index:
+            loss[i] = 0.0
+            if want_grad:
                 for c in range(k):
-                    dst[c] = dst[c] * coef - bs * w[c]
-            else:
-                for c in range(k):
-                    dst[c] = dst[c] * coef - bs
-            dst[label] -= _to_dtype_of(scale * a * w_y, x)
-            if has_mask and lse != lse:  # a NaN row stays NaN on valid classes only
-                for c in range(k):
-                    if not valid[c]:
-                        dst[c] = zero
+                    dst[c] = zero
+            return
+        x_y = np.float64(xr[label])
+        w_y = np.float64(w[label]) if has_w else 1.0
+        m = _row_max(xr, valid, has_mask)
+        sum_e, sum_x = _exp_pass(xr, dst, w, valid, not has_w, m, (2 if inplace else 1) if want_grad else 0)
+        lse_shifted = math.log(sum_e)
+        lse = m + lse_shifted
+        value = 0.0
+        if a != 0.0:
+            value += a * w_y * (lse - x_y)
+        if b != 0.0:
+            value += b * (total_w * lse_shifted - sum_x)
+        value += z * w_y * lse * lse
+        if normalize:
+            value += w_y * h_target + h_other * (total_w - w_y)  # + Σ w q log q: the KL form
+        loss[i] = value
+        if not want_grad:
+            return
+        coef = _to_dtype_of(scale * (a * w_y + b * total_w + 2.0 * z * w_y * lse) / sum_e, x)
+        bs = _to_dtype_of(scale * b, x)
+        if has_w:
+            for c in range(k):
+                dst[c] = dst[c] * coef - bs * w[c]
+        else:
+            for c in range(k):
+                dst[c] = dst[c] * coef - bs
+        dst[label] -= _to_dtype_of(scale * a * w_y, x)
+        if has_mask and lse != lse:  # a NaN row stays NaN on valid classes only
+            for c in range(k):
+                if not valid[c]:
+                    dst[c] = zero
 
-    @numba.njit(fastmath=_LOOP_FLAGS, cache=True, parallel=True)
-    def _prob_rows(x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss):
+    @numba.njit(cache=True, parallel=True)
+    def _index_rows(x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss):
+        for i in prange(x.shape[0]):
+            _index_row(i, x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss)
+
+    # the same loop without threads, for inputs too small to pay for starting them
+    @numba.njit(cache=True)
+    def _index_rows_serial(x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss):
+        for i in range(x.shape[0]):
+            _index_row(i, x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss)
+
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    def _prob_row(i, x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss):
         n, k = x.shape
         a, b, z, normalize, scale = params[0], params[1], params[3], params[6] != 0.0, params[7]
         at = _to_dtype_of(a, x)
         bt = _to_dtype_of(b, x)
         zero = _to_dtype_of(0.0, x)
-        for i in prange(n):
-            xr = x[i]
-            tr = t[i]
-            dst = out[i]
-            m = _row_max(xr, valid, has_mask)
-            mt = _to_dtype_of(m, x)
-            # Σ w·q·(x − m), Σ w·q and Σ w·q·log q before pass 2 may overwrite x (in-place mode)
-            sum_qx = 0.0
-            mass = 0.0
-            entropy = 0.0
-            for c in range(k):
-                ok = valid[c] if has_mask else True
-                wq = (at * tr[c] + bt) * (w[c] if has_w else _to_dtype_of(1.0, x))
-                if ok and wq > zero:
-                    sum_qx += np.float64(wq * (xr[c] - mt))
-                    mass += np.float64(wq)
-                    if normalize:
-                        q = np.float64(at * tr[c] + bt)
-                        entropy += (np.float64(w[c]) if has_w else 1.0) * q * math.log(q)
-            sum_e, _ = _exp_pass(xr, dst, w, valid, not has_w, m, (2 if inplace else 1) if want_grad else 0)
-            lse_shifted = math.log(sum_e)
-            lse = m + lse_shifted
-            loss[i] = mass * lse_shifted - sum_qx + z * lse * lse + (entropy if normalize else 0.0)
-            if not want_grad:
-                continue
-            coef = _to_dtype_of(scale * (mass + 2.0 * z * lse) / sum_e, x)
-            st = _to_dtype_of(scale, x)
-            for c in range(k):
-                ok = valid[c] if has_mask else True
-                wq = (at * tr[c] + bt) * (w[c] if has_w else _to_dtype_of(1.0, x))
-                dst[c] = (dst[c] * coef - st * wq) if ok else zero
+        xr = x[i]
+        tr = t[i]
+        dst = out[i]
+        m = _row_max(xr, valid, has_mask)
+        mt = _to_dtype_of(m, x)
+        # Σ w·q·(x − m), Σ w·q and Σ w·q·log q before pass 2 may overwrite x (in-place mode)
+        sum_qx = 0.0
+        mass = 0.0
+        entropy = 0.0
+        for c in range(k):
+            ok = valid[c] if has_mask else True
+            wq = (at * tr[c] + bt) * (w[c] if has_w else _to_dtype_of(1.0, x))
+            if ok and wq > zero:
+                sum_qx += np.float64(wq * (xr[c] - mt))
+                mass += np.float64(wq)
+                if normalize:
+                    q = np.float64(at * tr[c] + bt)
+                    entropy += (np.float64(w[c]) if has_w else 1.0) * q * math.log(q)
+        sum_e, _ = _exp_pass(xr, dst, w, valid, not has_w, m, (2 if inplace else 1) if want_grad else 0)
+        lse_shifted = math.log(sum_e)
+        lse = m + lse_shifted
+        loss[i] = mass * lse_shifted - sum_qx + z * lse * lse + (entropy if normalize else 0.0)
+        if not want_grad:
+            return
+        coef = _to_dtype_of(scale * (mass + 2.0 * z * lse) / sum_e, x)
+        st = _to_dtype_of(scale, x)
+        for c in range(k):
+            ok = valid[c] if has_mask else True
+            wq = (at * tr[c] + bt) * (w[c] if has_w else _to_dtype_of(1.0, x))
+            dst[c] = (dst[c] * coef - st * wq) if ok else zero
 
+
+
+    @numba.njit(cache=True, parallel=True)
+    def _prob_rows(x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss):
+        for i in prange(x.shape[0]):
+            _prob_row(i, x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss)
+
+    @numba.njit(cache=True)
+    def _prob_rows_serial(x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss):
+        for i in range(x.shape[0]):
+            _prob_row(i, x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss)
 
 def _xlogx(q: float) -> float:
     return q * math.log(q) if q > 0 else 0.0
@@ -412,12 +433,13 @@ def forward_backward(
         grad = np.empty((1, k), compute)  # never written
     per_element = np.empty(n, compute)
     dst = x if grad is x else grad
+    small = n * k < _PARALLEL_MIN_ELEMENTS
     if n:
         if kind == "index":
-            _index_rows(x, labels, w, valid, has_w, mask is not None, ignore_index, has_ignore, params,
+            (_index_rows_serial if small else _index_rows)(x, labels, w, valid, has_w, mask is not None, ignore_index, has_ignore, params,
                         want_grad, grad is x, dst if want_grad else np.empty((n, 0), compute), per_element)
         else:
-            _prob_rows(x, probs, w, valid, has_w, mask is not None, params, want_grad, grad is x,
+            (_prob_rows_serial if small else _prob_rows)(x, probs, w, valid, has_w, mask is not None, params, want_grad, grad is x,
                        dst if want_grad else np.empty((n, 0), compute), per_element)
     if not want_grad:
         return per_element, denominator, None

@@ -72,11 +72,21 @@ def _skip_unsupported(k, options):
         pytest.skip("spread='others' needs two classes")
 
 
+@pytest.fixture(params=["serial", "parallel"])
+def threads(request, monkeypatch):
+    """Run the kernel through its serial driver (small inputs) or its prange driver (forced)."""
+    if request.param == "parallel":
+        monkeypatch.setattr(_numba_kernels, "_PARALLEL_MIN_ELEMENTS", 0)
+    else:
+        monkeypatch.setattr(_numba_kernels, "_PARALLEL_MIN_ELEMENTS", 1 << 62)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["index", "probs"])
 @pytest.mark.parametrize("k", [1, 2, 7, 17, 300, 2049, 4133])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("option_set", range(len(OPTION_SETS)))
-def test_kernel_matches_pure_path_and_reference(kind, k, dtype, option_set):
+def test_kernel_matches_pure_path_and_reference(kind, k, dtype, option_set, threads):
     rng = np.random.default_rng([k, option_set, kind == "index", dtype == "float32"])
     n = 1 + int(rng.integers(1, 9))
     x, target, options = _make(rng, n, k, kind, OPTION_SETS[option_set], dtype)
