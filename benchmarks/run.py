@@ -32,8 +32,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -123,13 +124,17 @@ def _numpy_methods(logits, labels):
         yield "lsx.numpy (Numba)", "NumPy", None  # reported as unavailable
     else:
         yield "lsx.numpy (Numba)", "NumPy", lambda: lsx.numpy.loss_and_grad(logits, labels, label_smoothing=EPS)
-        yield "lsx.numpy out=buffer (preallocated)", "NumPy", lambda: lsx.numpy.loss_and_grad(
-            logits, labels, label_smoothing=EPS, out=buffer
+        yield (
+            "lsx.numpy out=buffer (preallocated)",
+            "NumPy",
+            lambda: lsx.numpy.loss_and_grad(logits, labels, label_smoothing=EPS, out=buffer),
         )
         scratch = logits.copy()
         # the logits are overwritten by their gradient at every call; timings run on those (finite) values
-        yield "lsx.numpy out=logits (in place)", "NumPy", lambda: lsx.numpy.loss_and_grad(
-            scratch, labels, label_smoothing=EPS, out=scratch
+        yield (
+            "lsx.numpy out=logits (in place)",
+            "NumPy",
+            lambda: lsx.numpy.loss_and_grad(scratch, labels, label_smoothing=EPS, out=scratch),
         )
         del scratch
 
@@ -160,7 +165,7 @@ def _torch_methods(logits, labels):
 
         return call
 
-    builtin = lambda x, y: F.cross_entropy(x, y, label_smoothing=EPS, ignore_index=IGNORE)  # noqa: E731
+    builtin = lambda x, y: F.cross_entropy(x, y, label_smoothing=EPS, ignore_index=IGNORE)
     yield "torch F.cross_entropy eager", "PyTorch", step(builtin)
     yield "torch.compile(F.cross_entropy)", "PyTorch", step(torch.compile(builtin))
     if importlib.util.find_spec("lsx.torch") is None:
@@ -221,7 +226,11 @@ def _tensorflow_methods(logits, labels):
     else:
         import lsx.tensorflow
 
-        yield "lsx.tensorflow XLA", "TensorFlow", with_grad(lambda x, y: lsx.tensorflow.loss(x, y, label_smoothing=EPS), True)
+        yield (
+            "lsx.tensorflow XLA",
+            "TensorFlow",
+            with_grad(lambda x, y: lsx.tensorflow.loss(x, y, label_smoothing=EPS), True),
+        )
 
     import keras
 
@@ -306,10 +315,20 @@ def run_group(group: str, shape: tuple[int, int], repeats: int, timeout: int) ->
     requirement = {"numpy": "numpy", "torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}[group]
     if importlib.util.find_spec(requirement) is None:
         return [{"method": f"{group} backend", "shape": list(shape), "note": f"{requirement} not installed"}]
-    command = [sys.executable, "-m", "benchmarks.run", "--worker", group, "--shape", f"{shape[0]},{shape[1]}",
-               "--repeats", str(repeats)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TF_CPP_MIN_LOG_LEVEL="2")
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--worker",
+        group,
+        "--shape",
+        f"{shape[0]},{shape[1]}",
+        "--repeats",
+        str(repeats),
+    ]
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2"
+    )
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as expired:
@@ -319,7 +338,9 @@ def run_group(group: str, shape: tuple[int, int], repeats: int, timeout: int) ->
     records = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["?"]
-        records.append({"method": f"{group} worker", "shape": list(shape), "note": f"exit {done.returncode}: {tail[0][:200]}"})
+        records.append(
+            {"method": f"{group} worker", "shape": list(shape), "note": f"exit {done.returncode}: {tail[0][:200]}"}
+        )
     return records
 
 
@@ -361,7 +382,11 @@ def markdown(records: list[dict[str, Any]], info: dict[str, Any]) -> str:
         ms = r["median_ms"]
         ms_text = f"{ms:.3f}" if ms < 1 else f"{ms:.1f}"
         floor = f"{r['x_copy_floor']:.2f}" if "x_copy_floor" in r and r["shape"][0] * r["shape"][1] > 1000 else ""
-        peak = f"{r['peak_extra_x_logits']:.2f}" if "peak_extra_x_logits" in r and r["shape"][0] * r["shape"][1] > 1000 else ""
+        peak = (
+            f"{r['peak_extra_x_logits']:.2f}"
+            if "peak_extra_x_logits" in r and r["shape"][0] * r["shape"][1] > 1000
+            else ""
+        )
         speed = "; ".join(f"{v:.1f}× vs {k}" for k, v in r.get("speedup_vs", {}).items())
         lines.append(f"| {shape} | {r['method']} | {ms_text} | {floor} | {peak} | {speed} |")
     return "\n".join(lines) + "\n"
@@ -382,7 +407,14 @@ def chart(records: list[dict[str, Any]], path: Path) -> None:
         rows = [r for r in records if tuple(r["shape"]) == shape and "median_ms" in r]
         names = [r["method"] for r in rows]
         values = [r["median_ms"] for r in rows]
-        colors = ["tab:grey" if "copy" in n and not n.startswith("lsx") else "tab:blue" if n.startswith("lsx") else "tab:orange" for n in names]
+        colors = [
+            "tab:grey"
+            if "copy" in n and not n.startswith("lsx")
+            else "tab:blue"
+            if n.startswith("lsx")
+            else "tab:orange"
+            for n in names
+        ]
         ax.barh(range(len(rows)), values, color=colors)
         ax.set_yticks(range(len(rows)), names, fontsize=8)
         ax.invert_yaxis()
@@ -426,8 +458,15 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(records)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "epsilon": EPS, "ignored_fraction": 1 / 8, "dtype": "float32",
-               "quick": args.quick, "wall_s": time.perf_counter() - started, "results": records}
+    payload = {
+        "machine": info,
+        "epsilon": EPS,
+        "ignored_fraction": 1 / 8,
+        "dtype": "float32",
+        "quick": args.quick,
+        "wall_s": time.perf_counter() - started,
+        "results": records,
+    }
     (args.out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     table = markdown(records, info)
     (args.out / "results.md").write_text(table)

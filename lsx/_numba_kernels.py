@@ -100,7 +100,9 @@ if AVAILABLE:
                 p = p * r + np.float32(0.5)
                 p = p * r + np.float32(1.0)
                 p = p * r + np.float32(1.0)
-                scale = _bits_to_float(np.int32(np.int32(kf + np.float32(127.0)) << 23))  # Numba widens int32 arithmetic
+                scale = _bits_to_float(
+                    np.int32(np.int32(kf + np.float32(127.0)) << 23)
+                )  # Numba widens int32 arithmetic
                 y = p * scale
                 y = y if not tiny else np.float32(0.0)
                 return y if not big else np.float32(np.inf)
@@ -258,9 +260,16 @@ if AVAILABLE:
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
     def _index_row(i, x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss):
-        n, k = x.shape
+        k = x.shape[1]
         a, b, total_w, z, h_target, h_other, normalize, scale = (
-            params[0], params[1], params[2], params[3], params[4], params[5], params[6] != 0.0, params[7]
+            params[0],
+            params[1],
+            params[2],
+            params[3],
+            params[4],
+            params[5],
+            params[6] != 0.0,
+            params[7],
         )
         zero = _to_dtype_of(0.0, x)
         xr = x[i]
@@ -306,17 +315,23 @@ if AVAILABLE:
     @numba.njit(cache=True, parallel=True)
     def _index_rows(x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss):
         for i in prange(x.shape[0]):
-            _index_row(i, x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss)
+            _index_row(
+                i, x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss
+            )
 
     # the same loop without threads, for inputs too small to pay for starting them
     @numba.njit(cache=True)
-    def _index_rows_serial(x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss):
+    def _index_rows_serial(
+        x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss
+    ):
         for i in range(x.shape[0]):
-            _index_row(i, x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss)
+            _index_row(
+                i, x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss
+            )
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
     def _prob_row(i, x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss):
-        n, k = x.shape
+        k = x.shape[1]
         a, b, z, normalize, scale = params[0], params[1], params[3], params[6] != 0.0, params[7]
         at = _to_dtype_of(a, x)
         bt = _to_dtype_of(b, x)
@@ -352,8 +367,6 @@ if AVAILABLE:
             wq = (at * tr[c] + bt) * (w[c] if has_w else _to_dtype_of(1.0, x))
             dst[c] = (dst[c] * coef - st * wq) if ok else zero
 
-
-
     @numba.njit(cache=True, parallel=True)
     def _prob_rows(x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss):
         for i in prange(x.shape[0]):
@@ -363,6 +376,7 @@ if AVAILABLE:
     def _prob_rows_serial(x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss):
         for i in range(x.shape[0]):
             _prob_row(i, x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss)
+
 
 def _xlogx(q: float) -> float:
     return q * math.log(q) if q > 0 else 0.0
@@ -418,9 +432,7 @@ def forward_backward(
     scale = 1.0
     if scale_mean and opts.reduction == "mean":
         scale = 1.0 / denominator if denominator != 0 else 0.0
-    params = np.array(
-        [a, b, total_w, opts.z_loss, _xlogx(a + b), _xlogx(b), float(opts.normalize), scale], np.float64
-    )
+    params = np.array([a, b, total_w, opts.z_loss, _xlogx(a + b), _xlogx(b), float(opts.normalize), scale], np.float64)
 
     if want_grad:
         if out2 is None or not _usable_out(out2, x, compute):
@@ -438,11 +450,35 @@ def forward_backward(
     small = n * k < _PARALLEL_MIN_ELEMENTS
     if n:
         if kind == "index":
-            (_index_rows_serial if small else _index_rows)(x, labels, w, valid, has_w, mask is not None, ignore_index, has_ignore, params,
-                        want_grad, grad is x, dst if want_grad else np.empty((n, 0), compute), per_element)
+            (_index_rows_serial if small else _index_rows)(
+                x,
+                labels,
+                w,
+                valid,
+                has_w,
+                mask is not None,
+                ignore_index,
+                has_ignore,
+                params,
+                want_grad,
+                grad is x,
+                dst if want_grad else np.empty((n, 0), compute),
+                per_element,
+            )
         else:
-            (_prob_rows_serial if small else _prob_rows)(x, probs, w, valid, has_w, mask is not None, params, want_grad, grad is x,
-                       dst if want_grad else np.empty((n, 0), compute), per_element)
+            (_prob_rows_serial if small else _prob_rows)(
+                x,
+                probs,
+                w,
+                valid,
+                has_w,
+                mask is not None,
+                params,
+                want_grad,
+                grad is x,
+                dst if want_grad else np.empty((n, 0), compute),
+                per_element,
+            )
     if not want_grad:
         return per_element, denominator, None
     if out2 is not None and grad is x:

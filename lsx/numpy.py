@@ -129,9 +129,9 @@ Example:
     1.4178
 """
 loss.__doc__ = _DOC
-loss_and_grad.__doc__ = _DOC.replace("Returns:", "    out: array to receive the gradient (``out=logits`` works in place).\n\nReturns:", 1).replace(
-    "else a scalar.", "else a scalar; and the gradient, shaped and typed like ``logits``.", 1
-)
+loss_and_grad.__doc__ = _DOC.replace(
+    "Returns:", "    out: array to receive the gradient (``out=logits`` works in place).\n\nReturns:", 1
+).replace("else a scalar.", "else a scalar; and the gradient, shaped and typed like ``logits``.", 1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -221,7 +221,13 @@ def _numpy_engine(x2, t2, kind, opts, weight, mask, compute, want_grad):
     x = x2.astype(compute, copy=False)
     valid_count = k if mask is None else int(mask.sum())
     a, b = (compute(c) for c in spec.smoothing_coefficients(opts, valid_count))
-    w = None if weight is None else np.where(mask, weight, 0).astype(compute) if mask is not None else weight.astype(compute)
+    w = (
+        None
+        if weight is None
+        else np.where(mask, weight, 0).astype(compute)
+        if mask is not None
+        else weight.astype(compute)
+    )
     total_weight = compute(valid_count) if w is None else w.sum(dtype=compute)
 
     # masked classes take no part: −inf for the softmax, 0 for the linear terms

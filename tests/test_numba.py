@@ -57,7 +57,9 @@ def _make(rng, n, k, kind, options, dtype):
     if kind == "index":
         classes = np.flatnonzero(valid)
         target = classes[rng.integers(0, len(classes), n)]
-        ignore_index = spec.resolve_options(**{k_: v for k_, v in options.items() if k_ not in ("weight", "class_mask")}).ignore_index
+        ignore_index = spec.resolve_options(
+            **{k_: v for k_, v in options.items() if k_ not in ("weight", "class_mask")}
+        ).ignore_index
         if ignore_index is not None:
             target[rng.random(n) < 0.25] = ignore_index
     else:
@@ -130,7 +132,9 @@ def test_negative_infinite_logits(dtype, eps):
     if eps == 0:
         assert np.isfinite(value).all() and np.isfinite(grad).all()
     assert_close(value, expected, dtype, "loss")
-    assert_close(grad, spec.reference_grad(x.astype(np.float64), y, label_smoothing=eps, reduction="none"), dtype, "grad")
+    assert_close(
+        grad, spec.reference_grad(x.astype(np.float64), y, label_smoothing=eps, reduction="none"), dtype, "grad"
+    )
     if eps == 0:
         assert value[2] == 0 and grad[2, y[2]] == 0  # p_y is exactly 1
 
@@ -201,8 +205,13 @@ def test_in_place_with_probability_targets_and_options(dtype):
     mask = rng.random(2100) < 0.9
     target = np.zeros(x.shape)
     target[:, mask] = rng.dirichlet(np.ones(int(mask.sum())), size=9)
-    options = {"label_smoothing": 0.1, "weight": rng.uniform(0.5, 2, 2100), "class_mask": mask,
-               "normalize": True, "z_loss": 1e-3}
+    options = {
+        "label_smoothing": 0.1,
+        "weight": rng.uniform(0.5, 2, 2100),
+        "class_mask": mask,
+        "normalize": True,
+        "z_loss": 1e-3,
+    }
     value, grad = lsx.numpy.loss_and_grad(x, target, **options)
     logits = x.copy()
     value_in, grad_in = lsx.numpy.loss_and_grad(logits, target, out=logits, **options)
@@ -228,10 +237,16 @@ def test_kernel_writes_unscaled_gradient_into_a_given_buffer():
     y = rng.integers(0, 10, 6)
     opts = spec.resolve_options(label_smoothing=0.1)
     buffer = np.empty_like(x)
-    per_element, denominator, grad = _numba_kernels.forward_backward(x, y, "index", opts, None, None, np.float64, True, buffer)
+    per_element, denominator, grad = _numba_kernels.forward_backward(
+        x, y, "index", opts, None, None, np.float64, True, buffer
+    )
     assert grad is buffer and denominator == 6
-    np.testing.assert_allclose(per_element, spec.reference_loss(x, y, label_smoothing=0.1, reduction="none"), rtol=1e-12)
-    np.testing.assert_allclose(grad, spec.reference_grad(x, y, label_smoothing=0.1, reduction="sum"), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        per_element, spec.reference_loss(x, y, label_smoothing=0.1, reduction="none"), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        grad, spec.reference_grad(x, y, label_smoothing=0.1, reduction="sum"), rtol=1e-12, atol=1e-15
+    )
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
