@@ -16,8 +16,9 @@ import inspect
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -324,7 +325,7 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
             f"(the same target at one K; it takes no other K to tell them apart)",
         ))
     else:
-        KS = ks  # noqa: N806
+        KS = ks
         gaps = {s: abs(eps[KS[0]][s] - eps[KS[1]][s]) for s in ("all", "others")}
         spread = min(gaps, key=gaps.get)  # type: ignore[arg-type]
         epsilon = _nice(float(np.mean([eps[k][spread] for k in KS])))
