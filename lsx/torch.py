@@ -7,6 +7,7 @@ under ``torch.compile`` and saves a single logits-sized gradient buffer for the 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -99,9 +100,22 @@ def _options(convention: str | None, **given: Any) -> spec.Options:
     (dynamo cannot build spec's marked defaults), and the compiled graph is specialised to the result.
     """
     if not torch.compiler.is_compiling():
-        return spec.resolve_options(convention, **given)
+        try:
+            return _resolve_cached(convention, *given.values(), names=tuple(given))
+        except TypeError:  # an unhashable value: resolve uncached (and raise the spec's error, if any)
+            return spec.resolve_options(convention, **given)
     explicit = tuple((name, value) for name, value in given.items() if not spec.is_default(value))
     return _resolve_constant(convention, explicit)
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _resolve_cached(convention: str | None, *values: Any, names: tuple[str, ...]) -> spec.Options:
+    """Resolution is a pure function of the scalar options: most calls repeat the same few.
+
+    ``typed`` keeps apart what compares equal but resolves differently: a marked default and the same value
+    passed explicitly (a convention overrides only the former), ``True`` and ``1``, ``0`` and ``0.0``.
+    """
+    return spec.resolve_options(convention, **dict(zip(names, values)))
 
 
 @torch.compiler.assume_constant_result
