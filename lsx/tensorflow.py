@@ -1,8 +1,9 @@
 """TensorFlow backend: ``loss`` for ``tf.Tensor`` logits, eager, inside ``tf.function`` and under XLA.
 
 The gradient is the closed form of :mod:`lsx.spec`, written as a ``tf.custom_gradient``: no one-hot tensor
-is built for integer labels, and the softmax is recomputed in the backward pass from the saved log-sum-exp
-instead of being stored. float16/bfloat16 logits are computed in float32; float64 stays float64.
+is built for integer labels. The forward pass keeps exp(x - max) (one logits-sized buffer) and the backward
+pass scales it into the gradient, so exp is evaluated once per element; under XLA the gradient is written over
+that buffer in place. float16/bfloat16 logits are computed in float32; float64 stays float64.
 
 Labels outside ``[0, K)`` raise ``ValueError`` whenever their values are known (eager tensors, NumPy arrays,
 constants captured by a ``tf.function``). Inside a traced function (``tf.function``, with or without
@@ -178,7 +179,11 @@ def _forward(x2, t2, kind, opts, w, mask, compute):
         x_soft = x if mask is None else tf.where(mask_t, x, tf.constant(-np.inf, compute))
         row_max = tf.reduce_max(x_soft, axis=-1)
         row_max = tf.where(tf.math.is_finite(row_max), row_max, 0)
-        lse = row_max + tf.math.log(tf.reduce_sum(tf.exp(x_soft - row_max[:, None]), axis=-1))
+        # exp is the costly op on CPU: taken once here and kept for the backward pass, where XLA writes the
+        # gradient over this buffer in place (one logits-sized buffer in all)
+        shifted_exp = tf.exp(x_soft - row_max[:, None])
+        sum_exp = tf.reduce_sum(shifted_exp, axis=-1)
+        lse = row_max + tf.math.log(sum_exp)
 
         if kind == "index":
             w_target = tf.ones_like(lse) if w_y is None else w_y
@@ -207,13 +212,13 @@ def _forward(x2, t2, kind, opts, w, mask, compute):
 
         def grad(upstream):
             scale = tf.cast(upstream, compute)
-            p = tf.exp(x_soft - lse[:, None])
-            g = p * ((target_mass + 2 * s * w_target * lse) * scale)[:, None]
+            # softmax = shifted_exp / sum_exp, folded into the per-row factor
+            g = shifted_exp * ((target_mass + 2 * s * w_target * lse) * scale / sum_exp)[:, None]
             if kind == "index":
                 if b != 0:
                     g -= (b * scale)[:, None] if w is None else (b * scale)[:, None] * w
                 if a != 0:
-                    hit = tf.range(k, dtype=y.dtype)[None, :] == y[:, None]
+                    hit = tf.range(k, dtype=tf.int32)[None, :] == tf.cast(y, tf.int32)[:, None]
                     g -= tf.where(hit, (a * scale * w_target)[:, None], 0)
                 g = tf.where(active[:, None], g, 0)
                 g = tf.where(bad[:, None], tf.constant(np.nan, compute), g)
