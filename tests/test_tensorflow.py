@@ -185,3 +185,20 @@ def test_convention_preset_fills_unpassed_options(data):
     value = lsx.tensorflow.loss(logits, labels, convention="fairseq", label_smoothing=0.1)
     expected = spec.reference_loss(logits, labels, convention="fairseq", label_smoothing=0.1)
     np.testing.assert_allclose(value.numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_minus_inf_logits_with_and_without_smoothing_under_tf_function(jit):
+    logits = np.array([[0.5, -np.inf, 1.0, -2.0], [-np.inf, 3.0, -np.inf, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    labels = np.array([2, 1, 3])
+
+    @tf.function(jit_compile=jit)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = lsx.tensorflow.loss(x, y, z_loss=1e-2)
+        return value, tape.gradient(value, x)
+
+    value, grad = step(tf.constant(logits), tf.constant(labels))
+    np.testing.assert_allclose(value.numpy(), spec.reference_loss(logits, labels, z_loss=1e-2), rtol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), spec.reference_grad(logits, labels, z_loss=1e-2), rtol=1e-10, atol=1e-14)
