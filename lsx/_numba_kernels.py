@@ -439,9 +439,11 @@ def forward_backward(
             grad = np.empty((n, k), compute)
         else:
             grad = out2
-        if _same_memory(grad, x):
+        if not np.may_share_memory(grad, x):  # the usual case, settled by a cheap bounds test
+            pass
+        elif _same_memory(grad, x):
             grad = x  # in place: each row's logits are read before its gradient overwrites them
-        elif np.may_share_memory(grad, x):  # partial overlap: go through a fresh buffer
+        else:  # partial overlap: go through a fresh buffer
             grad = np.empty((n, k), compute)
     else:
         grad = np.empty((1, k), compute)  # never written

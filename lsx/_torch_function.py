@@ -19,6 +19,7 @@ label gives NaN for its element (and its gradient row) instead of an error.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -256,17 +257,23 @@ class _EagerFused(torch.autograd.Function):
 
 
 def _check_labels(labels: np.ndarray, k: int, opts: spec.Options, mask: np.ndarray | None) -> None:
-    """``spec.check_labels``, after a quick pass that settles the usual case (all labels valid) in two ops."""
+    """``spec.check_labels``, after a quick pass that settles the usual case (all labels valid) in a few ops."""
     if mask is None and labels.dtype.kind == "i" and labels.size:
-        unsigned = labels.view(labels.dtype.str.replace("i", "u"))  # negative labels become huge
-        if unsigned.max() < k:
+        unsigned, low, high = _unsigned_view(labels.dtype)
+        as_unsigned = labels.view(unsigned)  # negative labels become huge
+        if as_unsigned.max() < k:
             return
         ignore = opts.ignore_index
-        limits = np.iinfo(labels.dtype)
-        if ignore is not None and (ignore < 0 or ignore >= k) and limits.min <= ignore <= limits.max:
-            if np.where(labels == ignore, 0, unsigned).max() < k:
+        if ignore is not None and not 0 <= ignore < k and low <= ignore <= high:
+            if np.where(labels == ignore, 0, as_unsigned).max() < k:
                 return
     spec.check_labels(labels, k, opts, mask)
+
+
+@functools.cache
+def _unsigned_view(dtype: np.dtype) -> tuple[np.dtype, int, int]:
+    limits = np.iinfo(dtype)
+    return np.dtype(dtype.str.replace("i", "u")), int(limits.min), int(limits.max)
 
 
 def _reduce(per_element: torch.Tensor, denominator: torch.Tensor, opts: spec.Options, dtype: torch.dtype):
@@ -290,6 +297,11 @@ def _mean_scale(denominator: torch.Tensor) -> torch.Tensor:
 # Numba engine (CPU): zero-copy NumPy views of the tensors
 # --------------------------------------------------------------------------------------------------------
 def _numba_engine():
+    return _numba_kernel()
+
+
+@functools.cache
+def _numba_kernel():
     from lsx import numpy as lsx_numpy
 
     return lsx_numpy._numba_kernel()
