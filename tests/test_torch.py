@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import zlib
 
 import numpy as np
@@ -187,6 +188,102 @@ def test_saves_one_gradient_buffer_and_hands_it_on():
     saved.clear()  # drop the test's reference, as autograd hands the buffer on only when unshared
     value.backward()
     assert x.grad.data_ptr() == pointer
+
+
+# --------------------------------------------------------------------------------------------------------
+# The eager fast path (no custom-op dispatch) and its shortcuts
+# --------------------------------------------------------------------------------------------------------
+EAGER_CASES = {
+    "index-mean": ("index", dict(label_smoothing=0.1)),
+    "index-none-z": ("index", dict(label_smoothing=0.1, reduction="none", z_loss=0.01)),
+    "index-sum-weight": ("index", dict(label_smoothing=0.2, reduction="sum", weight=torch.linspace(0.3, 2, 6))),
+    "index-mask-others": ("index", dict(label_smoothing=0.3, spread="others", class_mask=MASK)),
+    "probs-mean-normalize": ("probs", dict(label_smoothing=0.1, normalize=True)),
+}
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("case", EAGER_CASES)
+def test_eager_path_equals_the_custom_op(engine, monkeypatch, case, dtype):
+    """Plain eager calls skip the custom op; forcing them through it gives bit-identical loss and gradient."""
+    kind, options = EAGER_CASES[case]
+    x, y, _ = _option_data("class-mask" if "class_mask" in options else "others", kind, (5, 6, 3))
+    x = x.to(dtype)
+    options = {n: v.to(dtype) if n == "weight" else v for n, v in options.items()}
+    op_calls = []
+    op = _torch_function._fused
+
+    def counting_op(*args):
+        op_calls.append(1)
+        return op(*args)
+
+    monkeypatch.setattr(_torch_function, "_fused", counting_op)
+    cotangent = torch.randn(lsx.torch.loss(x, y, **options).shape, dtype=dtype)
+    eager = _loss_and_grad(lsx.torch.loss, x, y, grad_output=cotangent, **options)
+    without_grad = lsx.torch.loss(x, y, **options)
+    assert not op_calls
+    monkeypatch.setattr(_torch_function, "_plain_eager", lambda *tensors: False)
+    through_op = _loss_and_grad(lsx.torch.loss, x, y, grad_output=cotangent, **options)
+    assert len(op_calls) == 1
+    for a, b in zip(eager + (without_grad,), through_op + (through_op[0],)):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_eager_path_leaves_modes_and_transforms_to_the_op(monkeypatch):
+    x, y = _data((4, 5), "index", 8, ignore=-100)
+    assert _torch_function._plain_eager(x, y, None, None)
+    with torch.device("cpu"):  # a torch-function mode
+        assert not _torch_function._plain_eager(x, y, None, None)
+        _assert_close(lsx.torch.loss(x, y, label_smoothing=0.1), F.cross_entropy(x, y, label_smoothing=0.1))
+    seen = []
+    torch.func.vmap(lambda row: seen.append(_torch_function._plain_eager(row)) or row)(x)
+    assert seen == [False]
+    assert not _torch_function._plain_eager(torch.nn.Parameter(x))  # subclasses too
+
+
+LABEL_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]
+
+
+@pytest.mark.parametrize("ignore_index", [None, -100, 2, 300, -(2**40)])
+@pytest.mark.parametrize("dtype", LABEL_DTYPES, ids=str)
+def test_quick_label_check_agrees_with_spec(dtype, ignore_index):
+    """The shortcut accepts exactly what spec.check_labels accepts, and otherwise raises its message."""
+    k = 7
+    opts = spec.resolve_options(None, ignore_index=ignore_index)
+    info = torch.iinfo(dtype)
+    specials = [v for v in (-1, k, -100, 300, info.min, info.max, 2) if info.min <= v <= info.max]
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{dtype}-{ignore_index}".encode()))
+    for trial in range(40):
+        labels = torch.randint(0, k, (trial % 9 + 1,), generator=gen).to(dtype)
+        if trial % 2:
+            labels[torch.randint(0, labels.numel(), (1,), generator=gen)] = specials[trial % len(specials)]
+        labels = labels.numpy()
+        try:
+            spec.check_labels(labels, k, opts)
+        except ValueError as error:
+            with pytest.raises(ValueError, match=f"^{re.escape(str(error))}$"):
+                _torch_function._check_labels(labels, k, opts, None)
+        else:
+            _torch_function._check_labels(labels, k, opts, None)
+
+
+def test_option_cache_keeps_passed_values_apart_from_defaults():
+    """The resolved options are cached; an explicit value equal to a default still beats the convention."""
+    x, y = _data((6, 5), "index", 9, ignore=-100)
+    for _ in range(2):
+        passed = lsx.torch.loss(x, y, convention="keras", ignore_index=-100)  # keras ignores nothing
+        _assert_close(passed, F.cross_entropy(x, y))
+        with pytest.raises(ValueError, match="label -100"):
+            lsx.torch.loss(x, y, convention="keras")
+    assert lsx.torch.loss(x, y, label_smoothing=1).isfinite()
+    with pytest.raises(TypeError, match="label_smoothing"):
+        lsx.torch.loss(x, y, label_smoothing=True)
+    assert lsx.torch.loss(x, y, normalize=True).isfinite()
+    with pytest.raises(TypeError, match="normalize"):
+        lsx.torch.loss(x, y, normalize=1)
+    with pytest.raises(TypeError, match="label_smoothing"):  # unhashable: resolved without the cache
+        lsx.torch.loss(x, y, label_smoothing=[0.1])
 
 
 # --------------------------------------------------------------------------------------------------------
