@@ -10,6 +10,7 @@ _FRAMEWORK_OF = {
     "lsx/tensorflow.py": "tensorflow",
     "lsx/keras.py": "keras",
     "lsx/_numba_kernels.py": "numba",
+    "tests/identify_zoo.py": "torch",
 }
 
 collect_ignore = [path for path, module in _FRAMEWORK_OF.items() if importlib.util.find_spec(module) is None]
