@@ -17,7 +17,6 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 import numpy as np
 
 from lsx import _jax_engine, spec
-from lsx import numpy as _numpy_adapter
 from lsx.spec import default
 
 __all__ = ["loss"]
@@ -141,10 +140,8 @@ _JAX_NOTES = """JAX:
 
 
 def _docstring() -> str:
-    shared = _numpy_adapter.loss.__doc__ or ""
-    head, _, _ = shared.partition("Example:")
     return (
-        head
+        spec.LOSS_DOC
         + _JAX_NOTES
         + """Example:
     >>> import jax, jax.numpy as jnp, lsx.jax

@@ -25,7 +25,6 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 import numpy as np
 
 from lsx import spec
-from lsx.numpy import loss as _numpy_loss
 from lsx.spec import default
 
 __all__ = ["CategoricalCrossentropy", "SparseCategoricalCrossentropy", "loss"]
@@ -80,7 +79,7 @@ def loss(
 
 
 loss.__doc__ = (
-    (_numpy_loss.__doc__ or "").split("Example:")[0]
+    spec.LOSS_DOC
     + """Example:
     >>> import numpy as np, lsx.keras
     >>> x = np.array([[0.0, 0.2, 0.7, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0], [1.0, 0.2, 0.7, 0.9, 1.0]])

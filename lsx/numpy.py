@@ -88,38 +88,7 @@ def loss_and_grad(
     return value, grad
 
 
-_DOC = """Label-smoothed cross-entropy of ``logits`` against ``target``.
-
-.. math::
-
-    \\ell_i = \\sum_c w_c q_{ic} (\\mathrm{LSE}_i - x_{ic}) + s\\, w_{y_i} \\mathrm{LSE}_i^2
-              + [\\text{normalize}] \\sum_c w_c q_{ic} \\log q_{ic}
-
-with q = (1−ε)·onehot(y) + ε/K (``spread="all"``) or q_y = 1−ε, q_{c≠y} = ε/(K−1) (``spread="others"``).
-
-Args:
-    logits: floating array with the classes on ``axis``.
-    target: integer labels shaped like ``logits`` without ``axis``, or probabilities shaped like ``logits``.
-    axis: the class axis.
-    label_smoothing: ε in [0, 1].
-    spread: ``"all"`` (ε/K on every class: torch, Keras, optax, HF) or ``"others"`` (ε/(K−1) on the
-        non-target classes: fairseq, T5X).
-    weight: per-class weights, shape (K,), finite and >= 0.
-    ignore_index: label whose elements give 0 loss and 0 gradient and leave the mean's denominator; None
-        disables it. Any other label outside [0, K) raises ``ValueError``.
-    z_loss: s >= 0, adds s·w_y·LSE² per element.
-    normalize: subtract the smoothed target's entropy term (KL form, minimum 0).
-    class_mask: boolean (K,) of the classes that exist; the others are left out of softmax and smoothing.
-    reduction: ``"none"``, ``"sum"`` or ``"mean"`` (÷ Σ w_y over non-ignored elements for labels, ÷ the
-        element count for probabilities).
-    empty_mean: ``"nan"`` (torch) or ``"zero"`` (Keras, Liger) for a mean over no element.
-    convention: a preset from ``lsx.spec.CONVENTIONS``; options passed explicitly win.
-
-Returns:
-    The loss, in the logits' dtype: shaped like ``target`` (without a class axis) for ``reduction="none"``,
-    else a scalar.
-
-Example:
+_DOC = spec.LOSS_DOC + """Example:
     >>> import numpy as np, lsx.numpy
     >>> x = np.array([[0.0, 0.2, 0.7, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0], [1.0, 0.2, 0.7, 0.9, 1.0]])
     >>> y = np.array([2, 1, 0])
