@@ -1,15 +1,13 @@
-"""Doctests run over the package and the README; a backend module is collected only when its framework is."""
+"""Doctests run over the package and the README; a backend subpackage is collected only when its framework is."""
 
 import importlib.util
 
 _FRAMEWORK_OF = {
-    "lsx/torch.py": "torch",
-    "lsx/_torch_function.py": "torch",
-    "lsx/jax.py": "jax",
-    "lsx/_jax_engine.py": "jax",
-    "lsx/tensorflow.py": "tensorflow",
-    "lsx/keras.py": "keras",
-    "lsx/_numba_kernels.py": "numba",
+    "lsx/torch": "torch",
+    "lsx/jax": "jax",
+    "lsx/tensorflow": "tensorflow",
+    "lsx/keras": "keras",
+    "lsx/numpy/_numba.py": "numba",
     "tests/identify_zoo.py": "torch",
 }
 

@@ -37,6 +37,14 @@ __all__ = [
     "check_probability_target_mask",
     "check_weight",
     "default",
+    "label_row",
+    "labels_as_int64",
+    "probability_row",
+    "reduce_total",
+    "reduction_scale",
+    "RowCoefficients",
+    "scaled",
+    "xlogx",
     "is_default",
     "reference_grad",
     "reference_loss",
@@ -234,6 +242,9 @@ CONVENTIONS: dict[str, dict[str, Any]] = {
 }
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _check_number(name: str, value: Any, low: float, high: float | None) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
@@ -277,6 +288,8 @@ def resolve_options(convention: str | None = None, **given: Any) -> Options:
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
         ignore_index = int(ignore_index)
+        if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+            raise ValueError(f"ignore_index must fit in a 64-bit signed integer, got ignore_index={ignore_index!r}")
     normalize = values["normalize"]
     if not isinstance(normalize, (bool, np.bool_)):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
@@ -414,13 +427,32 @@ def check_class_mask(class_mask: Any, num_classes: int, options: Options) -> np.
     return mask
 
 
-def check_labels(labels: Any, num_classes: int, options: Options, class_mask: np.ndarray | None = None) -> None:
-    """Raise ``ValueError`` naming the first label outside ``[0, K)`` (other than ``ignore_index``)."""
+def labels_as_int64(labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Integer labels of any dtype (int8…int64, uint8…uint64) as int64, and where they did not fit.
+
+    Comparisons then happen on the caller's values: nothing wraps in a narrow dtype, and a uint64 label
+    above 2**63 − 1 is reported as too big rather than read as a negative number.
+    """
     y = np.asarray(labels)
+    if y.dtype.kind == "u" and y.dtype.itemsize == 8:
+        too_big = y > np.uint64(_INT64_MAX)
+        return np.where(too_big, 0, y).astype(np.int64), too_big
+    return y.astype(np.int64, copy=False), np.zeros(y.shape, bool)
+
+
+def check_labels(labels: Any, num_classes: int, options: Options, class_mask: np.ndarray | None = None) -> None:
+    """Raise ``ValueError`` naming the first label outside ``[0, K)`` (other than ``ignore_index``).
+
+    Works on the caller's values in any integer dtype (see :func:`labels_as_int64`); adapters call it before
+    any narrowing conversion of the labels.
+    """
+    raw = np.asarray(labels)
+    y, too_big = labels_as_int64(raw)
     active = y != options.ignore_index if options.ignore_index is not None else np.ones(y.shape, bool)
-    bad = active & ((y < 0) | (y >= num_classes))
+    active |= too_big
+    bad = active & ((y < 0) | (y >= num_classes) | too_big)
     if bad.any():
-        value = int(y[bad][0])
+        value = int(raw[bad][0])
         ignore = "" if options.ignore_index is None else f" and is not ignore_index={options.ignore_index}"
         raise ValueError(f"target has label {value}, which is outside [0, {num_classes}){ignore}")
     if class_mask is not None:
@@ -467,11 +499,6 @@ def validate(
 # --------------------------------------------------------------------------------------------------------
 # The float64 reference
 # --------------------------------------------------------------------------------------------------------
-def _xlogx(q: np.ndarray) -> np.ndarray:
-    """q·log q with 0·log 0 = 0."""
-    return np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0)
-
-
 def _reference_terms(logits: Any, target: Any, axis: int, convention: str | None, options: dict[str, Any]):
     opts = resolve_options(convention, **options)
     x = np.asarray(logits)
@@ -484,8 +511,9 @@ def _reference_terms(logits: Any, target: Any, axis: int, convention: str | None
     a, b = smoothing_coefficients(opts, int(valid.sum()))
 
     if layout.kind == "index":
+        t, _ = labels_as_int64(t)  # checked above: every active label is in range
         active = np.ones(t.shape, bool) if opts.ignore_index is None else t != opts.ignore_index
-        y = np.where(active, t, 0).astype(np.int64)
+        y = np.where(active, t, 0)
         onehot = (np.arange(k) == y[..., None]).astype(np.float64)
         w_y = w[y]
     else:
@@ -501,15 +529,20 @@ def _reference_terms(logits: Any, target: Any, axis: int, convention: str | None
     lse = np.log(np.sum(np.exp(shifted - m), axis=-1)) + m[..., 0]
     p = np.where(valid, np.exp(shifted - lse[..., None]), 0.0)
 
-    # classes with q_c = 0 contribute nothing, even where x_c = −inf (no 0·∞)
-    nll = np.where(q > 0, lse[..., None] - x, 0.0)
-    cross_entropy = np.sum(w * q * nll, axis=-1)
-    z_term = opts.z_loss * w_y * lse**2
+    # a class contributes wherever w_c·q_c ≠ 0, linearly: nothing where it is 0, even against x_c = −inf
+    # (no 0·∞); a NaN q_c makes the loss NaN and a negative one counts, as in torch
+    wq = w * q
+    contributes = wq != 0
+    cross_entropy = np.sum(np.where(contributes, wq * (lse[..., None] - x), 0.0), axis=-1)
+    # a term whose coefficient is 0 is exactly 0: z_loss = 0 against an overflowing L² gives 0, not NaN
+    z_term = opts.z_loss * w_y * lse**2 if opts.z_loss != 0 else 0.0
     # normalize: subtract the smoothed target's (weighted) entropy, the KL form whose minimum is 0
-    entropy = -np.sum(w * _xlogx(q), axis=-1) if opts.normalize else 0.0
-    per_element = np.where(active, cross_entropy + z_term - entropy, 0.0)
+    # (q·log q is NaN for q < 0: there is no KL divergence to a negative "distribution")
+    entropy = -np.sum(np.where(contributes, w * xlogx(q, where=np.where, log=np.log), 0.0), axis=-1)
+    per_element = np.where(active, cross_entropy + z_term - (entropy if opts.normalize else 0.0), 0.0)
 
-    grad = (np.sum(w * q, axis=-1) + 2 * opts.z_loss * w_y * lse)[..., None] * p - w * q
+    z_grad = 2 * opts.z_loss * w_y * lse if opts.z_loss != 0 else 0.0
+    grad = (np.sum(wq, axis=-1) + z_grad)[..., None] * p - wq
     grad = np.where(active[..., None] & valid, grad, 0.0)
 
     denominator = np.sum(np.where(active, w_y, 0.0)) if layout.kind == "index" else float(active.size)
@@ -557,3 +590,181 @@ def reference_grad(
             factor = 1.0 / denominator if denominator != 0 else 0.0
         scale = np.full(per_element.shape, upstream * factor)
     return np.moveaxis(grad * scale[..., None], -1, layout.axis)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The per-row algebra, written once
+#
+# Every engine reduces an element's row of logits to a few statistics taken relative to the row maximum m
+# (over the valid classes; 0 when that maximum is not finite) and hands them to the functions below, which
+# return the per-element loss and the gradient's row coefficient. The engine then writes the gradient as
+#
+#     ∂loss/∂x_c = coef · p_c − w_c q_c,      p_c = exp(x_c − m) / sum_exp,
+#
+# times the reduction's factor (:func:`reduction_scale`) and the upstream gradient. The functions use plain
+# arithmetic, so they work on Python floats and on NumPy, torch, JAX, TensorFlow and Keras arrays alike;
+# the few element-wise selections they need come from ``where`` (the framework's ``where``), which is only
+# called for coefficients that are arrays (e.g. a traced class count). Statistics relative to the maximum
+# merge across chunks and devices with :func:`merge_max`: the fused-linear and vocabulary-parallel engines
+# combine exactly these.
+#
+# The 0·∞ rule: a term whose coefficient is exactly 0 contributes exactly 0, whatever the value it multiplies
+# (an ε = 0 smoothing term against a −inf logit, a z-loss of 0 against an overflowing L²).
+# --------------------------------------------------------------------------------------------------------
+def xlogx(q: Any, *, where: Any = None, log: Any = None) -> Any:
+    """q·log q with 0·log 0 = 0 (NaN for q < 0 or NaN: there is no entropy to speak of).
+
+    Python floats use :mod:`math`; arrays need the framework's ``where`` and ``log``.
+    """
+    if isinstance(q, numbers.Real):
+        q = float(q)
+        if q == 0:
+            return 0.0
+        return q * math.log(q) if q > 0 else math.nan
+    positive = q > 0
+    return where(q == 0, 0.0 * q, q * log(where(positive, q, 1.0 + 0.0 * q)) + where(q < 0, math.nan, 0.0 * q))
+
+
+def scaled(coefficient: Any, term: Any, *, where: Any = None) -> Any:
+    """``coefficient · term``, exactly 0 where the coefficient is 0 (no 0·∞ = NaN)."""
+    if isinstance(coefficient, numbers.Real):
+        return coefficient * term if coefficient != 0 else 0.0
+    return where(coefficient != 0, coefficient * term, 0.0 * coefficient)
+
+
+@dataclass(frozen=True)
+class RowCoefficients:
+    """What the options make of a row's algebra, given the class weights' total W over the valid classes.
+
+    ``a, b``: the smoothed target is q = a·t + b on the valid classes; ``z``: the z-loss coefficient;
+    ``total_weight``: W = Σ_c w_c over the valid classes (K without weights); ``normalize``: the KL form.
+    ``a``, ``b`` and ``total_weight`` may be 0-d arrays (a traced class mask or weight).
+    """
+
+    a: Any
+    b: Any
+    z: float
+    normalize: bool
+    total_weight: Any
+
+    @classmethod
+    def of(cls, options: Options, valid_classes: Any, total_weight: Any = None) -> RowCoefficients:
+        a, b = smoothing_coefficients(options, valid_classes)
+        return cls(
+            a=a,
+            b=b,
+            z=options.z_loss,
+            normalize=options.normalize,
+            total_weight=valid_classes if total_weight is None else total_weight,
+        )
+
+
+def label_row(
+    k: RowCoefficients,
+    *,
+    log_sum_exp: Any,
+    row_max: Any,
+    w_y: Any,
+    x_y: Any,
+    weighted_sum: Any,
+    where: Any = None,
+    log: Any = None,
+) -> tuple[Any, Any]:
+    """(per-element loss, gradient row coefficient) for an integer label y.
+
+    Statistics, all relative to the row maximum m:
+
+    - ``log_sum_exp``: log Σ_c exp(x_c − m) over the valid classes (so L = m + log_sum_exp);
+    - ``w_y``: the target's class weight; ``x_y``: x_y − m;
+    - ``weighted_sum``: Σ_c w_c (x_c − m) over the valid classes with w_c ≠ 0 (only read when b ≠ 0).
+
+    With A = a·w_y + b·W and B = a·w_y·(x_y − m) + b·Σ_c w_c (x_c − m)::
+
+        loss = A·(L − m) − B + s·w_y·L² − [normalize]·H_w(q),   −H_w(q) = w_y·xlogx(a + b) + (W − w_y)·xlogx(b)
+        coef = A + 2·s·w_y·L
+    """
+    big_w = k.total_weight
+    loss = scaled(k.a, w_y * (log_sum_exp - x_y), where=where)
+    loss = loss + scaled(k.b, big_w * log_sum_exp - weighted_sum, where=where)
+    coef = scaled(k.a, w_y, where=where) + scaled(k.b, big_w, where=where)
+    if k.z != 0:
+        lse = row_max + log_sum_exp
+        loss = loss + k.z * w_y * lse * lse
+        coef = coef + (2 * k.z) * w_y * lse
+    if k.normalize:
+        loss = loss + w_y * xlogx(k.a + k.b, where=where, log=log) + (big_w - w_y) * xlogx(k.b, where=where, log=log)
+    return loss, coef
+
+
+def probability_row(
+    k: RowCoefficients,
+    *,
+    log_sum_exp: Any,
+    row_max: Any,
+    target_mass: Any,
+    weighted_sum: Any,
+    weighted_xlogx: Any = None,
+) -> tuple[Any, Any]:
+    """(per-element loss, gradient row coefficient) for a probability target t, q = a·t + b.
+
+    Statistics, relative to the row maximum m, over the valid classes with w_c·q_c ≠ 0 (so a NaN q_c makes
+    the loss NaN and a negative q_c counts, linearly, as in torch):
+
+    - ``log_sum_exp``: log Σ_c exp(x_c − m);  ``target_mass``: A = Σ_c w_c q_c;
+    - ``weighted_sum``: B = Σ_c w_c q_c (x_c − m);  ``weighted_xlogx``: Σ_c w_c·xlogx(q_c) (with normalize).
+
+    ::
+
+        loss = A·(L − m) − B + s·L² + [normalize]·Σ_c w_c q_c log q_c,      coef = A + 2·s·L
+    """
+    loss = target_mass * log_sum_exp - weighted_sum
+    coef = target_mass
+    if k.z != 0:
+        lse = row_max + log_sum_exp
+        loss = loss + k.z * lse * lse
+        coef = coef + (2 * k.z) * lse
+    if k.normalize:
+        loss = loss + weighted_xlogx
+    return loss, coef
+
+
+def merge_max(row_max: Any, other_max: Any, *, maximum: Any) -> Any:
+    """The common maximum of two chunks' row maxima; each chunk then re-shifts its statistics with
+    :func:`reshift` (sums of exponentials scale by exp(m_j − m), sums of shifted logits add W_j·(m_j − m))."""
+    return maximum(row_max, other_max)
+
+
+def reshift(
+    row_max: Any, new_max: Any, *, sum_exp: Any = None, shifted_sum: Any = None, weight_total: Any = None, exp: Any
+) -> tuple[Any, Any]:
+    """A chunk's statistics taken relative to ``row_max`` re-expressed relative to ``new_max`` (>= row_max).
+
+    ``sum_exp`` (Σ exp(x − m_j)) becomes Σ exp(x − m); ``shifted_sum`` (Σ v_c (x_c − m_j)) becomes
+    Σ v_c (x_c − m) with ``weight_total`` = Σ v_c. Either may be None (then None is returned for it).
+    """
+    delta = row_max - new_max
+    new_sum = None if sum_exp is None else sum_exp * exp(delta)
+    new_shifted = None if shifted_sum is None else shifted_sum + weight_total * delta
+    return new_sum, new_shifted
+
+
+def reduction_scale(reduction: str, denominator: Any, *, where: Any = None) -> Any:
+    """The factor that turns per-element gradients into the reduction's: 1, or 1/D for the mean (0 when
+    D = 0: the gradient of an empty mean is zero)."""
+    if reduction != "mean":
+        return 1.0
+    if isinstance(denominator, numbers.Real):
+        return 1.0 / denominator if denominator != 0 else 0.0
+    nonzero = denominator != 0
+    return where(nonzero, 1.0 / where(nonzero, denominator, 1.0 + 0.0 * denominator), 0.0 * denominator)
+
+
+def reduce_total(reduction: str, total: Any, denominator: Any, empty_mean: str, *, where: Any = None) -> Any:
+    """Σ loss for ``"sum"``; Σ loss / D for ``"mean"``, with ``empty_mean`` (NaN or 0) where D = 0."""
+    if reduction == "sum":
+        return total
+    empty = math.nan if empty_mean == "nan" else 0.0
+    if isinstance(denominator, numbers.Real) and isinstance(total, numbers.Real):
+        return total / denominator if denominator != 0 else empty
+    nonzero = denominator != 0
+    return where(nonzero, total / where(nonzero, denominator, 1.0 + 0.0 * denominator), empty + 0.0 * total)

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from lsx import _identify, _parity, spec
+from lsx import spec
+from lsx.cli import _identify, _parity
 from lsx.cli import main
 
 pytest.importorskip("rich")
@@ -297,6 +298,6 @@ def test_python_dash_m(tmp_path):
 
 
 def test_import_lsx_cli_loads_no_framework():
-    code = "import sys, lsx.cli, lsx._parity, lsx._identify; print(sorted(m for m in ('torch','jax','tensorflow','keras') if m in sys.modules))"
+    code = "import sys, lsx.cli, lsx.cli._parity, lsx.cli._identify; print(sorted(m for m in ('torch','jax','tensorflow','keras') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert done.stdout.strip() == "[]", done.stderr

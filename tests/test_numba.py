@@ -15,7 +15,7 @@ from lsx import spec
 from tests.cases import assert_close
 
 numba = pytest.importorskip("numba")
-from lsx import _numba_kernels  # noqa: E402
+from lsx.numpy import _numba as _numba_kernels  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -267,7 +267,8 @@ def test_fallback_without_numba():
         sys.modules["numba"] = None  # makes `import numba` raise ImportError
         import numpy as np
         import lsx.numpy
-        from lsx import _numba_kernels, spec
+        from lsx import spec
+        from lsx.numpy import _numba as _numba_kernels
         assert _numba_kernels.AVAILABLE is False
         assert lsx.numpy._numba_kernel() is None
         rng = np.random.default_rng(0)

@@ -14,7 +14,8 @@ F = torch.nn.functional
 
 import lsx.numpy  # noqa: E402
 import lsx.torch  # noqa: E402
-from lsx import _torch_function, spec  # noqa: E402
+from lsx import spec
+from lsx.torch import _function as _torch_function  # noqa: E402
 
 F64 = torch.float64
 # raised by torch's own imports when torch.compile loads Inductor

@@ -1,7 +1,7 @@
 """PyTorch backend: drop-ins for ``torch.nn.functional.cross_entropy`` and ``torch.nn.CrossEntropyLoss``.
 
 Same argument names, order and defaults as torch (classes on dim 1, or dim 0 for a (C,) input), plus the lsx
-options keyword-only. The loss and its gradient come from one fused op (:mod:`lsx._torch_function`) that works
+options keyword-only. The loss and its gradient come from one fused op (:mod:`lsx.torch._function`) that works
 under ``torch.compile`` and saves a single logits-sized gradient buffer for the backward pass.
 """
 
@@ -17,7 +17,8 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("lsx.torch needs PyTorch: pip install 'lsx[torch]'") from error
 
-from lsx import _torch_function, spec
+from lsx import spec
+from lsx.torch import _function as _torch_function
 from lsx.spec import default
 
 __all__ = ["CrossEntropyLoss", "loss"]

@@ -1,6 +1,6 @@
 """NumPy backend: ``loss`` and ``loss_and_grad`` for NumPy arrays, class axis ``-1`` by default.
 
-Uses the fused Numba kernel (:mod:`lsx._numba_kernels`) when Numba is installed and the pure-NumPy path
+Uses the fused Numba kernel (:mod:`lsx.numpy._numba`) when Numba is installed and the pure-NumPy path
 below otherwise; both give the same numbers. Accumulation is float32 for float16/float32 inputs and float64
 for float64 inputs; outputs keep the input's dtype.
 """
@@ -173,7 +173,7 @@ def _reduce(opts: spec.Options, per_element: np.ndarray, denominator: float, com
 
 def _numba_kernel():
     try:
-        from lsx import _numba_kernels
+        from lsx.numpy import _numba as _numba_kernels
     except ImportError:
         return None
     return _numba_kernels.forward_backward if _numba_kernels.AVAILABLE else None

@@ -404,7 +404,7 @@ def forward_backward(
     given: an (N, K) C-contiguous array of the ``compute`` dtype, which may be ``x2`` itself (in place).
     """
     if not AVAILABLE:
-        raise ImportError("lsx._numba_kernels needs numba: pip install 'lsx[numba]'")
+        raise ImportError("lsx.numpy._numba needs numba: pip install 'lsx[numba]'")
     n, k = x2.shape
     x = np.ascontiguousarray(x2, dtype=compute)
     valid_count = k if mask is None else int(mask.sum())

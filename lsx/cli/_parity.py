@@ -188,7 +188,7 @@ class NumpyRunner(Runner):
 
         self.module = lsx.numpy
         try:
-            from lsx import _numba_kernels
+            from lsx.numpy import _numba as _numba_kernels
 
             engine = "Numba kernel" if _numba_kernels.AVAILABLE else "pure NumPy"
         except ImportError:
@@ -685,12 +685,12 @@ def _run_parallel(names, groups, matrix, progress, jobs) -> Report:
     start = time.perf_counter()
     tick = progress or (lambda description, advance: None)
     events: queue.Queue = queue.Queue()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     def worker(group: list[str]) -> None:
-        command = [sys.executable, "-m", "lsx._parity", "--matrix", matrix, *group]
+        command = [sys.executable, "-m", "lsx.cli._parity", "--matrix", matrix, *group]
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         stderr: list[str] = []
         reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
@@ -740,7 +740,7 @@ def _worker_main(argv: list[str]) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    parser = argparse.ArgumentParser(prog="python -m lsx._parity")
+    parser = argparse.ArgumentParser(prog="python -m lsx.cli._parity")
     parser.add_argument("--matrix", choices=tuple(RUNS), default="default")
     parser.add_argument("backends", nargs="+", choices=tuple(BACKENDS))
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """JAX backend: ``loss`` for JAX arrays, pure and jit-first, class axis ``-1`` by default.
 
-The loss and its closed-form gradient (a ``jax.custom_vjp``) live in :mod:`lsx._jax_engine`; this module
+The loss and its closed-form gradient (a ``jax.custom_vjp``) live in :mod:`lsx.jax._engine`; this module
 validates options, shapes and, when they are concrete, values, then calls the compiled engine.
 """
 
@@ -16,7 +16,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 import numpy as np
 
-from lsx import _jax_engine, spec
+from lsx import spec
+from lsx.jax import _engine as _jax_engine
 from lsx.spec import default
 
 __all__ = ["loss"]

@@ -61,13 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     parity.add_argument("--jobs", "-j", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
                         help="worker processes running backends side by side (default: %(default)s)")
     parity.set_defaults(matrix="default")
-    parity.set_defaults(command="parity", run=_parity)
+    parity.set_defaults(command="parity", run=_cmd_parity)
 
     identify = sub.add_parser("identify", help="which label smoothing does a hand-written loss compute?")
     identify.add_argument("target", metavar="FILE.py:NAME", help="a loss function, or a class/nn.Module to instantiate")
     identify.add_argument("--framework", choices=("torch", "jax", "numpy"), help="how to call it (default: detect)")
     identify.add_argument("--json", action="store_true", help="print a JSON report")
-    identify.set_defaults(command="identify", run=_identify)
+    identify.set_defaults(command="identify", run=_cmd_identify)
 
     explain = sub.add_parser("explain", help="print the formula with the effective options")
     explain.add_argument("--convention", choices=tuple(spec.CONVENTIONS), help="a preset of lsx.spec.CONVENTIONS")
@@ -99,8 +99,8 @@ def _console(stderr: bool = False) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------------
-def _parity(args: argparse.Namespace) -> int:
-    from lsx import _parity
+def _cmd_parity(args: argparse.Namespace) -> int:
+    from lsx.cli import _parity
 
     names = list(_parity.BACKENDS)
     requested = None
@@ -139,8 +139,8 @@ def _run_with_progress(_parity: Any, names: list[str], matrix: str, jobs: int) -
 
 
 # --------------------------------------------------------------------------------------------------------
-def _identify(args: argparse.Namespace) -> int:
-    from lsx import _identify
+def _cmd_identify(args: argparse.Namespace) -> int:
+    from lsx.cli import _identify
 
     try:
         fn, label = _identify.load(args.target)
