@@ -31,26 +31,26 @@ __all__ = [
     "SPREADS",
     "Layout",
     "Options",
+    "RowCoefficients",
     "check_class_mask",
     "check_labels",
     "check_layout",
     "check_probability_target_mask",
     "check_weight",
     "default",
+    "is_default",
     "label_row",
     "labels_as_int64",
     "probability_row",
     "reduce_total",
     "reduction_scale",
-    "RowCoefficients",
-    "scaled",
-    "xlogx",
-    "is_default",
     "reference_grad",
     "reference_loss",
     "resolve_options",
+    "scaled",
     "smoothing_coefficients",
     "target_kind",
+    "xlogx",
 ]
 
 SPREADS = ("all", "others")
@@ -525,8 +525,12 @@ def _reference_terms(logits: Any, target: Any, axis: int, convention: str | None
     # log-sum-exp over the valid classes, with the max shift
     shifted = np.where(valid, x, -np.inf)
     m = np.max(shifted, axis=-1, keepdims=True)
+    # a row whose valid logits are all −inf has L = −inf; a +inf logit makes the row's L (and loss) NaN
+    positive_inf = m[..., 0] == np.inf
     m = np.where(np.isfinite(m), m, 0.0)
-    lse = np.log(np.sum(np.exp(shifted - m), axis=-1)) + m[..., 0]
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        lse = np.log(np.sum(np.exp(shifted - m), axis=-1)) + m[..., 0]
+    lse = np.where(positive_inf, np.nan, lse)
     p = np.where(valid, np.exp(shifted - lse[..., None]), 0.0)
 
     # a class contributes wherever w_c·q_c ≠ 0, linearly: nothing where it is 0, even against x_c = −inf

@@ -25,11 +25,18 @@ class Case:
     ignored_fraction: float = 0.0
     masked: bool = False  # class_mask leaving out the last two classes
     neg_inf: bool = False  # some non-target logits are −inf
+    label_dtype: str | None = None  # integer targets in this dtype (default int64)
+    special_labels: tuple[int, ...] = ()  # label values forced into the first rows (dtype edge values)
+    readonly: bool = False  # every array is handed over with flags.writeable = False
+    logit_scale: float = 2.0  # standard deviation of the logits
+    bad_probs: str | None = None  # "nan": one probability is NaN; "negative": rows with negative entries
+    pos_inf: bool = False  # one row has a +inf logit on a non-target class (its loss is NaN)
+    dtypes: tuple[str, ...] | None = None  # the logits' dtypes this case applies to (default: all)
 
     def make(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Float64 logits, the target and the options (weights and masks filled in) for this case."""
         rng = np.random.default_rng(zlib.crc32(self.id.encode()))
-        logits = rng.normal(scale=2.0, size=self.shape)
+        logits = rng.normal(scale=self.logit_scale, size=self.shape)
         axis = self.axis % len(self.shape)
         k = self.shape[axis]
         options = dict(self.options)
@@ -41,7 +48,11 @@ class Case:
             options["class_mask"] = valid
         lead = self.shape[:axis] + self.shape[axis + 1 :]
         if self.kind == "index":
-            target = rng.integers(0, int(valid.sum()), size=lead)
+            high = int(valid.sum())
+            if self.label_dtype is not None:
+                high = min(high, int(np.iinfo(self.label_dtype).max) + 1)
+            target = rng.integers(0, high, size=lead)
+            target.reshape(-1)[: len(self.special_labels)] = self.special_labels
             if self.ignored_fraction:
                 ignore_index = spec.resolve_options(**{n: v for n, v in options.items() if n != "weight"}).ignore_index
                 target[rng.random(lead) < self.ignored_fraction] = ignore_index
@@ -53,8 +64,28 @@ class Case:
         else:
             probs = rng.dirichlet(np.ones(int(valid.sum())), size=lead)
             probs = np.concatenate([probs, np.zeros(lead + (k - int(valid.sum()),))], axis=-1)
+            if self.bad_probs == "nan":
+                probs.reshape(-1, k)[1, 0] = np.nan
+            elif self.bad_probs == "negative":  # rows still sum to 1, with negative entries
+                flat = probs.reshape(-1, k)
+                flat[::2, 0] -= 0.5
+                flat[::2, 1] += 0.5
             target = np.moveaxis(probs, -1, axis)
+        if self.pos_inf:
+            moved = np.moveaxis(logits, axis, -1).reshape(-1, k)
+            label = int(np.asarray(target).reshape(-1)[0]) if self.kind == "index" else 0
+            moved[0, (label + 1) % k] = np.inf
+            logits = np.moveaxis(moved.reshape(np.moveaxis(logits, axis, -1).shape), -1, axis)
+        if self.label_dtype is not None:
+            target = target.astype(self.label_dtype)
+        if self.readonly:
+            for array in (logits, target, options.get("weight"), options.get("class_mask")):
+                if isinstance(array, np.ndarray):
+                    array.flags.writeable = False
         return logits, target, options
+
+    def applies_to(self, dtype: str) -> bool:
+        return self.dtypes is None or dtype in self.dtypes
 
 
 def _cases() -> list[Case]:
@@ -91,6 +122,42 @@ def _cases() -> list[Case]:
         Case("probs-axis1-none", (3, 5, 4), 1, "probs", {"label_smoothing": 0.1, "reduction": "none"}),
         Case("probs-class-mask", (6, 7), -1, "probs", {"label_smoothing": 0.1}, masked=True),
         Case("wide", (4, 300), -1, "index", {"label_smoothing": 0.1, "z_loss": 1e-3}, ignored_fraction=0.25),
+        # every integer label dtype, with K beyond what the dtype holds and labels at the dtype's edges
+        # (e.g. uint8 156 is −100 wrapped, 255 is −1 wrapped): nothing may wrap or be silently ignored
+        *(
+            Case(f"labels-{dt}", (6, k), -1, "index", {"label_smoothing": 0.1, **extra}, label_dtype=dt,
+                 special_labels=edges, ignored_fraction=fraction, dtypes=("float64", "float32"))
+            for dt, k, extra, edges, fraction in (
+                ("int8", 200, {}, (127, 0), 0.25),
+                ("uint8", 300, {}, (156, 255, 0), 0.0),
+                ("uint8", 300, {"ignore_index": 255}, (156, 255, 254), 0.0),
+                ("int16", 70000, {"ignore_index": -1}, (32767, 0), 0.25),
+                ("uint16", 70000, {}, (65436, 65535, 0), 0.0),
+                ("int32", 300, {}, (299, 0), 0.25),
+                ("uint32", 300, {"ignore_index": 7}, (299, 7), 0.0),
+                ("int64", 300, {"ignore_index": 2**40}, (299, 0), 0.25),
+                ("uint64", 300, {"ignore_index": 7}, (299, 7), 0.0),
+            )
+        ),
+        # probability targets outside the simplex: a NaN entry (NaN loss and gradient for its element),
+        # negative entries (counted linearly, as in torch)
+        Case("probs-nan", (4, 5), -1, "probs", {"label_smoothing": 0.1, "reduction": "none"}, bad_probs="nan"),
+        Case("probs-nan-mean", (4, 5), -1, "probs", {"label_smoothing": 0.1}, bad_probs="nan"),
+        Case("probs-negative", (6, 5), -1, "probs", {"label_smoothing": 0.1, "weight": "random", "z_loss": 0.01},
+             bad_probs="negative"),
+        Case("probs-negative-others", (6, 5), -1, "probs", {"label_smoothing": 0.2, "spread": "others",
+             "reduction": "sum"}, bad_probs="negative"),
+        # float64 logits whose square overflows: a z-loss of 0 contributes exactly 0
+        Case("huge-float64", (6, 5), -1, "index", {"label_smoothing": 0.1}, logit_scale=1e155, dtypes=("float64",)),
+        Case("huge-float64-probs", (6, 5), -1, "probs", {"label_smoothing": 0.1}, logit_scale=1e155,
+             dtypes=("float64",)),
+        # a +inf logit makes its element's loss and gradient NaN
+        Case("pos-inf", (4, 5), -1, "index", {"label_smoothing": 0.1, "reduction": "none"}, pos_inf=True),
+        Case("pos-inf-eps0", (4, 5), -1, "index", {"reduction": "none"}, pos_inf=True),
+        # read-only inputs
+        Case("readonly", (6, 7), -1, "index", {"label_smoothing": 0.1, "weight": "random"}, masked=True,
+             readonly=True, ignored_fraction=0.2),
+        Case("readonly-probs", (6, 5), -1, "probs", {"label_smoothing": 0.1}, readonly=True),
     ]
     return cases
 

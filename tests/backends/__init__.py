@@ -33,6 +33,11 @@ def required() -> set[str]:
     return set(NAMES) if "all" in names else names
 
 
+def driver(name: str) -> ModuleType:
+    """The driver module itself, whether or not its framework is installed (drivers import it lazily)."""
+    return importlib.import_module(f"tests.backends.{name.replace('-', '_')}_backend")
+
+
 def load(name: str) -> ModuleType | None:
     """The driver module, or None when its framework is not installed (or the driver does not exist yet)."""
     module_name = f"tests.backends.{name.replace('-', '_')}_backend"
