@@ -177,9 +177,16 @@ Args:
     z_loss: s >= 0, adds s·w_y·LSE² per element.
     normalize: subtract the smoothed target's entropy term (KL form, minimum 0).
     class_mask: boolean (K,) of the classes that exist; the others are left out of softmax and smoothing.
-    reduction: ``"none"``, ``"sum"`` or ``"mean"`` (÷ Σ w_y over non-ignored elements for labels, ÷ the
-        element count for probabilities).
+    reduction: ``"none"``, ``"sum"`` or ``"mean"`` (÷ Σ sample_weight·w_y over non-ignored elements for
+        labels, ÷ Σ sample_weight (the element count) for probabilities).
     empty_mean: ``"nan"`` (torch) or ``"zero"`` (Keras, Liger) for a mean over no element.
+    softcap: c > 0 or None: the logits become c·tanh(x/c) before anything else (Gemma 2's final-logit
+        soft-capping); the gradient follows the chain rule.
+    sample_weight: one finite weight >= 0 per element (the per-element loss's shape): multiplies each
+        element's loss, and the mean divides by Σ sample_weight·w_y.
+    denominator: with ``reduction="mean"`` only: divide the sum by this number (or 0-d array) instead of
+        the local one, e.g. the global token count over gradient-accumulation steps or data-parallel ranks;
+        0 follows ``empty_mean``.
     convention: a preset from ``lsx.spec.CONVENTIONS``; options passed explicitly win.
 
 Returns:
@@ -205,21 +212,26 @@ class Options:
     class_mask: Any = None
     reduction: Reduction = "mean"
     empty_mean: EmptyMean = "nan"
+    softcap: float | None = None
+    sample_weight: Any = None
+    denominator: Any = None
 
     def describe(self) -> dict[str, Any]:
         """The options as plain, printable values (arrays summarised)."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("weight", "class_mask") and value is not None:
+            if f.name in ARRAY_OPTIONS and value is not None and not isinstance(value, numbers.Real):
                 value = f"array of shape {tuple(np.shape(value))}"
             out[f.name] = value
         return out
 
 
 OPTION_NAMES = tuple(f.name for f in fields(Options))
+#: options that may hold arrays (kept in the caller's array type, checked by value where concrete)
+ARRAY_OPTIONS = ("weight", "class_mask", "sample_weight", "denominator")
 #: what an option that was not passed at all stands for: its marked default (arrays default to None)
-_UNPASSED = {name: default(getattr(Options, name)) for name in OPTION_NAMES if name not in ("weight", "class_mask")}
+_UNPASSED = {name: default(getattr(Options, name)) for name in OPTION_NAMES if name not in ARRAY_OPTIONS}
 
 #: Presets reproducing well-known implementations. Each sets the options it names; options passed
 #: explicitly win. ``label_smoothing`` is the peer's own default (0.1 for timm's
@@ -293,6 +305,24 @@ def resolve_options(convention: str | None = None, **given: Any) -> Options:
     normalize = values["normalize"]
     if not isinstance(normalize, (bool, np.bool_)):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
+    softcap = values["softcap"]
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+            raise TypeError(f"softcap must be a real number or None, got {softcap!r} of type {type(softcap).__name__}")
+        if not (math.isfinite(float(softcap)) and float(softcap) > 0):
+            raise ValueError(f"softcap must be > 0 and finite (or None), got softcap={softcap!r}")
+        softcap = float(softcap)
+    reduction = _check_choice("reduction", values["reduction"], REDUCTIONS)
+    denominator = values["denominator"]
+    if denominator is not None:
+        if reduction != "mean":
+            raise ValueError(f'denominator is only for reduction="mean", got reduction={reduction!r}')
+        if isinstance(denominator, bool) or (
+            not isinstance(denominator, numbers.Real) and np.ndim(denominator) != 0  # a 0-d array or tensor
+        ):
+            raise ValueError(f"denominator must be a number or a 0-d array, got {_describe_value(denominator)}")
+        if isinstance(denominator, numbers.Real):
+            check_denominator(denominator)
     return Options(
         label_smoothing=_check_number("label_smoothing", values["label_smoothing"], 0.0, 1.0),
         spread=_check_choice("spread", values["spread"], SPREADS),  # type: ignore[arg-type]
@@ -301,9 +331,49 @@ def resolve_options(convention: str | None = None, **given: Any) -> Options:
         z_loss=_check_number("z_loss", values["z_loss"], 0.0, None),
         normalize=bool(normalize),
         class_mask=values["class_mask"],
-        reduction=_check_choice("reduction", values["reduction"], REDUCTIONS),  # type: ignore[arg-type]
+        reduction=reduction,  # type: ignore[arg-type]
         empty_mean=_check_choice("empty_mean", values["empty_mean"], EMPTY_MEANS),  # type: ignore[arg-type]
+        softcap=softcap,
+        sample_weight=values["sample_weight"],
+        denominator=denominator,
     )
+
+
+def _describe_value(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return f"{type(value).__name__} of shape {tuple(shape)}"
+    return f"{value!r} of type {type(value).__name__}"
+
+
+def check_denominator(denominator: Any) -> float:
+    """A concrete ``denominator``: finite and >= 0 (0 follows ``empty_mean``)."""
+    value = float(np.asarray(denominator))
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"denominator must be finite and >= 0, got denominator={value!r}")
+    return value
+
+
+def check_sample_weight(sample_weight: Any, element_shape: tuple[int, ...]) -> np.ndarray:
+    """Concrete per-element weights as float64: the per-element loss's shape, finite and >= 0."""
+    sw = np.asarray(sample_weight)
+    if sw.dtype.kind not in "fiu" or sw.dtype == np.bool_:
+        raise TypeError(f"sample_weight must be a real array, got dtype {sw.dtype}")
+    if sw.shape != tuple(element_shape):
+        raise ValueError(
+            f"sample_weight must have the per-element loss's shape {tuple(element_shape)}, got {sw.shape}"
+        )
+    sw = sw.astype(np.float64)
+    bad = ~np.isfinite(sw) | (sw < 0)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"sample_weight must be finite and >= 0, got sample_weight[{index}] = {float(sw[index])!r}")
+    return sw
+
+
+def element_shape(logits_shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    """The per-element loss's shape: the logits' shape without the class axis (``axis`` normalised)."""
+    return tuple(logits_shape[:axis]) + tuple(logits_shape[axis + 1 :])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -347,6 +417,7 @@ def check_layout(
     axis: int,
     weight_shape: tuple[int, ...] | None = None,
     class_mask_shape: tuple[int, ...] | None = None,
+    sample_weight_shape: tuple[int, ...] | None = None,
 ) -> Layout:
     """Check shapes and shape-dependent options; return the normalised layout."""
     logits_shape, target_shape = tuple(logits_shape), tuple(target_shape)
@@ -371,6 +442,12 @@ def check_layout(
     for name, shape in (("weight", weight_shape), ("class_mask", class_mask_shape)):
         if shape is not None and tuple(shape) != (num_classes,):
             raise ValueError(f"{name} must have shape ({num_classes},) (one entry per class), got {tuple(shape)}")
+    if sample_weight_shape is not None:
+        expected = element_shape(logits_shape, axis)
+        if tuple(sample_weight_shape) != expected:
+            raise ValueError(
+                f"sample_weight must have the per-element loss's shape {expected}, got {tuple(sample_weight_shape)}"
+            )
     if class_mask_shape is None:
         _check_class_count(num_classes, options)
     return Layout(axis=axis, num_classes=num_classes, kind=kind)
@@ -485,8 +562,13 @@ def validate(
         axis=axis,
         weight_shape=None if options.weight is None else np.shape(options.weight),
         class_mask_shape=None if options.class_mask is None else np.shape(options.class_mask),
+        sample_weight_shape=None if options.sample_weight is None else np.shape(options.sample_weight),
     )
     k = layout.num_classes
+    if options.sample_weight is not None:
+        check_sample_weight(options.sample_weight, element_shape(np.shape(logits), layout.axis))
+    if options.denominator is not None:
+        check_denominator(options.denominator)
     weight = None if options.weight is None else check_weight(options.weight, k)
     mask = None if options.class_mask is None else check_class_mask(options.class_mask, k, options)
     if kind == "index":
@@ -505,6 +587,13 @@ def _reference_terms(logits: Any, target: Any, axis: int, convention: str | None
     t = np.asarray(target)
     layout, weight, mask = validate(x, t, opts, axis)
     x = np.moveaxis(x.astype(np.float64), layout.axis, -1)  # (..., K)
+    # soft-capping replaces the logits by c·tanh(x/c) before anything else (±inf become ±c); the chain rule
+    # multiplies the gradient by 1 − tanh²(x/c)
+    chain = 1.0
+    if opts.softcap is not None:
+        tanh = np.tanh(x / opts.softcap)
+        x = opts.softcap * tanh
+        chain = 1.0 - tanh * tanh
     k = layout.num_classes
     valid = np.ones(k, bool) if mask is None else mask
     w = np.where(valid, 1.0 if weight is None else weight, 0.0)
@@ -544,12 +633,23 @@ def _reference_terms(logits: Any, target: Any, axis: int, convention: str | None
     # (q·log q is NaN for q < 0: there is no KL divergence to a negative "distribution")
     entropy = -np.sum(np.where(contributes, w * xlogx(q, where=np.where, log=np.log), 0.0), axis=-1)
     per_element = np.where(active, cross_entropy + z_term - (entropy if opts.normalize else 0.0), 0.0)
+    sample_weight = 1.0 if opts.sample_weight is None else np.asarray(opts.sample_weight, np.float64)
+    per_element = per_element * sample_weight if opts.sample_weight is not None else per_element
 
     z_grad = 2 * opts.z_loss * w_y * lse if opts.z_loss != 0 else 0.0
     grad = (np.sum(wq, axis=-1) + z_grad)[..., None] * p - wq
-    grad = np.where(active[..., None] & valid, grad, 0.0)
+    grad = np.where(active[..., None] & valid, grad * chain, 0.0)
+    if opts.sample_weight is not None:
+        grad = grad * sample_weight[..., None]
 
-    denominator = np.sum(np.where(active, w_y, 0.0)) if layout.kind == "index" else float(active.size)
+    # the mean's denominator: Σ sample_weight·w_y over the non-ignored elements (Σ sample_weight for
+    # probabilities), unless the caller gives one
+    if opts.denominator is not None:
+        denominator = float(np.asarray(opts.denominator))
+    elif layout.kind == "index":
+        denominator = float(np.sum(np.where(active, w_y * sample_weight, 0.0)))
+    else:
+        denominator = float(np.sum(np.broadcast_to(sample_weight, active.shape)))
     return opts, layout, per_element, grad, denominator
 
 

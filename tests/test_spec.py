@@ -275,3 +275,110 @@ def test_import_lsx_loads_no_framework():
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Spec 2: soft-capping, per-element weights, a caller's denominator
+# --------------------------------------------------------------------------------------------------------
+def _hand_loss(x, y, eps, k, sample_weight=None, denominator=None, softcap=None):
+    """Plain label-smoothed CE (spread all, no class weights) written out by hand, for comparison."""
+    x = np.asarray(x, np.float64)
+    if softcap is not None:
+        x = softcap * np.tanh(x / softcap)
+    log_p = x - np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1, keepdims=True)) - x.max(-1, keepdims=True)
+    losses = np.array([-(1 - eps) * log_p[i, yi] - eps / k * log_p[i].sum() for i, yi in enumerate(y)])
+    sw = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    total = np.sum(losses * sw)
+    return total / (np.sum(sw) if denominator is None else denominator)
+
+
+def test_softcap_sample_weight_denominator_against_hand_formula():
+    rng = np.random.default_rng(3)
+    x = rng.normal(scale=20.0, size=(5, 6))
+    y = np.array([0, 5, 2, 3, 1])
+    sw = np.array([1.0, 0.0, 2.5, 0.5, 1.0])
+    for kwargs in ({"softcap": 30.0}, {"sample_weight": sw}, {"denominator": 17.0}, {"softcap": 5.0, "sample_weight": sw}):
+        expected = _hand_loss(x, y, 0.1, 6, **kwargs)
+        np.testing.assert_allclose(spec.reference_loss(x, y, label_smoothing=0.1, **kwargs), expected, rtol=1e-13)
+
+
+def test_softcap_maps_infinities_to_the_cap_and_masked_classes_stay_out():
+    x = np.array([[np.inf, 0.0, -np.inf, 1.0, 50.0]])
+    mask = np.array([True, True, True, True, False])
+    capped = 3.0 * np.tanh(np.array([[np.inf, 0.0, -np.inf, 1.0]]) / 3.0)
+    expected = spec.reference_loss(capped, np.array([1]), label_smoothing=0.2)
+    value = spec.reference_loss(x, np.array([1]), label_smoothing=0.2, softcap=3.0, class_mask=mask)
+    assert np.isfinite(value)
+    np.testing.assert_allclose(value, expected, rtol=1e-14)
+    grad = spec.reference_grad(x, np.array([1]), label_smoothing=0.2, softcap=3.0, class_mask=mask)
+    assert grad[0, 4] == 0 and grad[0, 0] == 0 and grad[0, 2] == 0  # masked; tanh' = 0 at ±inf
+
+
+def test_reference_gradient_with_new_options_is_the_derivative():
+    rng = np.random.default_rng(4)
+    x = rng.normal(scale=3.0, size=(4, 5))
+    y = np.array([0, 4, -100, 2])
+    options = dict(label_smoothing=0.1, softcap=2.0, sample_weight=np.array([1.0, 2.0, 3.0, 0.5]), z_loss=0.01)
+    grad = spec.reference_grad(x, y, **options)
+    step = 1e-6
+    numeric = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        bump = np.zeros_like(x)
+        bump[index] = step
+        numeric[index] = (spec.reference_loss(x + bump, y, **options) - spec.reference_loss(x - bump, y, **options)) / (
+            2 * step
+        )
+    np.testing.assert_allclose(grad, numeric, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"softcap": 0.0}, "softcap must be > 0"),
+        ({"softcap": -1.0}, "softcap must be > 0"),
+        ({"softcap": float("nan")}, "softcap must be > 0 and finite"),
+        ({"softcap": float("inf")}, "softcap must be > 0 and finite"),
+        ({"denominator": 4.0, "reduction": "sum"}, 'denominator is only for reduction="mean"'),
+        ({"denominator": 4.0, "reduction": "none"}, 'denominator is only for reduction="mean"'),
+        ({"denominator": -1.0}, "denominator must be finite and >= 0"),
+        ({"denominator": float("nan")}, "denominator must be finite and >= 0"),
+        ({"denominator": np.ones(2)}, "denominator must be a number or a 0-d array"),
+    ],
+)
+def test_new_option_validation(options, message):
+    with pytest.raises(ValueError, match=message):
+        spec.resolve_options(**options)
+
+
+def test_sample_weight_validation():
+    x = np.zeros((3, 4))
+    y = np.array([0, 1, 2])
+    with pytest.raises(ValueError, match=r"sample_weight must have the per-element loss's shape \(3,\)"):
+        spec.reference_loss(x, y, sample_weight=np.ones(4))
+    with pytest.raises(ValueError, match=r"sample_weight must be finite and >= 0, got sample_weight\[\(1,\)\] = -1.0"):
+        spec.reference_loss(x, y, sample_weight=np.array([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match="finite"):
+        spec.reference_loss(x, y, sample_weight=np.array([1.0, np.nan, 1.0]))
+
+
+def test_zero_denominator_follows_empty_mean():
+    x = np.zeros((2, 3))
+    y = np.array([0, 1])
+    assert np.isnan(spec.reference_loss(x, y, denominator=0))
+    assert spec.reference_loss(x, y, denominator=0, empty_mean="zero") == 0
+    assert not spec.reference_grad(x, y, denominator=0).any()
+
+
+def test_gradient_accumulation_with_a_global_denominator_equals_one_big_batch():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(12, 7))
+    y = rng.integers(0, 7, size=12)
+    y[[1, 5, 6]] = -100
+    weight = rng.uniform(0.5, 2.0, size=7)
+    options = dict(label_smoothing=0.1, weight=weight)
+    whole = spec.reference_grad(x, y, **options)
+    total = float(np.sum(weight[y[y != -100]]))
+    parts = [spec.reference_grad(x[i : i + 4], y[i : i + 4], denominator=total, **options) for i in (0, 4, 8)]
+    np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-14, atol=1e-16)
+    losses = [spec.reference_loss(x[i : i + 4], y[i : i + 4], denominator=total, **options) for i in (0, 4, 8)]
+    np.testing.assert_allclose(sum(losses), spec.reference_loss(x, y, **options), rtol=1e-14)
