@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from lsx import spec
+from lsx.cli._explain import explain_text
 
-__all__ = ["CommandError", "main"]
+__all__ = ["CommandError", "explain_text", "main"]
 
 
 _UNSET = object()
@@ -32,13 +33,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except CommandError as exc:
         print(f"lsx: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lsx: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+#: the exit status of a Unix tool killed by SIGPIPE (128 + 13)
+EXIT_BROKEN_PIPE = 141
+
+
+def _stdout_closed() -> int:
+    """Whoever read stdout stopped (``lsx parity --json | head``): exit quietly, as Unix tools do.
+
+    stdout is pointed at /dev/null so that the interpreter's final flush does not report the pipe again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,9 +116,17 @@ def _ignore_index(text: str) -> int | None:
 
 
 def _console(stderr: bool = False) -> Any:
+    """A rich console; where the output is not a terminal (a file, a pipe) nothing is cut at 80 columns."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = FILE_WIDTH
+    return console
+
+
+#: the console width when writing to a file or a pipe: wide enough never to cut a table or a line
+FILE_WIDTH = 10_000
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -172,50 +203,13 @@ def _explain(args: argparse.Namespace) -> int:
         opts = spec.resolve_options(args.convention, **given)
     except (TypeError, ValueError) as exc:
         raise CommandError(str(exc)) from None
-    if args.num_classes is not None and args.num_classes < 1:
-        raise CommandError(f"--num-classes must be >= 1, got {args.num_classes}")
-    print(explain_text(opts, args.convention, args.num_classes))
+    k = args.num_classes
+    if k is not None:
+        if k < 1:
+            raise CommandError(f"--num-classes must be >= 1, got {k}")
+        try:  # exactly the check ``loss`` makes on logits with K classes
+            spec.check_layout((1, k), (1,), "index", opts, axis=-1)
+        except ValueError as exc:
+            raise CommandError(f"-K {k}: {exc}") from None
+    print(explain_text(opts, args.convention, k))
     return 0
-
-
-def explain_text(opts: spec.Options, convention: str | None = None, num_classes: int | None = None) -> str:
-    """The formula with ``opts`` filled in, the effective options and the list of conventions."""
-    eps, s = opts.label_smoothing, opts.z_loss
-    if opts.spread == "all":
-        q = f"q_c = (1 − {eps:g})·[c = y] + {eps:g}/K      (spread=\"all\": ε/K on every class)"
-    else:
-        q = f"q_y = 1 − {eps:g},  q_c = {eps:g}/(K − 1) for c ≠ y      (spread=\"others\")"
-    terms = ["Σ_c w_c q_c (LSE − x_c)"]
-    if s:
-        terms.append(f"{s:g}·w_y·LSE²")
-    line = "loss_i = " + " + ".join(terms)
-    if opts.normalize:
-        line += " − Σ_c w_c q_c log q_c        (KL form: minimum 0)"
-    if opts.ignore_index is None:
-        ignore = "ignore_index=None: every label must be in [0, K)"
-    else:
-        ignore = f"elements with label {opts.ignore_index}: loss 0, gradient 0, left out of the mean"
-    reduction = {
-        "none": "reduction=\"none\": one loss per element",
-        "sum": "reduction=\"sum\": Σ_i loss_i",
-        "mean": "reduction=\"mean\": Σ_i loss_i / Σ_i w_{y_i} over non-ignored elements (probabilities: ÷ count)"
-        + ("; nothing to average → NaN" if opts.empty_mean == "nan" else "; nothing to average → 0"),
-    }[opts.reduction]
-    lines = [
-        f"lsx options{f' (convention {convention!r})' if convention else ''}:",
-        "  " + ", ".join(f"{k}={v!r}" for k, v in opts.describe().items() if k not in ("weight", "class_mask")),
-        "",
-        "  " + line,
-        "  " + q,
-        "  LSE = log Σ_c exp(x_c);  w = class weights (1 without weight=)",
-        "  " + ignore,
-        "  " + reduction,
-        "  gradient: ∂loss_i/∂x_c = (Σ_k w_k q_k)·p_c − w_c q_c" + (f" + 2·{s:g}·w_y·LSE·p_c" if s else ""),
-    ]
-    if num_classes:
-        a, b = spec.smoothing_coefficients(opts, num_classes) if num_classes > 1 or opts.spread == "all" else (1.0, 0.0)
-        lines.append(f"  with K={num_classes}: q_y = {a + b:.6g}, q_c = {b:.6g} (c ≠ y)")
-    lines += ["", "conventions (lsx.spec.CONVENTIONS; options passed explicitly win):"]
-    for name, preset in spec.CONVENTIONS.items():
-        lines.append(f"  {name:<8} " + ", ".join(f"{k}={v!r}" for k, v in preset.items()))
-    return "\n".join(lines)
