@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     identify = sub.add_parser("identify", help="which label smoothing does a hand-written loss compute?")
     identify.add_argument("target", metavar="FILE.py:NAME", help="a loss function, or a class/nn.Module to instantiate")
     identify.add_argument("--framework", choices=("torch", "jax", "numpy"), help="how to call it (default: detect)")
+    identify.add_argument("--init", metavar="ARGS", help="constructor keyword arguments for a class, literals only, "
+                          "e.g. 'classes=5, smoothing=0.1' (a class count and a smoothing without default are "
+                          "inferred)")
     identify.add_argument("--json", action="store_true", help="print a JSON report")
     identify.set_defaults(command="identify", run=_cmd_identify)
 
@@ -174,7 +177,7 @@ def _cmd_identify(args: argparse.Namespace) -> int:
     from lsx.cli import _identify
 
     try:
-        fn, label = _identify.load(args.target)
+        fn, label = _identify.load(args.target, init=args.init)
         result = _identify.identify(fn, framework=args.framework)
     except _identify.ProbeError as exc:
         raise CommandError(str(exc)) from None

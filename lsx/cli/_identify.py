@@ -11,6 +11,7 @@ checked against :func:`lsx.spec.reference_loss` on random inputs; what does not 
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import inspect
 import math
@@ -38,8 +39,118 @@ class ProbeError(Exception):
 # --------------------------------------------------------------------------------------------------------
 # Loading and calling
 # --------------------------------------------------------------------------------------------------------
-def load(target: str) -> tuple[Callable, str]:
-    """``FILE.py:NAME`` → the callable (classes are instantiated with no arguments) and a label."""
+#: constructor parameters that mean the number of classes: given the probe's K (one instance per K)
+CLASS_COUNT_NAMES = frozenset({
+    "classes", "num_classes", "n_classes", "nclasses", "n_class", "num_class", "class_num", "classes_num",
+    "vocab_size", "n_vocab", "vocab", "size", "k", "n_labels", "num_labels", "out_features", "n_cls", "cls",
+})
+#: constructor parameters that mean ε: without a default they get PROBE_SMOOTHING (reported)
+SMOOTHING_NAMES = frozenset({
+    "smoothing", "label_smoothing", "eps", "epsilon", "ls", "alpha", "smooth", "smoothing_factor", "ls_eps",
+    "label_smoothing_factor", "smoothing_rate",
+})
+PROBE_SMOOTHING = 0.1
+
+
+def parse_init(text: str | None) -> dict[str, Any]:
+    """``--init 'classes=5, smoothing=0.1'`` → keyword arguments; values must be Python literals."""
+    if not text or not text.strip():
+        return {}
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+    except SyntaxError:
+        raise ProbeError(f"--init must be keyword arguments such as 'classes=5, smoothing=0.1', got {text!r}") from None
+    if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
+        raise ProbeError(f"--init takes keyword arguments only (name=value, ...), got {text!r}")
+    kwargs = {}
+    for kw in call.keywords:
+        try:
+            kwargs[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError:
+            raise ProbeError(
+                f"--init value of {kw.arg} must be a literal (number, string, tuple, list, dict, True/False/None), "
+                f"got {ast.unparse(kw.value)!r}"
+            ) from None
+    return kwargs
+
+
+class Constructed:
+    """A loss class built with the caller's keyword arguments and the inferred ones.
+
+    When the class count is inferred, one instance per K is built (each with the K of the logits it is
+    called with), so the probes at different K see a loss that knows its K. ``notes`` says what was inferred.
+    """
+
+    def __init__(self, cls: type, kwargs: dict[str, Any], class_param: str | None, notes: list[str]):
+        self.cls, self.kwargs, self.class_param, self.notes = cls, kwargs, class_param, notes
+        self._instances: dict[int | None, Any] = {}
+
+    def signature_text(self) -> str:
+        parts = [f"{n}={v!r}" for n, v in self.kwargs.items()]
+        if self.class_param:
+            parts.append(f"{self.class_param}=K")
+        return f"{self.cls.__name__}({', '.join(parts)})"
+
+    def instance(self, k: int | None) -> Any:
+        key = k if self.class_param else None
+        if key not in self._instances:
+            kwargs = dict(self.kwargs)
+            if self.class_param:
+                kwargs[self.class_param] = k
+            try:
+                self._instances[key] = self.cls(**kwargs)
+            except Exception as exc:
+                args = ", ".join(f"{n}={v!r}" for n, v in kwargs.items())
+                raise ProbeError(f"cannot instantiate {self.cls.__name__}({args}): {_one_line(exc)}") from None
+            if not callable(self._instances[key]):
+                raise ProbeError(f"{self.cls.__name__} instances are not callable")
+        return self._instances[key]
+
+    def __call__(self, logits: Any, labels: Any) -> Any:
+        return self.instance(int(logits.shape[-1]) if self.class_param else None)(logits, labels)
+
+
+def _construct(cls: type, name: str, given: dict[str, Any]) -> Constructed:
+    """Build ``cls`` from ``given`` plus what can be inferred; a required argument that cannot is an error."""
+    try:
+        parameters = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    named = {p.name: p for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in parameters)
+    unknown = [n for n in given if n not in named and not takes_any]
+    if unknown:
+        raise ProbeError(f"{name}() takes no argument {', '.join(unknown)} (its parameters: {', '.join(named) or 'none'})")
+    kwargs, class_param, notes, missing = dict(given), None, [], []
+    for p in named.values():
+        if p.name in given or p.default is not p.empty:
+            continue
+        lowered = p.name.lower()
+        if lowered in CLASS_COUNT_NAMES and class_param is None:
+            class_param = p.name
+            notes.append(f"{p.name} = the probe's class count K (one instance per K)")
+        elif lowered in SMOOTHING_NAMES:
+            kwargs[p.name] = PROBE_SMOOTHING
+            notes.append(f"{p.name}={PROBE_SMOOTHING} is a probe value (it has no default): the ε found is the one passed")
+        elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            missing.append(p.name)
+    if missing:
+        example = ", ".join(f"{m}=..." for m in missing)
+        raise ProbeError(
+            f"cannot instantiate {name}(): no value for {', '.join(missing)}; pass it with --init '{example}'"
+        )
+    constructed = Constructed(cls, kwargs, class_param, notes)
+    constructed.instance(KS[0])  # fail here, with the arguments, if it cannot be built
+    return constructed
+
+
+def load(target: str, init: str | dict[str, Any] | None = None) -> tuple[Callable, str]:
+    """``FILE.py:NAME`` → the callable and a label.
+
+    A class is instantiated with ``init`` (keyword arguments, or their text as ``--init`` takes it), a class
+    count parameter set to the probe's K and a smoothing parameter without default set to a probe value.
+    """
+    given = parse_init(init) if isinstance(init, str) or init is None else dict(init)
     path, sep, name = target.rpartition(":")
     if not sep or not path or not name:
         raise ProbeError(f"expected FILE.py:NAME, got {target!r}")
@@ -66,14 +177,15 @@ def load(target: str) -> tuple[Callable, str]:
             names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
             raise ProbeError(f"{path} has no {name!r} (callables there: {', '.join(names) or 'none'})")
         obj = getattr(obj, part)
+    label = f"{os.path.basename(path)}:{name}"
     if inspect.isclass(obj):
-        try:
-            obj = obj()
-        except Exception as exc:
-            raise ProbeError(f"cannot instantiate {name}() with no arguments: {_one_line(exc)}") from None
+        obj = _construct(obj, name, given)
+        label = f"{os.path.basename(path)}:{obj.signature_text()}"
+    elif given:
+        raise ProbeError(f"--init is for classes; {name} is a {type(obj).__name__}")
     if not callable(obj):
         raise ProbeError(f"{name} in {path} is a {type(obj).__name__}, not a function or callable class")
-    return obj, f"{os.path.basename(path)}:{name}"
+    return obj, label
 
 
 def _one_line(exc: BaseException) -> str:
@@ -247,6 +359,7 @@ class Finding:
     text: str
     ok: bool = True  # False: lsx cannot express this
     scope: str = "all"  # "ignored": only elements with an ignored or out-of-range label are concerned
+    label: int | None = None  # the label concerned (scope "ignored")
 
 
 @dataclass
@@ -259,7 +372,8 @@ class Result:
     checks: list[dict[str, Any]]  # verification on random inputs: name, output, lsx, deviation
     matches: bool
     verdict: str  # "exact", "valid labels only" (differs only where labels are ignored/out of range), "differs"
-    deviation: float
+    deviation: float  # the largest check deviation: |its output − lsx| in units of one element's mean loss
+    valid_deviation: float = 0.0  # the same over the checks with labels in [0, K) only
     calls: int = 0
     name: str = ""
     details: dict[str, Any] = field(default_factory=dict)
@@ -267,6 +381,7 @@ class Result:
     def as_json(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out["findings"] = [f.__dict__ for f in self.findings]
+        out["where"] = where_it_differs(self)
         return out
 
 
@@ -277,6 +392,8 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
     details: dict[str, Any] = {}
 
     # ---- per-row structure at two class counts
+    for note in getattr(fn, "notes", []):
+        findings.append(Finding("constructor", note))
     ks = _class_counts(caller)
     if len(ks) == 1:
         findings.append(Finding("classes", f"it only accepts K={ks[0]} classes (internal per-class weights?)"))
@@ -296,11 +413,14 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
     ]
     fits = {k: _fit_rows(per_k[k].R, zero_labels) for k in ks}
     fit = fits[k0]
+    # the probe's precision: how far apart two readings of one quantity are (float32 user code: ~1e-7)
+    precision = _precision(fits, ks)
+    details["precision"] = precision
     details["R"] = {k: np.round(per_k[k].R, 8).tolist() for k in ks}
 
     # ---- weights
     d = fit["diag"]
-    rel_w = d / np.mean(d[d > 0]) if np.any(d > 0) else np.ones_like(d)
+    rel_w = d / d[d > 0][0] if np.any(d > 0) else np.ones_like(d)  # relative to the first weighted class
     weighted = bool(np.ptp(rel_w[_active(k0, zero_labels)]) > 1e-6)
     if not fit["ok"]:
         findings.append(Finding("weights", fit["why"], ok=False))
@@ -318,17 +438,20 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
         spread, epsilon = "all", 0.0
         findings.append(Finding("smoothing", "no label smoothing (ε = 0)"))
     elif len(ks) == 1:
-        spread, epsilon = "all", _nice(eps[k0]["all"])
+        spread, epsilon = "all", _nice(eps[k0]["all"], precision)
         findings.append(Finding(
             "smoothing",
-            f"ε = {epsilon:g} as ε/K on every class, or ε = {_nice(eps[k0]['others']):g} as ε/(K−1) on the others "
+            f"ε = {epsilon:g} as ε/K on every class, or ε = {_nice(eps[k0]['others'], precision):g} as ε/(K−1) on the others "
             f"(the same target at one K; it takes no other K to tell them apart)",
         ))
     else:
         KS = ks
         gaps = {s: abs(eps[KS[0]][s] - eps[KS[1]][s]) for s in ("all", "others")}
         spread = min(gaps, key=gaps.get)  # type: ignore[arg-type]
-        epsilon = _nice(float(np.mean([eps[k][spread] for k in KS])))
+        reading = float(np.mean([eps[k][spread] for k in KS]))
+        precision = max(precision, gaps[spread] / max(reading, 1e-12))
+        details["precision"] = precision
+        epsilon = _nice(reading, precision)
         where = "ε/K on every class" if spread == "all" else "ε/(K−1) on the other classes, 1−ε on the label"
         if gaps[spread] > 1e-6 * max(1.0, epsilon) * 10:
             findings.append(Finding(
@@ -371,7 +494,7 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
             ))
     w_rows = np.ones(k0) if weights is None else np.asarray(weights)
     z = [rows.S[y] * scale / w_rows[y] for y in active if w_rows[y] > 0]
-    z_loss = _nice(float(np.median(z))) if z else 0.0
+    z_loss = _nice(float(np.median(z)), precision) if z else 0.0
     if abs(z_loss) < 1e-9:
         z_loss = 0.0
     else:
@@ -379,7 +502,7 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
 
     options: dict[str, Any] = {"label_smoothing": epsilon, "spread": spread}
     if weights is not None:
-        options["weight"] = [float(_nice(v)) for v in weights]
+        options["weight"] = [float(_nice(v, precision)) for v in weights]
     options.update(ignore_index=ignore_index, z_loss=max(z_loss, 0.0), reduction=reduction)
     if empty_mean is not None:
         options["empty_mean"] = empty_mean
@@ -389,11 +512,14 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
         entropy = _entropy_term(options, k0, active) / scale
         if abs(rows.constant) > 1e-7 and abs(rows.constant - entropy) < 1e-6 * max(1.0, abs(entropy)):
             options["normalize"] = True
-            findings.append(Finding("KL form", "subtracts the target entropy Σ_c w_c q_c log q_c (KL form, minimum 0)"))
+            findings.append(Finding("KL form", "subtracts the target's entropy H_w(q) = −Σ_c w_c q_c log q_c, i.e. adds "
+                                    "Σ_c w_c q_c log q_c (KL form, minimum 0)"))
         elif abs(rows.constant) > 1e-6:
             findings.append(Finding("constant", f"adds a constant {rows.constant:.6g} at zero logits", ok=False))
 
-    checks = _verify(prober, options, ignore_index, ks)
+    special = [] if ignore_index is None else [ignore_index]
+    special += [f.label for f in findings if not f.ok and f.label is not None and f.label not in special]
+    checks = _verify(prober, options, special, ks)
     deviation = max((c["deviation"] for c in checks), default=0.0)
     matches = deviation <= TOL and all(f.ok for f in findings)
     valid_deviation = max((c["deviation"] for c in checks if not c.get("ignored")), default=0.0)
@@ -414,6 +540,7 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
         matches=matches,
         verdict=verdict,
         deviation=deviation,
+        valid_deviation=valid_deviation,
         calls=caller.calls,
         details=details,
     )
@@ -441,9 +568,29 @@ def _active(k: int, zero_labels: list[int]) -> list[int]:
     return [c for c in range(k) if c not in zero_labels]
 
 
-def _nice(value: float) -> float:
-    """Round to 6 significant digits: probes are float64, user code may not be."""
-    return float(f"{value:.6g}") if value else 0.0
+#: the finest relative precision a reading is trusted to (float64 probes of float64 code)
+FINEST = 1e-9
+#: a reading is rounded to the shortest decimal within this many times the probe's precision
+ROUNDING = 10.0
+
+
+def _precision(fits: dict[int, dict[str, Any]], ks: list[int]) -> float:
+    """Relative precision of the fitted values: the fits' misfit, at least FINEST, at most 1e-3."""
+    misfit = max(float(fits[k]["residual"]) for k in ks)
+    return float(min(max(misfit, FINEST), 1e-3))
+
+
+def _nice(value: float, precision: float = FINEST) -> float:
+    """The shortest decimal within ROUNDING × ``precision`` (relative) of ``value``: a loss that sums in
+    float32 gives ε = 0.0999997 through the probes, which reads as 0.1."""
+    if not value or not math.isfinite(value):
+        return 0.0 if not value else value
+    tolerance = ROUNDING * max(precision, FINEST) * abs(value)
+    for digits in range(1, 16):
+        rounded = float(f"{value:.{digits}g}")
+        if abs(rounded - value) <= tolerance:
+            return rounded
+    return value
 
 
 def _fit_rows(R: np.ndarray, zero_labels: list[int]) -> dict[str, Any]:
@@ -506,7 +653,7 @@ def _reduction(prober, vector, weighted, rel_w, zero_labels, findings) -> tuple[
         return "mean", "weights"
     findings.append(Finding(
         "reduction",
-        f"mean divides by the element count{' ' if abs(ratio - by_count) < 1e-6 else ' (roughly) '}, not by Σ w_y "
+        f"mean divides by the element count{'' if abs(ratio - by_count) < 1e-6 else ' (roughly)'}, not by Σ w_y "
         "as lsx (and torch) do for weighted losses",
         ok=False,
     ))
@@ -537,7 +684,7 @@ def _ignore(prober, vector, reduction, zero_labels, fit, findings) -> tuple[int 
             how, ok = f"label {value} is ignored: loss 0", True
         elif np.max(np.abs(r - last)) < 1e-7 * size:
             findings.append(Finding("ignore", f"label {value} is taken as class {k - 1} (the index wraps around); "
-                                    "lsx raises ValueError", ok=False, scope="ignored"))
+                                    "lsx raises ValueError", ok=False, scope="ignored", label=value))
             continue
         elif np.max(np.abs(r)) < 1e-9 * size:
             how, ok, clean = f"label {value} drops the cross-entropy but such elements still get the z-loss", False, False
@@ -564,7 +711,7 @@ def _ignore(prober, vector, reduction, zero_labels, fit, findings) -> tuple[int 
                     how += f"; all ignored → {'NaN' if empty_mean == 'nan' else '0'}"
             except CallError:
                 pass
-        findings.append(Finding("ignore", how, ok=ok, scope="ignored"))
+        findings.append(Finding("ignore", how, ok=ok, scope="ignored", label=value))
         return (value if clean else None), empty_mean
     if rejected:
         findings.append(Finding("ignore", f"no ignore index: label(s) {', '.join(rejected)} rejected (raise)"))
@@ -584,46 +731,104 @@ def _entropy_term(options: dict[str, Any], k: int, active: list[int]) -> float:
     return total
 
 
-def _verify(prober: Prober, options: dict[str, Any], ignore_index: int | None, ks: list[int]) -> list[dict[str, Any]]:
-    """The callable against lsx with ``options`` on random logits, other K, other N, ignored elements."""
+def _verify(
+    prober: Prober, options: dict[str, Any], special: list[int], ks: list[int]
+) -> list[dict[str, Any]]:
+    """The callable against lsx with ``options`` on random logits, other K, other N, and with each label in
+    ``special`` (the ignore index, labels it treats its own way) mixed in.
+
+    A check's ``deviation`` is |its output − lsx| in units of one element's mean loss (the mean of lsx's
+    per-element |loss| over the non-ignored elements; a difference in a mean is first multiplied by the
+    mean's denominator), so one element computed differently counts about 1, whatever the batch size.
+    """
     rng = np.random.default_rng(7)
     k1 = ks[-1]
     k2 = ks[0] + 1 if len(ks) > 1 else ks[0]
-    cases = [(f"random logits, K={ks[0]}", ks[0], 6, 0.0), (f"random logits, K={k1}", k1, 4, 0.0),
-             (f"K={k2}, 9 elements", k2, 9, 0.0)]
-    if ignore_index is not None:
-        cases.append((f"K={k2} with label {ignore_index} elements", k2, 8, 0.4))
+    cases: list[tuple[str, int, int, int | None]] = [
+        (f"random logits, K={ks[0]}", ks[0], 6, None),
+        (f"random logits, K={k1}", k1, 4, None),
+        (f"K={k2}, 9 elements", k2, 9, None),
+    ]
+    cases = [c for i, c in enumerate(cases) if c[0] not in [d[0] for d in cases[:i]]]  # one K: no repeats
+    cases += [(f"K={k2} with label {label} elements", k2, 8, label) for label in special]
     checks = []
-    lsx_options = dict(options)
-    if lsx_options.get("weight") is not None:
-        lsx_options["weight"] = np.asarray(lsx_options["weight"])
-    for name, k, n, ignored in cases:
-        if lsx_options.get("weight") is not None and len(lsx_options["weight"]) != k:
+    base_options = dict(options)
+    if base_options.get("weight") is not None:
+        base_options["weight"] = np.asarray(base_options["weight"])
+    for name, k, n, label in cases:
+        if base_options.get("weight") is not None and len(base_options["weight"]) != k:
             continue  # internal weights fix K
+        lsx_options, note = base_options, ""
+        if label is not None and label != options.get("ignore_index"):
+            lsx_options = dict(base_options, ignore_index=label)
+            note = f"lsx rejects label {label} (ValueError); compared with those elements ignored"
         x = rng.normal(scale=2.0, size=(n, k))
-        pool = [c for c in range(k) if c != ignore_index]
+        pool = [c for c in range(k) if c not in special]
         y = rng.choice(pool, size=n)
-        if ignored:
-            y[rng.random(n) < ignored] = ignore_index
-            y[0] = ignore_index
+        rows: list[int] = []
+        if label is not None:
+            y[rng.random(n) < 0.4] = label
+            y[0] = label
+            rows = np.flatnonzero(y == label).tolist()
+        check: dict[str, Any] = {"name": name, "ignored": label is not None, "label": label, "rows": rows, "n": n}
+        if note:
+            check["note"] = note
+        checks.append(check)
         prober.k = k
         try:
             out = prober.call(x, y)
         except CallError as exc:
-            checks.append({"name": name, "error": str(exc), "deviation": math.inf, "ignored": bool(ignored)})
+            check.update(error=str(exc), deviation=math.inf)
             continue
         try:
             expected = spec.reference_loss(x, y, **lsx_options)
+            per_element = spec.reference_loss(x, y, **dict(lsx_options, reduction="none"))
         except (TypeError, ValueError) as exc:
-            checks.append({"name": name, "error": f"lsx: {exc}", "deviation": math.inf, "ignored": bool(ignored)})
+            check.update(error=f"lsx: {exc}", deviation=math.inf)
             continue
+        check.update(output=np.round(out, 6).tolist(), lsx=np.round(expected, 6).tolist())
         if np.shape(out) != np.shape(expected):
-            deviation = math.inf
-        else:
-            deviation = float(np.max(np.abs(out - expected)) / max(1.0, float(np.max(np.abs(expected)))))
-        checks.append({"name": name, "output": np.round(out, 6).tolist(), "lsx": np.round(expected, 6).tolist(),
-                       "deviation": deviation, "ignored": bool(ignored)})
+            check["deviation"] = math.inf
+            continue
+        ignore = lsx_options.get("ignore_index")
+        active = np.ones(n, bool) if ignore is None else y != ignore
+        scale = float(np.mean(np.abs(per_element[active]))) if active.any() else 1.0
+        scale = scale if scale > 1e-12 else 1.0
+        difference = np.abs(np.asarray(out) - expected)
+        if lsx_options.get("reduction", "mean") == "mean":
+            weight = lsx_options.get("weight")
+            denominator = float(np.sum(weight[y[active]])) if weight is not None else float(active.sum())
+            difference = difference * max(denominator, 1.0)
+        check["deviation"] = float(np.max(difference) / scale) if difference.size else 0.0
+        if np.ndim(out) == 1:
+            check["differing_rows"] = np.flatnonzero(difference > TOL * scale).tolist()
     return checks
+
+
+def where_it_differs(result: Result) -> list[str]:
+    """One line per check that does not match: which input, which labels and rows, by how much."""
+    lines = []
+    for check in result.checks:
+        if check["deviation"] <= TOL:
+            continue
+        text = check["name"]
+        if check.get("label") is not None:
+            text += f" (rows {_rows_text(check['rows'])} of {check['n']} have label {check['label']})"
+        if "error" in check:
+            lines.append(f"{text}: {check['error']}")
+            continue
+        if check.get("differing_rows"):
+            text += f": rows {_rows_text(check['differing_rows'])} differ"
+        text += (f": its output {_short(check['output'])}, lsx {_short(check['lsx'])}, deviation "
+                 f"{check['deviation']:.3g} × one element's mean loss")
+        if check.get("note"):
+            text += f" ({check['note']})"
+        lines.append(text)
+    return lines
+
+
+def _rows_text(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:8])) + (", …" if len(rows) > 8 else "")
 
 
 def _conventions(options: dict[str, Any]) -> list[str]:
@@ -679,20 +884,27 @@ def render(result: Result, console: Any) -> None:
     console.print(table)
     if result.matches:
         names = ", ".join(result.conventions)
-        console.print(f"[bold green]verdict: lsx computes exactly this[/] (max deviation {result.deviation:.1e})")
+        console.print(f"[bold green]verdict: lsx computes exactly this[/] (max deviation {result.deviation:.1e} × one "
+                      "element's mean loss)")
         console.print(f"  {escape(result.call)}", soft_wrap=True)
         if names:
             console.print(f"  matching convention(s): {names}")
-    elif result.verdict == "valid labels only":
-        console.print("[bold yellow]verdict: lsx computes the same for labels in [0, K)[/]; it differs where "
-                      f"labels are ignored or out of range (max relative deviation {result.deviation:.3g}):")
+        return
+    if result.verdict == "valid labels only":
+        console.print("[bold yellow]verdict: lsx computes the same for labels in [0, K)[/] (max deviation "
+                      f"{result.valid_deviation:.1e} × one element's mean loss there); it differs where labels are "
+                      "ignored or out of range. Closest:", soft_wrap=True)
     else:
-        console.print(f"[bold red]verdict: no lsx option set reproduces it[/] (max relative deviation "
-                      f"{result.deviation:.3g}); closest:")
-        console.print(f"  {escape(result.call)}", soft_wrap=True)
-        for f in result.findings:
-            if not f.ok:
-                console.print(f"  differs: {escape(f.text)}")
+        console.print(f"[bold red]verdict: no lsx option set reproduces it[/] (max deviation {result.deviation:.3g} × "
+                      "one element's mean loss). Closest:", soft_wrap=True)
+    console.print(f"  {escape(result.call)}", soft_wrap=True)
+    for f in result.findings:
+        if not f.ok:
+            console.print(f"  differs: {escape(f.text)}", soft_wrap=True)
+    for line in where_it_differs(result):
+        console.print(f"  where: {escape(line)}", soft_wrap=True)
+    if not result.checks:
+        console.print("  (no check could run)")
 
 
 def _short(values: Any) -> str:
