@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from lsx import spec
-from lsx.cli import _identify, _parity
-from lsx.cli import main
+from lsx.cli import _identify, _parity, main
 
 pytest.importorskip("rich")
 torch = pytest.importorskip("torch")
@@ -58,8 +57,7 @@ class _OffByEps(_parity.NumpyRunner):
         options = dict(data.options)
         if options.get("label_smoothing") and "spread" not in options and "convention" not in options:
             options["spread"] = "others"
-        value, grad = self.module.loss_and_grad(data.logits.astype(data.dtype), data.target, axis=data.axis,
-                                                **options)
+        value, grad = self.module.loss_and_grad(data.logits.astype(data.dtype), data.target, axis=data.axis, **options)
         return np.asarray(value, np.float64), np.asarray(grad, np.float64)
 
 
@@ -143,7 +141,11 @@ def assert_same_as_reference(result, name):
 @pytest.mark.parametrize(
     "name, expected, conventions",
     [
-        ("torch_builtin", dict(label_smoothing=0.1, spread="all", reduction="mean", ignore_index=-100), {"torch", "hf"}),
+        (
+            "torch_builtin",
+            dict(label_smoothing=0.1, spread="all", reduction="mean", ignore_index=-100),
+            {"torch", "hf"},
+        ),
         ("KDistSmoothing", dict(label_smoothing=0.1, spread="all", reduction="mean", ignore_index=None), {"timm"}),
         ("fairseq_style", dict(label_smoothing=0.1, spread="others", reduction="sum", ignore_index=1), {"fairseq"}),
         ("summed", dict(label_smoothing=0.1, spread="all", reduction="sum", ignore_index=-100), set()),
@@ -156,7 +158,11 @@ def test_identify_exact_matches(name, expected, conventions):
     result = identify(name)
     assert result.verdict == "exact" and result.matches, [f.text for f in result.findings]
     for option, value in expected.items():
-        assert result.options[option] == pytest.approx(value) if isinstance(value, float) else result.options[option] == value
+        assert (
+            result.options[option] == pytest.approx(value)
+            if isinstance(value, float)
+            else result.options[option] == value
+        )
     assert result.options["label_smoothing"] == pytest.approx(expected.get("label_smoothing", 0.1), abs=1e-6)
     assert conventions <= set(result.conventions)
     assert result.framework == "torch" and result.deviation < 1e-5
@@ -289,15 +295,23 @@ def test_explain_rejects_bad_options(capsys):
 
 def test_python_dash_m(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    done = subprocess.run([sys.executable, "-m", "lsx", "explain", "--convention", "torch"], capture_output=True,
-                          text=True, env=env, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "lsx", "explain", "--convention", "torch"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0 and "loss_i = Σ_c w_c q_c (LSE − x_c)" in done.stdout
-    done = subprocess.run([sys.executable, "-m", "lsx", "identify", "missing.py:f"], capture_output=True, text=True,
-                          env=env, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "lsx", "identify", "missing.py:f"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert done.returncode == 2 and done.stderr.strip() == "lsx: error: no such file: missing.py"
 
 
 def test_import_lsx_cli_loads_no_framework():
     code = "import sys, lsx.cli, lsx.cli._parity, lsx.cli._identify; print(sorted(m for m in ('torch','jax','tensorflow','keras') if m in sys.modules))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT)
+    )
     assert done.stdout.strip() == "[]", done.stderr

@@ -77,21 +77,37 @@ def _parser() -> argparse.ArgumentParser:
     parity.add_argument("--backends", help="comma-separated subset of numpy,torch,jax,tensorflow,keras")
     parity.add_argument("--json", action="store_true", help="print a JSON report (no table, no progress bar)")
     matrix = parity.add_mutually_exclusive_group()
-    matrix.add_argument("--quick", dest="matrix", action="store_const", const="quick",
-                        help="eager runs only (no compilation)")
-    matrix.add_argument("--full", dest="matrix", action="store_const", const="full",
-                        help="compiled runs in float64 too (default: eager float64/float32, compiled float32)")
-    parity.add_argument("--jobs", "-j", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
-                        help="worker processes running backends side by side (default: %(default)s)")
+    matrix.add_argument(
+        "--quick", dest="matrix", action="store_const", const="quick", help="eager runs only (no compilation)"
+    )
+    matrix.add_argument(
+        "--full",
+        dest="matrix",
+        action="store_const",
+        const="full",
+        help="compiled runs in float64 too (default: eager float64/float32, compiled float32)",
+    )
+    parity.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        metavar="N",
+        help="worker processes running backends side by side (default: %(default)s)",
+    )
     parity.set_defaults(matrix="default")
     parity.set_defaults(command="parity", run=_cmd_parity)
 
     identify = sub.add_parser("identify", help="which label smoothing does a hand-written loss compute?")
     identify.add_argument("target", metavar="FILE.py:NAME", help="a loss function, or a class/nn.Module to instantiate")
     identify.add_argument("--framework", choices=("torch", "jax", "numpy"), help="how to call it (default: detect)")
-    identify.add_argument("--init", metavar="ARGS", help="constructor keyword arguments for a class, literals only, "
-                          "e.g. 'classes=5, smoothing=0.1' (a class count and a smoothing without default are "
-                          "inferred)")
+    identify.add_argument(
+        "--init",
+        metavar="ARGS",
+        help="constructor keyword arguments for a class, literals only, "
+        "e.g. 'classes=5, smoothing=0.1' (a class count and a smoothing without default are "
+        "inferred)",
+    )
     identify.add_argument("--json", action="store_true", help="print a JSON report")
     identify.set_defaults(command="identify", run=_cmd_identify)
 

@@ -68,8 +68,8 @@ def gradient_line(opts: spec.Options) -> str:
 def target_line(opts: spec.Options) -> str:
     eps = opts.label_smoothing
     if opts.spread == "all":
-        return f"q_c = (1 − {eps:g})·[c = y] + {eps:g}/K      (spread=\"all\": ε/K on every class)"
-    return f"q_y = 1 − {eps:g},  q_c = {eps:g}/(K − 1) for c ≠ y      (spread=\"others\")"
+        return f'q_c = (1 − {eps:g})·[c = y] + {eps:g}/K      (spread="all": ε/K on every class)'
+    return f'q_y = 1 − {eps:g},  q_c = {eps:g}/(K − 1) for c ≠ y      (spread="others")'
 
 
 def explain_text(opts: spec.Options, convention: str | None = None, num_classes: int | None = None) -> str:

@@ -40,15 +40,44 @@ class ProbeError(Exception):
 # Loading and calling
 # --------------------------------------------------------------------------------------------------------
 #: constructor parameters that mean the number of classes: given the probe's K (one instance per K)
-CLASS_COUNT_NAMES = frozenset({
-    "classes", "num_classes", "n_classes", "nclasses", "n_class", "num_class", "class_num", "classes_num",
-    "vocab_size", "n_vocab", "vocab", "size", "k", "n_labels", "num_labels", "out_features", "n_cls", "cls",
-})
+CLASS_COUNT_NAMES = frozenset(
+    {
+        "classes",
+        "num_classes",
+        "n_classes",
+        "nclasses",
+        "n_class",
+        "num_class",
+        "class_num",
+        "classes_num",
+        "vocab_size",
+        "n_vocab",
+        "vocab",
+        "size",
+        "k",
+        "n_labels",
+        "num_labels",
+        "out_features",
+        "n_cls",
+        "cls",
+    }
+)
 #: constructor parameters that mean ε: without a default they get PROBE_SMOOTHING (reported)
-SMOOTHING_NAMES = frozenset({
-    "smoothing", "label_smoothing", "eps", "epsilon", "ls", "alpha", "smooth", "smoothing_factor", "ls_eps",
-    "label_smoothing_factor", "smoothing_rate",
-})
+SMOOTHING_NAMES = frozenset(
+    {
+        "smoothing",
+        "label_smoothing",
+        "eps",
+        "epsilon",
+        "ls",
+        "alpha",
+        "smooth",
+        "smoothing_factor",
+        "ls_eps",
+        "label_smoothing_factor",
+        "smoothing_rate",
+    }
+)
 PROBE_SMOOTHING = 0.1
 
 
@@ -120,7 +149,9 @@ def _construct(cls: type, name: str, given: dict[str, Any]) -> Constructed:
     takes_any = any(p.kind == p.VAR_KEYWORD for p in parameters)
     unknown = [n for n in given if n not in named and not takes_any]
     if unknown:
-        raise ProbeError(f"{name}() takes no argument {', '.join(unknown)} (its parameters: {', '.join(named) or 'none'})")
+        raise ProbeError(
+            f"{name}() takes no argument {', '.join(unknown)} (its parameters: {', '.join(named) or 'none'})"
+        )
     kwargs, class_param, notes, missing = dict(given), None, [], []
     for p in named.values():
         if p.name in given or p.default is not p.empty:
@@ -131,7 +162,9 @@ def _construct(cls: type, name: str, given: dict[str, Any]) -> Constructed:
             notes.append(f"{p.name} = the probe's class count K (one instance per K)")
         elif lowered in SMOOTHING_NAMES:
             kwargs[p.name] = PROBE_SMOOTHING
-            notes.append(f"{p.name}={PROBE_SMOOTHING} is a probe value (it has no default): the ε found is the one passed")
+            notes.append(
+                f"{p.name}={PROBE_SMOOTHING} is a probe value (it has no default): the ε found is the one passed"
+            )
         elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
             missing.append(p.name)
     if missing:
@@ -408,8 +441,7 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
 
     # labels whose rows are all zero are ignored (a pad index inside [0, K))
     zero_labels = [
-        c for c in range(k0)
-        if all(np.max(np.abs(per_k[k].R[c])) < 1e-9 and abs(per_k[k].S[c]) < 1e-9 for k in ks)
+        c for c in range(k0) if all(np.max(np.abs(per_k[k].R[c])) < 1e-9 and abs(per_k[k].S[c]) < 1e-9 for k in ks)
     ]
     fits = {k: _fit_rows(per_k[k].R, zero_labels) for k in ks}
     fit = fits[k0]
@@ -439,11 +471,13 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
         findings.append(Finding("smoothing", "no label smoothing (ε = 0)"))
     elif len(ks) == 1:
         spread, epsilon = "all", _nice(eps[k0]["all"], precision)
-        findings.append(Finding(
-            "smoothing",
-            f"ε = {epsilon:g} as ε/K on every class, or ε = {_nice(eps[k0]['others'], precision):g} as ε/(K−1) on the others "
-            f"(the same target at one K; it takes no other K to tell them apart)",
-        ))
+        findings.append(
+            Finding(
+                "smoothing",
+                f"ε = {epsilon:g} as ε/K on every class, or ε = {_nice(eps[k0]['others'], precision):g} as ε/(K−1) on the others "
+                f"(the same target at one K; it takes no other K to tell them apart)",
+            )
+        )
     else:
         KS = ks
         gaps = {s: abs(eps[KS[0]][s] - eps[KS[1]][s]) for s in ("all", "others")}
@@ -454,13 +488,15 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
         epsilon = _nice(reading, precision)
         where = "ε/K on every class" if spread == "all" else "ε/(K−1) on the other classes, 1−ε on the label"
         if gaps[spread] > 1e-6 * max(1.0, epsilon) * 10:
-            findings.append(Finding(
-                "smoothing",
-                f"the smoothing mass follows neither ε/K nor ε/(K−1): as ε/K it is ε={eps[KS[0]]['all']:.6g} at "
-                f"K={KS[0]} but ε={eps[KS[1]]['all']:.6g} at K={KS[1]}; as ε/(K−1) ε={eps[KS[0]]['others']:.6g} vs "
-                f"{eps[KS[1]]['others']:.6g}",
-                ok=False,
-            ))
+            findings.append(
+                Finding(
+                    "smoothing",
+                    f"the smoothing mass follows neither ε/K nor ε/(K−1): as ε/K it is ε={eps[KS[0]]['all']:.6g} at "
+                    f"K={KS[0]} but ε={eps[KS[1]]['all']:.6g} at K={KS[1]}; as ε/(K−1) ε={eps[KS[0]]['others']:.6g} vs "
+                    f"{eps[KS[1]]['others']:.6g}",
+                    ok=False,
+                )
+            )
         else:
             findings.append(Finding("smoothing", f"ε = {epsilon:g}, spread={spread!r}: {where}"))
 
@@ -487,11 +523,13 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
         sigma = float(np.mean(rows.Q[active]) * scale)
         details["target_sum"] = sigma
         if abs(sigma - 1) > 1e-5:
-            findings.append(Finding(
-                "normalisation",
-                f"the smoothed target sums to {sigma:.6g}, not 1 (the loss is lsx's × {sigma:.6g}; an ε/K slip?)",
-                ok=False,
-            ))
+            findings.append(
+                Finding(
+                    "normalisation",
+                    f"the smoothed target sums to {sigma:.6g}, not 1 (the loss is lsx's × {sigma:.6g}; an ε/K slip?)",
+                    ok=False,
+                )
+            )
     w_rows = np.ones(k0) if weights is None else np.asarray(weights)
     z = [rows.S[y] * scale / w_rows[y] for y in active if w_rows[y] > 0]
     z_loss = _nice(float(np.median(z)), precision) if z else 0.0
@@ -512,8 +550,13 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
         entropy = _entropy_term(options, k0, active) / scale
         if abs(rows.constant) > 1e-7 and abs(rows.constant - entropy) < 1e-6 * max(1.0, abs(entropy)):
             options["normalize"] = True
-            findings.append(Finding("KL form", "subtracts the target's entropy H_w(q) = −Σ_c w_c q_c log q_c, i.e. adds "
-                                    "Σ_c w_c q_c log q_c (KL form, minimum 0)"))
+            findings.append(
+                Finding(
+                    "KL form",
+                    "subtracts the target's entropy H_w(q) = −Σ_c w_c q_c log q_c, i.e. adds "
+                    "Σ_c w_c q_c log q_c (KL form, minimum 0)",
+                )
+            )
         elif abs(rows.constant) > 1e-6:
             findings.append(Finding("constant", f"adds a constant {rows.constant:.6g} at zero logits", ok=False))
 
@@ -609,7 +652,9 @@ def _fit_rows(R: np.ndarray, zero_labels: list[int]) -> dict[str, Any]:
     if not out["ok"]:
         off_mask = ~np.eye(k, dtype=bool)[active]
         off_values = Ra[off_mask]
-        rows_const = all(np.ptp(Ra[i][np.arange(k) != y]) < 1e-7 * max(1, np.max(np.abs(Ra))) for i, y in enumerate(active))
+        rows_const = all(
+            np.ptp(Ra[i][np.arange(k) != y]) < 1e-7 * max(1, np.max(np.abs(Ra))) for i, y in enumerate(active)
+        )
         if np.ptp(off_values) < 1e-7 * max(1.0, np.max(np.abs(Ra))) and np.ptp(diag[active]) > 1e-7:
             out["why"] = (
                 f"class weights enter only the target (NLL) term; the smoothing term is unweighted "
@@ -617,7 +662,9 @@ def _fit_rows(R: np.ndarray, zero_labels: list[int]) -> dict[str, Any]:
                 "lsx weights both terms"
             )
         elif rows_const and np.ptp(off[active]) > 1e-7:
-            out["why"] = "the whole element's loss is scaled by a weight of its label (w_y·CE(q)); lsx weights each class's term by w_c"
+            out["why"] = (
+                "the whole element's loss is scaled by a weight of its label (w_y·CE(q)); lsx weights each class's term by w_c"
+            )
         else:
             out["why"] = f"the per-class coefficients do not have the form w_c·q_c (relative misfit {residual:.3g})"
     return out
@@ -636,8 +683,11 @@ def _reduction(prober, vector, weighted, rel_w, zero_labels, findings) -> tuple[
         findings.append(Finding("reduction", "sum over elements (reduction='sum')"))
         return "sum", "sum"
     if abs(ratio - 2) > 1e-6:
-        findings.append(Finding("reduction", f"doubling the batch divides it by {ratio:.6g}: neither sum (1) nor mean (2)",
-                                ok=False))
+        findings.append(
+            Finding(
+                "reduction", f"doubling the batch divides it by {ratio:.6g}: neither sum (1) nor mean (2)", ok=False
+            )
+        )
         return "mean", "other"
     if not weighted:
         findings.append(Finding("reduction", "mean over elements (reduction='mean')"))
@@ -651,12 +701,14 @@ def _reduction(prober, vector, weighted, rel_w, zero_labels, findings) -> tuple[
     if abs(ratio - by_weight) < 1e-6:
         findings.append(Finding("reduction", "weighted mean: Σ loss / Σ w_y (as torch)"))
         return "mean", "weights"
-    findings.append(Finding(
-        "reduction",
-        f"mean divides by the element count{'' if abs(ratio - by_count) < 1e-6 else ' (roughly)'}, not by Σ w_y "
-        "as lsx (and torch) do for weighted losses",
-        ok=False,
-    ))
+    findings.append(
+        Finding(
+            "reduction",
+            f"mean divides by the element count{'' if abs(ratio - by_count) < 1e-6 else ' (roughly)'}, not by Σ w_y "
+            "as lsx (and torch) do for weighted losses",
+            ok=False,
+        )
+    )
     return "mean", "count"
 
 
@@ -683,14 +735,27 @@ def _ignore(prober, vector, reduction, zero_labels, fit, findings) -> tuple[int 
         if np.max(np.abs(r)) < 1e-9 * size and abs(probe.S[1]) < 1e-9 * size:
             how, ok = f"label {value} is ignored: loss 0", True
         elif np.max(np.abs(r - last)) < 1e-7 * size:
-            findings.append(Finding("ignore", f"label {value} is taken as class {k - 1} (the index wraps around); "
-                                    "lsx raises ValueError", ok=False, scope="ignored", label=value))
+            findings.append(
+                Finding(
+                    "ignore",
+                    f"label {value} is taken as class {k - 1} (the index wraps around); lsx raises ValueError",
+                    ok=False,
+                    scope="ignored",
+                    label=value,
+                )
+            )
             continue
         elif np.max(np.abs(r)) < 1e-9 * size:
-            how, ok, clean = f"label {value} drops the cross-entropy but such elements still get the z-loss", False, False
+            how, ok, clean = (
+                f"label {value} drops the cross-entropy but such elements still get the z-loss",
+                False,
+                False,
+            )
         elif np.any(off > 0) and np.max(np.abs(r - along_off * off)) < 1e-6 * size:
-            how = (f"label {value} drops the target term but such elements still get the smoothing term "
-                   f"(per-class coefficients {np.round(r, 5).tolist()}); lsx gives them loss 0")
+            how = (
+                f"label {value} drops the target term but such elements still get the smoothing term "
+                f"(per-class coefficients {np.round(r, 5).tolist()}); lsx gives them loss 0"
+            )
             ok, clean = False, False
         else:
             how = f"label {value} gives an unexplained loss (coefficients {np.round(r, 5).tolist()})"
@@ -701,8 +766,10 @@ def _ignore(prober, vector, reduction, zero_labels, fit, findings) -> tuple[int 
             if abs(ratio - 1) < 1e-6:
                 how += ", and leaves the mean's denominator"
             else:
-                how += (f", but changes the mean's denominator (×{ratio:.6g} with one such element; lsx leaves "
-                        "them out: ×1)")
+                how += (
+                    f", but changes the mean's denominator (×{ratio:.6g} with one such element; lsx leaves "
+                    "them out: ×1)"
+                )
                 ok = False
             try:
                 out = prober.call(np.zeros((2, k)), np.array([value, value]))
@@ -731,9 +798,7 @@ def _entropy_term(options: dict[str, Any], k: int, active: list[int]) -> float:
     return total
 
 
-def _verify(
-    prober: Prober, options: dict[str, Any], special: list[int], ks: list[int]
-) -> list[dict[str, Any]]:
+def _verify(prober: Prober, options: dict[str, Any], special: list[int], ks: list[int]) -> list[dict[str, Any]]:
     """The callable against lsx with ``options`` on random logits, other K, other N, and with each label in
     ``special`` (the ignore index, labels it treats its own way) mixed in.
 
@@ -819,8 +884,10 @@ def where_it_differs(result: Result) -> list[str]:
             continue
         if check.get("differing_rows"):
             text += f": rows {_rows_text(check['differing_rows'])} differ"
-        text += (f": its output {_short(check['output'])}, lsx {_short(check['lsx'])}, deviation "
-                 f"{check['deviation']:.3g} × one element's mean loss")
+        text += (
+            f": its output {_short(check['output'])}, lsx {_short(check['lsx'])}, deviation "
+            f"{check['deviation']:.3g} × one element's mean loss"
+        )
         if check.get("note"):
             text += f" ({check['note']})"
         lines.append(text)
@@ -838,17 +905,24 @@ def _conventions(options: dict[str, Any]) -> list[str]:
     for name in spec.CONVENTIONS:
         given = {"label_smoothing": options["label_smoothing"]}
         preset = spec.resolve_options(name, **given)
-        if all(getattr(preset, f) == getattr(mine, f) for f in ("label_smoothing", "spread", "ignore_index", "z_loss",
-                                                                "normalize", "reduction")) and (
-            preset.reduction != "mean" or "empty_mean" not in options or preset.empty_mean == mine.empty_mean
-        ):
+        if all(
+            getattr(preset, f) == getattr(mine, f)
+            for f in ("label_smoothing", "spread", "ignore_index", "z_loss", "normalize", "reduction")
+        ) and (preset.reduction != "mean" or "empty_mean" not in options or preset.empty_mean == mine.empty_mean):
             found.append(name)
     return found
 
 
 def _call_text(framework: str, options: dict[str, Any]) -> str:
-    defaults = {"label_smoothing": 0.0, "spread": "all", "ignore_index": -100, "z_loss": 0.0, "normalize": False,
-                "reduction": "mean", "empty_mean": "nan"}
+    defaults = {
+        "label_smoothing": 0.0,
+        "spread": "all",
+        "ignore_index": -100,
+        "z_loss": 0.0,
+        "normalize": False,
+        "reduction": "mean",
+        "empty_mean": "nan",
+    }
     parts = []
     for name, value in options.items():
         if name == "weight":
@@ -884,19 +958,27 @@ def render(result: Result, console: Any) -> None:
     console.print(table)
     if result.matches:
         names = ", ".join(result.conventions)
-        console.print(f"[bold green]verdict: lsx computes exactly this[/] (max deviation {result.deviation:.1e} × one "
-                      "element's mean loss)")
+        console.print(
+            f"[bold green]verdict: lsx computes exactly this[/] (max deviation {result.deviation:.1e} × one "
+            "element's mean loss)"
+        )
         console.print(f"  {escape(result.call)}", soft_wrap=True)
         if names:
             console.print(f"  matching convention(s): {names}")
         return
     if result.verdict == "valid labels only":
-        console.print("[bold yellow]verdict: lsx computes the same for labels in [0, K)[/] (max deviation "
-                      f"{result.valid_deviation:.1e} × one element's mean loss there); it differs where labels are "
-                      "ignored or out of range. Closest:", soft_wrap=True)
+        console.print(
+            "[bold yellow]verdict: lsx computes the same for labels in [0, K)[/] (max deviation "
+            f"{result.valid_deviation:.1e} × one element's mean loss there); it differs where labels are "
+            "ignored or out of range. Closest:",
+            soft_wrap=True,
+        )
     else:
-        console.print(f"[bold red]verdict: no lsx option set reproduces it[/] (max deviation {result.deviation:.3g} × "
-                      "one element's mean loss). Closest:", soft_wrap=True)
+        console.print(
+            f"[bold red]verdict: no lsx option set reproduces it[/] (max deviation {result.deviation:.3g} × "
+            "one element's mean loss). Closest:",
+            soft_wrap=True,
+        )
     console.print(f"  {escape(result.call)}", soft_wrap=True)
     for f in result.findings:
         if not f.ok:

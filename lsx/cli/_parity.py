@@ -85,8 +85,13 @@ CASES = (
     Case("others", (8, 5), "index", {"label_smoothing": 0.2, "spread": "others"}),
     Case("weight", (8, 5), "index", {"label_smoothing": 0.1, "weight": "random"}),
     Case("ignore", (8, 5), "index", {"label_smoothing": 0.1}, ignored_fraction=0.3),
-    Case("weight-ignore-sum", (8, 5), "index", {"label_smoothing": 0.1, "weight": "random", "reduction": "sum"},
-         ignored_fraction=0.3),
+    Case(
+        "weight-ignore-sum",
+        (8, 5),
+        "index",
+        {"label_smoothing": 0.1, "weight": "random", "reduction": "sum"},
+        ignored_fraction=0.3,
+    ),
     Case("none", (8, 5), "index", {"label_smoothing": 0.1, "reduction": "none"}, ignored_fraction=0.3),
     Case("all-ignored", (8, 5), "index", {"label_smoothing": 0.1, "empty_mean": "zero"}, ignored_fraction=1.0),
     Case("3d-axis1", (2, 5, 3), "index", {"label_smoothing": 0.1, "weight": "random"}, axis=1, ignored_fraction=0.2),
@@ -577,8 +582,12 @@ class Report:
             "ok": self.ok,
             "seconds": round(self.seconds, 3),
             "runs": [{"mode": m, "dtype": d} for m, d in self.runs],
-            "tolerance": {"float64": TOLERANCE["float64"], "float32": TOLERANCE["float32"],
-                          "builtin_factor": BUILTIN_FACTOR, "scale": "max(1, max |reference|)"},
+            "tolerance": {
+                "float64": TOLERANCE["float64"],
+                "float32": TOLERANCE["float32"],
+                "builtin_factor": BUILTIN_FACTOR,
+                "scale": "max(1, max |reference|)",
+            },
             "backends": {b.name: {k: v for k, v in b.__dict__.items() if k != "name"} for b in self.backends},
             "cases": [
                 {"id": c.id, "shape": list(c.shape), "axis": c.axis, "kind": c.kind, "describe": c.describe()}
@@ -594,8 +603,13 @@ def install_hint(extra: str) -> str:
 
 #: Backends sharing an import run in the same worker process.
 _GROUPS = (("tensorflow", "keras"), ("jax",), ("torch",), ("numpy",))
-_BUILTIN_RUNNERS = {"numpy": NumpyRunner, "torch": TorchRunner, "jax": JaxRunner, "tensorflow": TensorflowRunner,
-                    "keras": KerasRunner}
+_BUILTIN_RUNNERS = {
+    "numpy": NumpyRunner,
+    "torch": TorchRunner,
+    "jax": JaxRunner,
+    "tensorflow": TensorflowRunner,
+    "keras": KerasRunner,
+}
 
 
 def run(
@@ -722,8 +736,15 @@ def _run_parallel(names, groups, matrix, progress, jobs) -> Report:
         if report is None:
             last = next((line.strip() for line in reversed(stderr) if line.strip()), f"exit code {returncode}")
             for name in group:
-                finished[name] = (BackendReport(name, "error", install_hint(BACKENDS[name]().extra or name),
-                                                message=f"worker failed: {last[:300]}"), [])
+                finished[name] = (
+                    BackendReport(
+                        name,
+                        "error",
+                        install_hint(BACKENDS[name]().extra or name),
+                        message=f"worker failed: {last[:300]}",
+                    ),
+                    [],
+                )
             continue
         for name in group:
             backend = BackendReport(name=name, **report["backends"][name])
@@ -829,8 +850,15 @@ def render(report: Report, console: Any) -> None:
     from rich.table import Table
 
     table = Table(title="lsx parity: loss and gradient vs the float64 reference", title_justify="left")
-    for name, justify in (("backend", "left"), ("case", "left"), ("checks", "right"), ("max abs err", "right"),
-                          ("max rel err", "right"), ("built-in Δ", "right"), ("", "left")):
+    for name, justify in (
+        ("backend", "left"),
+        ("case", "left"),
+        ("checks", "right"),
+        ("max abs err", "right"),
+        ("max rel err", "right"),
+        ("built-in Δ", "right"),
+        ("", "left"),
+    ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     previous = None
     for row in rows(report):
@@ -854,8 +882,11 @@ def render(report: Report, console: Any) -> None:
         console.print(f"[red]… and {len(failures) - 20} more failures[/]")
     for b in report.backends:
         if b.status == "not installed":
-            console.print(f"[yellow]not installed[/] {b.name}: {escape(b.install)}  [dim]({escape(b.message or '')})[/]",
-                          highlight=False, soft_wrap=True)
+            console.print(
+                f"[yellow]not installed[/] {b.name}: {escape(b.install)}  [dim]({escape(b.message or '')})[/]",
+                highlight=False,
+                soft_wrap=True,
+            )
         elif b.status == "error":
             console.print(f"[bold red]error[/] {b.name}: {escape(b.message or '')}", highlight=False, soft_wrap=True)
         else:
@@ -863,8 +894,10 @@ def render(report: Report, console: Any) -> None:
             console.print(f"[dim]{b.name} {b.version}: {how}, {b.seconds:.1f} s[/]", highlight=False)
     used = sorted({(c.backend, c.builtin["name"]) for c in report.checks if c.builtin})
     if used:
-        console.print("[dim]built-in Δ: max abs difference from " + "; ".join(f"{b}: {n}" for b, n in used) + "[/]",
-                      highlight=False)
+        console.print(
+            "[dim]built-in Δ: max abs difference from " + "; ".join(f"{b}: {n}" for b, n in used) + "[/]",
+            highlight=False,
+        )
     n_checks = len(report.checks)
     n_failed = sum(not c.ok for c in report.checks)
     console.print("[dim]cases: " + "; ".join(f"{c.id}: {c.describe()}" for c in report.cases) + "[/]", highlight=False)
@@ -876,8 +909,9 @@ def render(report: Report, console: Any) -> None:
     if report.ok:
         console.print(f"[bold green]parity: all {n_checks} checks passed[/] in {report.seconds:.1f} s", highlight=False)
     else:
-        console.print(f"[bold red]parity: {n_failed} of {n_checks} checks failed[/] in {report.seconds:.1f} s",
-                      highlight=False)
+        console.print(
+            f"[bold red]parity: {n_failed} of {n_checks} checks failed[/] in {report.seconds:.1f} s", highlight=False
+        )
 
 
 if __name__ == "__main__":
