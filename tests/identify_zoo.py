@@ -153,10 +153,29 @@ class HFLabelSmoother:
         return (1 - self.epsilon) * nll_loss + self.epsilon * smoothed_loss
 
 
-class NeedsArguments(nn.Module):
-    def __init__(self, smoothing):
+class LabelSmoothingLoss(nn.Module):
+    """The most copied blog version, built as ``LabelSmoothingLoss(classes, smoothing)``: ε/(K−1) on the others."""
+
+    def __init__(self, classes, smoothing, dim=-1):
         super().__init__()
+        self.confidence = 1.0 - smoothing
         self.smoothing = smoothing
+        self.cls = classes
+        self.dim = dim
+
+    def forward(self, pred, target):
+        pred = pred.log_softmax(dim=self.dim)
+        with torch.no_grad():
+            true_dist = torch.zeros_like(pred)
+            true_dist.fill_(self.smoothing / (self.cls - 1))
+            true_dist.scatter_(1, target.data.unsqueeze(1), self.confidence)
+        return torch.mean(torch.sum(-true_dist * pred, dim=self.dim))
+
+
+class NeedsArguments(nn.Module):
+    def __init__(self, margin):
+        super().__init__()
+        self.margin = margin
 
 
 def raises(logits, labels):

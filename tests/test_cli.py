@@ -48,6 +48,44 @@ def test_parity_json_numpy_and_torch(capsys):
     assert not torch_builtin & {"others", "fairseq", "t5x"}
 
 
+def test_parity_quick_names_what_runs(capsys, monkeypatch):
+    """--quick compiles nothing, so the table does not name a compiler; off a terminal it is not cut."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert main(["parity", "--backends", "numpy,torch", "--quick", "--jobs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.compile" not in out and "jax.jit" not in out
+    assert "eager only (--quick: nothing compiled)" in out
+    assert "weight-ignore-sum" in out and "…" not in out  # the full width, not 80 columns
+    code, report = run_json(capsys, ["parity", "--backends", "torch", "--json", "--quick", "--jobs", "1"])
+    assert code == 0
+    assert report["backends"]["torch"]["compiler"] is None
+
+
+def test_parity_names_the_torch_compile_backend():
+    assert _parity.TorchRunner().compiler == "torch.compile(backend='aot_eager')"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["explain", "--convention", "t5x", "--label-smoothing", "0.1", "-K", "5"],
+        ["identify", f"{ZOO}:summed", "--json"],
+        ["parity", "--backends", "numpy", "--quick", "--json", "--jobs", "1"],
+    ],
+)
+def test_closed_stdout_exits_quietly(argv):
+    """``lsx … | head``: the reader goes away before lsx writes; no traceback, exit 141 (SIGPIPE) or 0."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lsx", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    proc.stdout.close()  # the reader is gone before anything is written
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode in (0, 141), err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+
+
 class _OffByEps(_parity.NumpyRunner):
     """A deliberately wrong backend: smoothing spread over K−1 where the case asks for K."""
 
@@ -252,6 +290,96 @@ def test_identify_command_output(capsys):
     assert code == 0 and data["verdict"] == "exact" and data["options"]["ignore_index"] is None
 
 
+def test_identify_verdict_says_where_it_differs(capsys):
+    """The text verdict is complete: the closest call, what differs, and on which labels and rows."""
+    assert main(["identify", f"{ZOO}:mean_over_all_rows"]) == 0
+    out = capsys.readouterr().out
+    verdict = out[out.index("verdict:") :]
+    assert "lsx.torch.loss(logits, labels, label_smoothing=0.1" in verdict
+    assert "differs: label -100 is ignored: loss 0, but changes the mean's denominator" in verdict
+    where = [line for line in verdict.splitlines() if line.strip().startswith("where:")]
+    assert where and "have label -100" in where[0] and "rows 0, " in where[0]
+    code, data = run_json(capsys, ["identify", f"{ZOO}:mean_over_all_rows", "--json"])
+    assert code == 0
+    assert data["where"] == [w.strip()[len("where: ") :] for w in where]
+
+
+def test_identify_deviation_counts_whole_elements():
+    """A loss that differs only in how label −1 wraps: the check with label −1 elements shows it, in units of one
+    element's loss, not ~1e-16 relative to a sum."""
+    result = identify("t5x_style")
+    assert result.verdict == "valid labels only" and result.valid_deviation < 1e-12
+    wrapped = [c for c in result.checks if c.get("label") == -1]
+    assert wrapped and wrapped[0]["rows"] and wrapped[0]["deviation"] > 0.5
+    assert result.deviation == wrapped[0]["deviation"]
+    where = _identify.where_it_differs(result)
+    assert len(where) == 1 and "have label -1" in where[0] and "compared with those elements ignored" in where[0]
+
+
+def test_identify_deviation_of_one_element_in_a_summed_loss():
+    """The measure: one element computed differently counts ~1 whatever the batch size (per-element scale)."""
+    prober = _identify.Prober(_identify.make_caller(_identify.load(f"{ZOO}:summed")[0], "torch"))
+    options = dict(label_smoothing=0.1, spread="all", ignore_index=-100, z_loss=0.0, reduction="sum")
+    exact = _identify._verify(prober, options, [-100], [5, 7])
+    assert max(c["deviation"] for c in exact) < 1e-12
+    # lsx with ε = 0.2: every element differs by a fraction of its loss, so the deviation is O(N·0.1), not O(0.1/N)
+    off = _identify._verify(prober, dict(options, label_smoothing=0.2), [-100], [5, 7])
+    assert min(c["deviation"] for c in off) > 0.05
+
+
+def test_identify_constructor_arguments_inferred():
+    """LabelSmoothingLoss(classes, smoothing): the class count is the probe's K, ε a reported probe value."""
+    fn, label = _identify.load(f"{ZOO}:LabelSmoothingLoss")
+    assert label == "identify_zoo.py:LabelSmoothingLoss(smoothing=0.1, classes=K)"
+    result = _identify.identify(fn)
+    assert result.verdict == "exact", [f.text for f in result.findings]
+    assert result.options["spread"] == "others" and result.options["label_smoothing"] == 0.1
+    assert result.options["reduction"] == "mean" and result.options["ignore_index"] is None
+    notes = [f.text for f in result.findings if f.topic == "constructor"]
+    assert any("classes = the probe's class count K" in n for n in notes)
+    assert any("smoothing=0.1 is a probe value" in n for n in notes)
+
+
+def test_identify_init_arguments(capsys):
+    code, data = run_json(capsys, ["identify", f"{ZOO}:LabelSmoothingLoss", "--init", "smoothing=0.25", "--json"])
+    assert code == 0 and data["verdict"] == "exact" and data["options"]["label_smoothing"] == 0.25
+    assert data["name"] == "identify_zoo.py:LabelSmoothingLoss(smoothing=0.25, classes=K)"
+    assert not any("probe value" in f["text"] for f in data["findings"])
+    assert _identify.parse_init("classes=5, smoothing=0.1, dims=(1, 2)") == {
+        "classes": 5,
+        "smoothing": 0.1,
+        "dims": (1, 2),
+    }
+    assert _identify.parse_init("") == {}
+
+
+@pytest.mark.parametrize(
+    "init, message",
+    [
+        ("smoothing=__import__('os').getcwd()", "must be a literal"),
+        ("0.1", "keyword arguments only"),
+        ("**{'smoothing': 0.1}", "keyword arguments only"),
+        ("smoothing=", "must be keyword arguments"),
+        ("margin=1", "takes no argument margin"),
+    ],
+)
+def test_identify_init_errors(capsys, init, message):
+    assert main(["identify", f"{ZOO}:LabelSmoothingLoss", "--init", init]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lsx: error:") and message in err and "Traceback" not in err
+
+
+def test_identify_rounds_to_the_probe_precision():
+    """HF's LabelSmoother sums in float32: the probes read ε = 0.0999997, which is 0.1 at that precision."""
+    result = identify("HFLabelSmoother")
+    assert result.options["label_smoothing"] == 0.1
+    assert result.call == "lsx.torch.loss(logits, labels, label_smoothing=0.1)"
+    assert result.details["precision"] > 1e-8  # float32 noise seen by the probes
+    # float64 code keeps float64 precision: ε = 0.1234567 is not rounded to 0.12
+    assert _identify._nice(0.12345670000001, 1e-9) == 0.1234567
+    assert _identify._nice(0.0999997, 2.6e-6) == 0.1 and _identify._nice(0.0999997, 1e-9) == 0.0999997
+
+
 @pytest.mark.parametrize(
     "target, message",
     [
@@ -259,7 +387,7 @@ def test_identify_command_output(capsys):
         (f"{ZOO}", "expected FILE.py:NAME"),
         (f"{ZOO}:no_such_loss", "has no 'no_such_loss'"),
         (f"{ZOO}:NOT_CALLABLE", "not a function or callable class"),
-        (f"{ZOO}:NeedsArguments", "cannot instantiate NeedsArguments() with no arguments"),
+        (f"{ZOO}:NeedsArguments", "no value for margin; pass it with --init 'margin=...'"),
         (f"{ZOO}:raises", "RuntimeError: boom"),
         (f"{ZOO}:wrong_shape", "shape (5, 2)"),
     ],
@@ -284,7 +412,81 @@ def test_explain_convention_and_options(capsys):
         assert f"  {name} " in out
     assert main(["explain", "--z-loss", "0.001", "--normalize", "--ignore-index", "none"]) == 0
     out = capsys.readouterr().out
-    assert "0.001·w_y·LSE²" in out and "KL form" in out and "ignore_index=None" in out
+    assert "0.001 · w_y · L²" in out and "KL form" in out and "ignore_index=None" in out
+
+
+def _printed_loss(out: str, x: np.ndarray, y: int) -> float:
+    """Evaluate the printed ``loss_i = …`` line with the printed q for one element (logits x, label y)."""
+    import re
+
+    line = next(line.strip() for line in out.splitlines() if line.strip().startswith("loss_i = "))
+    formula = re.split(r"\s{4,}\(", line[len("loss_i = ") :])[0]  # drop the note after the formula
+    parts = re.split(r"\s{2}([+−])\s{2}", formula)
+    terms = [("+", parts[0])] + list(zip(parts[1::2], parts[2::2]))
+    k = len(x)
+    m = re.search(r"with K=(\d+): q_y = ([\d.e+-]+), q_c = ([\d.e+-]+)", out)
+    assert m and int(m.group(1)) == k
+    q = np.full(k, float(m.group(3)))
+    q[y] = float(m.group(2))
+    w = np.ones(k)
+    lse = float(np.log(np.sum(np.exp(x))))
+    total = 0.0
+    for sign, term in terms:
+        if term == "Σ_c w_c q_c (L − x_c)":
+            value = np.sum(w * q * (lse - x))
+        elif term == "Σ_c w_c q_c log q_c":
+            value = np.sum(w * q * np.log(q))
+        elif (z := re.fullmatch(r"([\d.e+-]+) · w_y · L²", term)) is not None:
+            value = float(z.group(1)) * w[y] * lse**2
+        else:
+            raise AssertionError(f"unknown term {term!r} in {line!r}")
+        total += value if sign == "+" else -value
+    return float(total)
+
+
+@pytest.mark.parametrize(
+    "argv, options",
+    [
+        (["--convention", "t5x", "--label-smoothing", "0.1"], dict(convention="t5x", label_smoothing=0.1)),
+        (["--normalize", "--label-smoothing", "0.3"], dict(normalize=True, label_smoothing=0.3)),
+        (
+            ["--z-loss", "0.01", "--spread", "others", "--label-smoothing", "0.2"],
+            dict(z_loss=0.01, spread="others", label_smoothing=0.2),
+        ),
+        (["--convention", "torch", "--label-smoothing", "0.1"], dict(convention="torch", label_smoothing=0.1)),
+    ],
+)
+def test_explain_formula_evaluates_to_the_library(capsys, argv, options):
+    """The printed formula, with the printed q, gives lsx's loss: the KL term is + Σ w q log q (= −H)."""
+    import lsx.numpy
+
+    assert main(["explain", *argv, "-K", "5"]) == 0
+    out = capsys.readouterr().out
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=5)
+    expected = lsx.numpy.loss(x[None], np.array([2]), reduction="none", ignore_index=None, **options)[0]
+    assert _printed_loss(out, x, 2) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_explain_definition_is_the_readme_definition():
+    """The README's definition block prints the same two lines as lsx.cli._explain.definition()."""
+    from lsx.cli import _explain
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    for line in _explain.definition():
+        assert " ".join(line.split()) in readme, line
+
+
+def test_explain_checks_the_class_count_like_loss(capsys):
+    assert main(["explain", "--spread", "others", "--label-smoothing", "0.1", "-K", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('lsx: error: -K 1: spread="others" needs at least 2 classes') and "Traceback" not in err
+    assert main(["explain", "--label-smoothing", "0.1", "-K", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "with K=1: q_y = 1 (there is no other class)" in out and "q_c = 0.1 (c ≠ y)" not in out
+    assert main(["explain", "-K", "0"]) == 2
+    assert "--num-classes must be >= 1" in capsys.readouterr().err
 
 
 def test_explain_rejects_bad_options(capsys):
@@ -302,7 +504,7 @@ def test_python_dash_m(tmp_path):
         env=env,
         cwd=tmp_path,
     )
-    assert done.returncode == 0 and "loss_i = Σ_c w_c q_c (LSE − x_c)" in done.stdout
+    assert done.returncode == 0 and "loss_i = Σ_c w_c q_c (L − x_c)" in done.stdout
     done = subprocess.run(
         [sys.executable, "-m", "lsx", "identify", "missing.py:f"], capture_output=True, text=True, env=env, cwd=tmp_path
     )

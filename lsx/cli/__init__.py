@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--ignore-index", type=_ignore_index, default=_UNSET, metavar="I", help="an int, or 'none'")
     explain.add_argument("--empty-mean", choices=spec.EMPTY_MEANS)
     explain.add_argument("--num-classes", "-K", type=int, metavar="K", help="show q for this K")
-    explain.set_defaults(command="explain", run=_explain)
+    explain.set_defaults(command="explain", run=_cmd_explain)
     return parser
 
 
@@ -206,7 +206,7 @@ def _cmd_identify(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
-def _explain(args: argparse.Namespace) -> int:
+def _cmd_explain(args: argparse.Namespace) -> int:
     given = {
         "label_smoothing": args.label_smoothing,
         "spread": args.spread,

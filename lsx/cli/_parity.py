@@ -667,7 +667,9 @@ def _run_here(
             report.status, report.message = "error", f"import failed: {_one_line(exc)}"
             tick(name, steps(runner, runs, cases))
             continue
-        report.compiler = runner.compiler or None
+        # the compiler only where compiled runs happen (not with --quick, not for eager-only backends)
+        compiles = any(mode == "compiled" and mode in runner.modes for mode, _ in runs)
+        report.compiler = (runner.compiler or None) if compiles else None
         tick(name, 1)
         for mode, dtype in runs:
             if mode not in runner.modes:
@@ -844,6 +846,15 @@ def _num(value: Any) -> float:
     return math.inf if value == "inf" else float(value)
 
 
+def _modes_text(backend: BackendReport, report: Report) -> str:
+    """What ran for ``backend``: "eager", or "eager + <compiler>" where compiled checks ran."""
+    modes = {c.mode for c in report.checks if c.backend == backend.name}
+    if "compiled" in modes and backend.compiler:
+        return f"eager + {backend.compiler}"
+    compiled_asked = any(mode == "compiled" for mode, _ in report.runs)
+    return "eager" if compiled_asked else "eager only (--quick: nothing compiled)"
+
+
 def render(report: Report, console: Any) -> None:
     """Print the report with rich."""
     from rich.markup import escape
@@ -890,7 +901,7 @@ def render(report: Report, console: Any) -> None:
         elif b.status == "error":
             console.print(f"[bold red]error[/] {b.name}: {escape(b.message or '')}", highlight=False, soft_wrap=True)
         else:
-            how = f"eager + {b.compiler}" if b.compiler else "eager"
+            how = _modes_text(b, report)
             console.print(f"[dim]{b.name} {b.version}: {how}, {b.seconds:.1f} s[/]", highlight=False)
     used = sorted({(c.backend, c.builtin["name"]) for c in report.checks if c.builtin})
     if used:
