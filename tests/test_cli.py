@@ -517,3 +517,47 @@ def test_import_lsx_cli_loads_no_framework():
         [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT)
     )
     assert done.stdout.strip() == "[]", done.stderr
+
+
+# --------------------------------------------------------------------------------------------------------
+# .ci/run
+# --------------------------------------------------------------------------------------------------------
+CI_RUN = os.path.join(ROOT, ".ci", "run")
+
+
+def _ci_run_with_failing_python(tmp_path, **env):
+    """.ci/run with a python3 that makes the virtual environment's folder and fails: what is left behind?"""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "python3"
+    stub.write_text('#!/bin/sh\nmkdir -p "$3" && echo 3GB > "$3/payload"\nexit 3\n')
+    stub.chmod(0o755)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    environment = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(scratch), **env)
+    if "LSX_CI_VENV" not in env:
+        environment.pop("LSX_CI_VENV", None)
+    done = subprocess.run(["bash", CI_RUN], env=environment, capture_output=True, text=True)
+    return done, scratch
+
+
+def test_ci_run_removes_its_temporary_venv(tmp_path):
+    done, scratch = _ci_run_with_failing_python(tmp_path)
+    assert done.returncode == 3, done.stderr
+    assert list(scratch.iterdir()) == []  # the temporary folder and its venv are gone
+
+
+def test_ci_run_keeps_a_named_venv(tmp_path):
+    kept = tmp_path / "kept-venv"
+    done, _ = _ci_run_with_failing_python(tmp_path, LSX_CI_VENV=str(kept))
+    assert done.returncode == 3 and (kept / "payload").exists()
+
+
+def test_ci_run_lists_tensorflow_cpu_in_both_spellings():
+    import re
+
+    with open(CI_RUN, encoding="utf-8") as f:
+        pattern = re.search(r"grep -Ei '([^']+)'", f.read()).group(1)
+    for line in ("tensorflow_cpu 2.21.0", "tensorflow-cpu 2.21.0", "torch 2.13.0+cpu", "numpy 2.4.6"):
+        assert re.search(pattern, line, re.IGNORECASE), line
+    assert not re.search(pattern, "tensorflow-io 0.37", re.IGNORECASE)
