@@ -70,6 +70,7 @@ def test_parity_names_the_torch_compile_backend():
     [
         ["explain", "--convention", "t5x", "--label-smoothing", "0.1", "-K", "5"],
         ["identify", f"{ZOO}:summed", "--json"],
+        ["identify", f"{ZOO}:summed"],
         ["parity", "--backends", "numpy", "--quick", "--json", "--jobs", "1"],
     ],
 )

@@ -139,9 +139,14 @@ def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
     console = Console(stderr=stderr, highlight=False)
+    console.on_broken_pipe = _broken_pipe  # rich's own handler exits with status 1; main() exits with 141
     if not console.is_terminal and not os.environ.get("COLUMNS"):
         console.width = FILE_WIDTH
     return console
+
+
+def _broken_pipe() -> None:
+    raise BrokenPipeError
 
 
 #: the console width when writing to a file or a pipe: wide enough never to cut a table or a line
