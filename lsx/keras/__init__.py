@@ -20,6 +20,7 @@ from typing import Any
 try:
     import keras
     from keras import ops
+    from keras.src.losses.loss import reduce_weighted_values
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("lsx.keras needs Keras 3: pip install 'lsx[keras]'") from error
 import numpy as np
@@ -30,6 +31,10 @@ from lsx.spec import default
 __all__ = ["CategoricalCrossentropy", "SparseCategoricalCrossentropy", "loss"]
 
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
+#: a convention's reduction as Keras names it
+_KERAS_REDUCTIONS = {"mean": "sum_over_batch_size", "sum": "sum", "none": "none"}
+#: ``ignore_index`` not passed (``None`` is a value: no ignored label)
+_UNSET = object()
 
 
 def loss(
@@ -60,22 +65,18 @@ def loss(
         reduction=reduction,
         empty_mean=empty_mean,
     )
-    x = ops.convert_to_tensor(logits)
-    t = ops.convert_to_tensor(target)
-    kind = spec.target_kind(_dtype_name(t))
-    per_element, active, w_y = _per_element(x, t, kind, opts, axis, from_logits=True)
+    x = _tensor(logits)
+    kind = spec.target_kind(_target_dtype(target))
+    per_element, active, w_y = _per_element(x, target, opts, axis, True, kind)
     if opts.reduction == "none":
         return ops.cast(per_element, x.dtype)
     total = ops.sum(per_element)
-    if opts.reduction == "sum":
-        return ops.cast(total, x.dtype)
-    if kind == "index":
+    if active is not None:
         denominator = ops.sum(ops.where(active, ops.ones_like(per_element) if w_y is None else w_y, 0))
     else:
         denominator = ops.cast(ops.size(per_element), per_element.dtype)
-    empty = np.nan if opts.empty_mean == "nan" else 0.0
-    mean = ops.where(denominator != 0, total / ops.where(denominator != 0, denominator, 1), empty)
-    return ops.cast(mean, x.dtype)
+    value = spec.reduce_total(opts.reduction, total, denominator, opts.empty_mean, where=_where(per_element.dtype))
+    return ops.cast(value, x.dtype)
 
 
 loss.__doc__ = (
@@ -90,7 +91,7 @@ loss.__doc__ = (
 
 
 class _LsxLoss(keras.losses.Loss):
-    """Shared machinery: option validation, the per-element loss and Keras's ``ignore_class`` reduction."""
+    """Shared machinery: options (with conventions), the per-element loss and Keras's reductions."""
 
     _kind = "index"
 
@@ -99,6 +100,7 @@ class _LsxLoss(keras.losses.Loss):
         *,
         from_logits,
         ignore_class,
+        ignore_index,
         axis,
         reduction,
         name,
@@ -110,70 +112,85 @@ class _LsxLoss(keras.losses.Loss):
         normalize,
         class_mask,
         empty_mean,
+        convention,
     ):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        if ignore_index is _UNSET:
+            ignore = default(None) if ignore_class is None else ignore_class
+        else:
+            if ignore_class is not None and ignore_class != ignore_index:
+                raise ValueError(
+                    f"ignore_class={ignore_class!r} and ignore_index={ignore_index!r} name the same option with "
+                    "different values: pass one of them"
+                )
+            ignore = ignore_index
         weight = None if weight is None else np.asarray(weight, np.float64)
         class_mask = None if class_mask is None else np.asarray(class_mask)
-        self._options = spec.resolve_options(
+        options = spec.resolve_options(
+            convention,
             label_smoothing=label_smoothing,
             spread=spread,
             weight=weight,
-            ignore_index=ignore_class,
+            ignore_index=ignore,
             z_loss=z_loss,
             normalize=normalize,
             class_mask=class_mask,
-            reduction="none",
+            reduction=default("mean") if spec.is_default(reduction) else "mean",
             empty_mean=empty_mean,
         )
-        if z_loss and not from_logits:
+        if spec.is_default(reduction) and convention is not None and "reduction" in spec.CONVENTIONS[convention]:
+            reduction = _KERAS_REDUCTIONS[spec.CONVENTIONS[convention]["reduction"]]
+        reduction = str(reduction) if isinstance(reduction, str) else reduction
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self._options = options
+        if options.z_loss and not from_logits:
             raise ValueError("z_loss needs logits: pass from_logits=True")
         if weight is not None:
             spec.check_weight(weight, weight.shape[0] if weight.ndim == 1 else -1)
         if class_mask is not None:
-            spec.check_class_mask(class_mask, class_mask.shape[0] if class_mask.ndim == 1 else -1, self._options)
+            spec.check_class_mask(class_mask, class_mask.shape[0] if class_mask.ndim == 1 else -1, options)
         self.from_logits = from_logits
-        self.ignore_class = ignore_class
+        self.ignore_class = options.ignore_index
         self.axis = axis
-        self.label_smoothing = label_smoothing
-        self.spread = spread
+        self.label_smoothing = options.label_smoothing
+        self.spread = options.spread
         self.weight = weight
-        self.z_loss = z_loss
-        self.normalize = normalize
+        self.z_loss = options.z_loss
+        self.normalize = options.normalize
         self.class_mask = class_mask
-        self.empty_mean = empty_mean
+        self.empty_mean = options.empty_mean
+        self.convention = convention
 
     def call(self, y_true, y_pred):
-        if self._kind == "index" and len(y_true.shape) == len(y_pred.shape) and y_true.shape[self.axis] == 1:
-            y_true = ops.squeeze(y_true, axis=self.axis)  # labels of shape (..., 1), as Keras accepts
-        if self._kind == "index" and not _is_integer(y_true):
-            y_true = ops.cast(y_true, "int32")  # Keras hands labels over as floats
-        per_element, _, _ = _per_element(y_pred, y_true, self._kind, self._options, self.axis, self.from_logits)
-        return ops.cast(per_element, y_pred.dtype)
+        return self._losses(y_true, y_pred)[0]
+
+    def _losses(self, y_true, y_pred):
+        """(per-element loss in ``y_pred``'s dtype, the non-ignored elements or None)."""
+        if self._kind == "index":
+            y_true = _squeeze_labels(y_true, y_pred, self.axis)
+        per_element, active, _ = _per_element(y_pred, y_true, self._options, self.axis, self.from_logits, self._kind)
+        return ops.cast(per_element, y_pred.dtype), active
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        if self._kind != "index" or self.ignore_class is None:
-            return super().__call__(y_true, y_pred, sample_weight=sample_weight)
-        # Like Keras: ignored elements leave the "sum_over_batch_size"/"mean" denominator (0 if none is left)
-        labels = ops.convert_to_tensor(y_true)
-        y_pred = ops.convert_to_tensor(y_pred)
-        if len(labels.shape) == len(y_pred.shape):
-            labels = ops.squeeze(labels, axis=self.axis)
-        active = ops.not_equal(labels, ops.cast(self.ignore_class, labels.dtype))
-        valid = ops.sum(ops.cast(active, self.dtype))
-        if self.reduction in _MEAN_REDUCTIONS:
-            total = ops.cast(ops.size(active), self.dtype)
-            mask_weight = ops.where(active, ops.divide_no_nan(total, valid), 0)
-        else:
-            mask_weight = ops.cast(active, self.dtype)
-        if sample_weight is not None:
-            sample_weight = ops.cast(sample_weight, self.dtype)
-            while len(sample_weight.shape) < len(mask_weight.shape):
-                sample_weight = ops.expand_dims(sample_weight, -1)
-            mask_weight = mask_weight * sample_weight
-        result = super().__call__(y_true, y_pred, sample_weight=mask_weight)
-        if self.empty_mean == "nan" and self.reduction in _MEAN_REDUCTIONS:
-            result = ops.where(valid == 0, ops.cast(np.nan, result.dtype), result)
-        return result
+        # Keras's Loss.__call__ casts the labels to the loss's float dtype, which rounds and wraps large integer
+        # labels; here labels keep their integer dtype and are checked before any conversion.
+        in_mask = getattr(y_pred, "_keras_mask", None)
+        with keras.name_scope(self.name):
+            y_pred = _tensor(y_pred, self.dtype)
+            if self._kind != "index":
+                y_true = _tensor(y_true, self.dtype)
+            losses, active = self._losses(y_true, y_pred)
+            mask = None
+            if self._kind == "index" and self.ignore_class is not None:
+                # like Keras: ignored elements leave the "sum_over_batch_size"/"mean" denominator
+                mask = active
+            if in_mask is not None:
+                mask = ops.cast(in_mask, "bool") if mask is None else ops.logical_and(mask, ops.cast(in_mask, "bool"))
+            result = reduce_weighted_values(
+                losses, sample_weight=sample_weight, mask=mask, reduction=self.reduction, dtype=self.dtype
+            )
+            if mask is not None and self.empty_mean == "nan" and self.reduction in _MEAN_REDUCTIONS:
+                result = ops.where(ops.any(mask), result, ops.cast(np.nan, result.dtype))
+            return result
 
     def get_config(self):
         config = super().get_config()
@@ -183,10 +200,12 @@ class _LsxLoss(keras.losses.Loss):
             label_smoothing=self.label_smoothing,
             spread=self.spread,
             weight=None if self.weight is None else self.weight.tolist(),
+            ignore_index=self.ignore_class,
             z_loss=self.z_loss,
             normalize=self.normalize,
             class_mask=None if self.class_mask is None else self.class_mask.tolist(),
             empty_mean=self.empty_mean,
+            convention=self.convention,
             dtype=self._dtype_policy.name,
         )
         return config
@@ -205,10 +224,18 @@ class SparseCategoricalCrossentropy(_LsxLoss):
             (ε/(K−1) on the non-target classes).
         weight: per-class weights, shape (K,); each element's loss is scaled, Keras's reduction is kept
             (``"sum_over_batch_size"`` divides by the number of non-ignored elements, not by Σ w_y).
+        ignore_index: the lsx name of ``ignore_class`` (pass either; both with different values is an error).
         z_loss: s >= 0, adds s·w_y·LSE² per element (needs ``from_logits=True``).
         normalize: subtract the smoothed target's entropy (KL form, minimum 0).
         class_mask: boolean (K,) of the classes that exist; the others leave softmax and smoothing.
         empty_mean: ``"zero"`` (Keras) or ``"nan"`` for a mean over no element (everything ignored).
+        convention: a preset from ``lsx.spec.CONVENTIONS``; options passed explicitly win. Its reduction maps
+            onto Keras's: ``"mean"`` → ``"sum_over_batch_size"``, ``"sum"``, ``"none"``.
+
+    Labels keep their integer dtype (Keras's own loss casts them to float). A label outside [0, K) other
+    than ``ignore_class`` raises ``ValueError`` naming it when its value is known (eager calls,
+    ``run_eagerly=True``, the PyTorch backend); in a traced function (``model.fit`` on TensorFlow and JAX,
+    ``tf.function``, ``jax.jit``) that element's loss and gradient are NaN.
 
     Example:
         >>> import numpy as np, keras, lsx.keras
@@ -227,22 +254,25 @@ class SparseCategoricalCrossentropy(_LsxLoss):
         self,
         from_logits=False,
         ignore_class=None,
-        reduction="sum_over_batch_size",
+        reduction=default("sum_over_batch_size"),
         axis=-1,
         name="sparse_categorical_crossentropy",
         dtype=None,
         *,
-        label_smoothing=0.0,
-        spread="all",
+        label_smoothing=default(0.0),
+        spread=default("all"),
         weight=None,
-        z_loss=0.0,
-        normalize=False,
+        ignore_index=_UNSET,
+        z_loss=default(0.0),
+        normalize=default(False),
         class_mask=None,
-        empty_mean="zero",
+        empty_mean=default("zero"),
+        convention=None,
     ):
         super().__init__(
             from_logits=from_logits,
             ignore_class=ignore_class,
+            ignore_index=ignore_index,
             axis=axis,
             reduction=reduction,
             name=name,
@@ -254,6 +284,7 @@ class SparseCategoricalCrossentropy(_LsxLoss):
             normalize=normalize,
             class_mask=class_mask,
             empty_mean=empty_mean,
+            convention=convention,
         )
 
     def get_config(self):
@@ -267,7 +298,8 @@ class CategoricalCrossentropy(_LsxLoss):
     Same arguments and defaults as Keras's (``from_logits=False``, ``label_smoothing=0``, ``axis=-1``,
     ``reduction="sum_over_batch_size"``); the smoothing uses the length of ``axis`` (Keras 3.15 takes the
     last dimension even when ``axis`` is another one). Extra keyword-only options as for
-    :class:`SparseCategoricalCrossentropy` (``weight`` scales by Σ_c w_c q_c; no ``ignore_class``).
+    :class:`SparseCategoricalCrossentropy` (``weight`` scales by Σ_c w_c q_c; ``ignore_index`` is accepted
+    and, as for every probability target, has no effect).
     """
 
     _kind = "probs"
@@ -275,22 +307,25 @@ class CategoricalCrossentropy(_LsxLoss):
     def __init__(
         self,
         from_logits=False,
-        label_smoothing=0.0,
+        label_smoothing=default(0.0),
         axis=-1,
-        reduction="sum_over_batch_size",
+        reduction=default("sum_over_batch_size"),
         name="categorical_crossentropy",
         dtype=None,
         *,
-        spread="all",
+        spread=default("all"),
         weight=None,
-        z_loss=0.0,
-        normalize=False,
+        ignore_index=_UNSET,
+        z_loss=default(0.0),
+        normalize=default(False),
         class_mask=None,
-        empty_mean="zero",
+        empty_mean=default("zero"),
+        convention=None,
     ):
         super().__init__(
             from_logits=from_logits,
             ignore_class=None,
+            ignore_index=ignore_index,
             axis=axis,
             reduction=reduction,
             name=name,
@@ -302,6 +337,7 @@ class CategoricalCrossentropy(_LsxLoss):
             normalize=normalize,
             class_mask=class_mask,
             empty_mean=empty_mean,
+            convention=convention,
         )
 
 
@@ -310,43 +346,154 @@ def _dtype_name(x: Any) -> str:
     return keras.backend.standardize_dtype(x.dtype)
 
 
-def _is_integer(x: Any) -> bool:
-    return "int" in _dtype_name(x)
+def _shape(value: Any) -> tuple:
+    return tuple(value.shape) if hasattr(value, "shape") and hasattr(value, "dtype") else np.shape(value)
+
+
+def _target_dtype(value: Any) -> str:
+    return (
+        _dtype_name(value)
+        if hasattr(value, "dtype") and not isinstance(value, np.ndarray)
+        else str(np.asarray(value).dtype)
+    )
+
+
+def _tensor(value: Any, dtype: Any = None) -> Any:
+    """A backend tensor (a ``tf.Variable`` or ``keras.Variable`` is read), optionally cast to ``dtype``."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if isinstance(value, tf.Variable):
+            value = tf.convert_to_tensor(value)
+    return ops.convert_to_tensor(value, dtype=dtype)
+
+
+def _where(dtype: Any):
+    """``where`` for the spec's row algebra: Python numbers become tensors of ``dtype``."""
+
+    def where(condition, x, y):
+        return ops.where(condition, ops.cast(x, dtype), ops.cast(y, dtype))
+
+    return where
+
+
+def _squeeze_labels(y_true: Any, y_pred: Any, axis: int) -> Any:
+    """Labels of shape (..., 1) with the class axis kept, as Keras accepts them, lose that axis."""
+    rank, shape = len(y_pred.shape), _shape(y_true)
+    if len(shape) == rank and -rank <= axis < rank and shape[axis] == 1:
+        if isinstance(y_true, np.ndarray) or not hasattr(y_true, "dtype"):
+            return np.squeeze(np.asarray(y_true), axis=axis)
+        return ops.squeeze(y_true, axis=axis)
+    return y_true
 
 
 def _concrete(value: Any) -> np.ndarray | None:
     """The value as NumPy when it is known now (not a traced symbol), else None."""
+    if isinstance(value, np.ndarray) or not hasattr(value, "dtype"):
+        return np.asarray(value)
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.get_static_value(value)
+        return tf.get_static_value(tf.convert_to_tensor(value))
     if backend == "jax":
         import jax
 
         return None if isinstance(value, jax.core.Tracer) else np.asarray(value)
     if backend == "torch":
-        return value.detach().cpu().numpy()
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu().numpy()
     return ops.convert_to_numpy(value)
 
 
-def _xlogx(q: float) -> float:
-    return q * float(np.log(q)) if q > 0 else 0.0
+def _widest_int() -> str:
+    """The widest signed integer dtype of the backend (int32 on JAX without x64)."""
+    return _dtype_name(ops.convert_to_tensor(np.zeros(1, np.int64)))
 
 
-def _per_element(y_pred, target, kind, opts, axis, from_logits):
-    """Per-element loss in the compute dtype, shaped like ``target`` without the class axis.
+def _labels(target: Any, num_classes: int, opts: spec.Options, mask: np.ndarray | None):
+    """(active, label in [0, K) as int32, bad) for integer labels of any dtype (or float labels, as Keras
+    hands them over); comparisons never happen in a dtype where the caller's values or ignore_index wrap.
+
+    Known values are checked here (``ValueError`` naming the label) and converted in NumPy; unknown ones
+    (traced) give ``bad`` where they are out of range or on a masked class.
+    """
+    concrete = _concrete(target)
+    if concrete is not None:
+        raw = concrete
+        if raw.dtype.kind == "f":  # float labels: integral and finite, else an error naming the value
+            wrong = ~np.isfinite(raw) | (raw != np.round(raw))
+            if wrong.any():
+                raise ValueError(f"target has label {raw[wrong][0]!r}, which is not an integer class index")
+            raw = raw.astype(np.int64)
+        spec.check_labels(raw, num_classes, opts, mask)
+        y, _ = spec.labels_as_int64(raw)
+        active = np.ones(y.shape, bool) if opts.ignore_index is None else y != opts.ignore_index
+        label = np.where(active, y, 0).astype(np.int32)
+        return ops.convert_to_tensor(active), ops.convert_to_tensor(label), None
+
+    t = target
+    name = _dtype_name(t)
+    wide = _widest_int()
+    bad = None
+    if "float" in name:
+        bad = ops.logical_not(ops.isfinite(t))
+        t = ops.where(bad, ops.zeros_like(t), t)
+    else:
+        # values that the widest integer cannot hold are out of range (never ignored), compared in their dtype
+        info, wide_info = np.iinfo(name), np.iinfo(wide)
+        out = None
+        if info.max > wide_info.max:
+            out = ops.greater(t, ops.convert_to_tensor(np.array(wide_info.max, name)))
+        if info.min < wide_info.min:
+            below = ops.less(t, ops.convert_to_tensor(np.array(wide_info.min, name)))
+            out = below if out is None else ops.logical_or(out, below)
+        if out is not None:
+            bad = out
+            t = ops.where(out, ops.zeros_like(t), t)
+    y = ops.cast(t, wide)
+    ignore = opts.ignore_index
+    if ignore is None or not np.iinfo(wide).min <= ignore <= np.iinfo(wide).max:
+        active = ops.ones(ops.shape(y), "bool")  # no label of this dtype can equal ignore_index
+    else:
+        active = ops.not_equal(y, ops.convert_to_tensor(np.array(ignore, wide)))
+    if bad is not None:
+        active = ops.logical_or(active, bad)
+    out_of_range = ops.logical_or(ops.less(y, 0), ops.greater_equal(y, num_classes))
+    bad = out_of_range if bad is None else ops.logical_or(bad, out_of_range)
+    bad = ops.logical_and(active, bad)
+    label = ops.cast(ops.where(ops.logical_and(active, ops.logical_not(bad)), y, 0), "int32")
+    if mask is not None:
+        on_masked = ops.logical_not(ops.take(ops.convert_to_tensor(mask), label))
+        bad = ops.logical_or(bad, ops.logical_and(active, on_masked))
+    return active, label, bad
+
+
+def _row_max(x_soft: Any) -> Any:
+    """max over the classes (0 where it is not finite), no gradient; an empty batch has no rows to reduce."""
+    if 0 in tuple(x_soft.shape[:-1]):
+        row_max = ops.zeros(tuple(x_soft.shape[:-1]), x_soft.dtype)
+    else:
+        row_max = ops.stop_gradient(ops.max(x_soft, axis=-1))
+    return row_max
+
+
+def _per_element(y_pred, target, opts, axis, from_logits, kind):
+    """Per-element loss in the compute dtype, shaped like the target without the class axis.
 
     Returns ``(loss, active, w_y)``: ``active`` (bool, index targets) marks the non-ignored elements and
-    ``w_y`` their class weight (None without ``weight``).
+    ``w_y`` their class weight (None without ``weight``). The gradient is the framework's autodiff of the
+    spec's row algebra (row statistics relative to the row maximum, which is held constant).
     """
-    x = ops.convert_to_tensor(y_pred)
-    t = ops.convert_to_tensor(target)
+    x = _tensor(y_pred)
     if "float" not in _dtype_name(x):
         raise TypeError(f"logits must be floating point, got dtype {_dtype_name(x)}")
+    target_shape = _shape(target)
     layout = spec.check_layout(
         tuple(x.shape),
-        tuple(t.shape),
+        target_shape,
         kind,
         opts,
         axis=axis,
@@ -356,69 +503,81 @@ def _per_element(y_pred, target, kind, opts, axis, from_logits):
     k = layout.num_classes
     mask = None if opts.class_mask is None else spec.check_class_mask(_numpy(opts.class_mask), k, opts)
     weight = None if opts.weight is None else spec.check_weight(_numpy(opts.weight), k)
-    concrete = _concrete(t)
-    if concrete is not None:
-        if kind == "index":
-            spec.check_labels(concrete, k, opts, mask)
-        elif mask is not None:
-            spec.check_probability_target_mask(concrete, layout.axis, mask)
-
     compute = "float64" if _dtype_name(x) == "float64" else "float32"
+    where = _where(compute)
     x = ops.moveaxis(ops.cast(x, compute), layout.axis, -1)
     valid_count = k if mask is None else int(mask.sum())
-    a, b = spec.smoothing_coefficients(opts, valid_count)
     if mask is not None:
         weight = np.where(mask, 1.0 if weight is None else weight, 0.0)
     w = None if weight is None else ops.convert_to_tensor(weight, compute)
-    total_weight = float(valid_count if weight is None else weight.sum())
+    rows = spec.RowCoefficients.of(opts, valid_count, None if weight is None else float(weight.sum()))
     mask_t = None if mask is None else ops.convert_to_tensor(mask)
 
     if from_logits:
         x_soft = x if mask is None else ops.where(mask_t, x, -np.inf)
-        row_max = ops.stop_gradient(ops.max(x_soft, axis=-1, keepdims=True))
+        row_max = _row_max(x_soft)
+        positive_inf = ops.equal(row_max, np.inf)  # a +inf logit: the row's L, loss and gradient are NaN
         row_max = ops.where(ops.isfinite(row_max), row_max, 0)
-        lse = ops.log(ops.sum(ops.exp(x_soft - row_max), axis=-1)) + row_max[..., 0]
+        sum_exp = ops.sum(ops.exp(x_soft - ops.expand_dims(row_max, -1)), axis=-1)
+        log_sum_exp = ops.log(ops.where(positive_inf, np.nan, sum_exp))
     else:  # Keras's recipe for probabilities: renormalise, clip, log; then "LSE" of log-probabilities is 0
         p = x if mask is None else ops.where(mask_t, x, 0)
         p = p / ops.sum(p, axis=-1, keepdims=True)
         epsilon = keras.config.epsilon()
         x = ops.log(ops.clip(p, epsilon, 1.0 - epsilon))
-        lse = ops.zeros_like(x[..., 0])
+        row_max = log_sum_exp = ops.zeros_like(x[..., 0])
+    shifted = x - ops.expand_dims(row_max, -1)
 
     if kind == "index":
-        labels = ops.cast(t, "int32")
-        active = ops.ones(labels.shape, "bool") if opts.ignore_index is None else labels != opts.ignore_index
-        bad = ops.logical_and(active, ops.logical_or(labels < 0, labels >= k))
-        if mask is not None:
-            on_masked = ops.logical_not(ops.take(mask_t, ops.clip(labels, 0, k - 1)))
-            bad = ops.logical_or(bad, ops.logical_and(active, on_masked))
-        y = ops.where(ops.logical_and(active, ops.logical_not(bad)), labels, 0)
+        active, y, bad = _labels(target, k, opts, mask)
         w_y = None if w is None else ops.take(w, y)
-        w_target = 1.0 if w_y is None else w_y
-        value = opts.z_loss * w_target * lse * lse
-        if a != 0:
-            x_y = ops.take_along_axis(x, ops.expand_dims(y, -1), axis=-1)[..., 0]
-            value = value + a * w_target * (lse - x_y)
-        if b != 0:
-            x_lin = x if mask is None else ops.where(mask_t, x, 0)
-            weighted_sum = ops.sum(x_lin, axis=-1) if w is None else ops.matmul(x_lin, w)
-            value = value + b * (total_weight * lse - weighted_sum)
-        if opts.normalize:
-            value = value + w_target * _xlogx(a + b) + _xlogx(b) * (total_weight - w_target)
+        x_y = ops.take_along_axis(shifted, ops.expand_dims(y, -1), axis=-1)[..., 0]
+        if w_y is not None:  # a class with weight 0 contributes nothing, even against x_y = −inf
+            x_y = ops.where(w_y != 0, x_y, 0)
+        weighted_sum = 0.0
+        if rows.b != 0:
+            weighted_sum = ops.sum(shifted if w is None else ops.where(w != 0, shifted, 0) * w, axis=-1)
+        value, _ = spec.label_row(
+            rows,
+            log_sum_exp=log_sum_exp,
+            row_max=row_max,
+            w_y=1.0 if w_y is None else w_y,
+            x_y=x_y,
+            weighted_sum=weighted_sum,
+            where=where,
+            log=ops.log,
+        )
         value = ops.where(active, value, 0)
-        # an unknown bad label (traced): NaN loss and, through the product, NaN gradient
-        value = value * ops.cast(ops.where(bad, np.nan, 1.0), compute)
+        if bad is not None:
+            # an unknown bad label (traced): NaN loss and, through the product, NaN gradient
+            value = value * ops.cast(ops.where(bad, np.nan, 1.0), compute)
         return value, active, w_y
 
-    q = a * ops.moveaxis(ops.cast(t, compute), layout.axis, -1) + b
+    t = ops.moveaxis(ops.cast(_tensor(target), compute), layout.axis, -1)
+    q = rows.a * t + rows.b
     if mask is not None:
         q = ops.where(mask_t, q, 0)
     wq = q if w is None else q * w
-    value = ops.sum(ops.where(wq > 0, wq * (ops.expand_dims(lse, -1) - x), 0), axis=-1)
-    value = value + opts.z_loss * lse * lse
+    contributes = wq != 0  # NaN counts (NaN loss), a negative q counts linearly
+    weighted_xlogx = None
     if opts.normalize:
-        xlogx = ops.where(q > 0, q * ops.log(ops.where(q > 0, q, 1)), 0)
-        value = value + ops.sum(xlogx if w is None else xlogx * w, axis=-1)
+        xlogx = spec.xlogx(q, where=where, log=ops.log)
+        weighted_xlogx = ops.sum(ops.where(contributes, xlogx if w is None else w * xlogx, 0), axis=-1)
+    value, _ = spec.probability_row(
+        rows,
+        log_sum_exp=log_sum_exp,
+        row_max=row_max,
+        target_mass=ops.sum(wq, axis=-1),
+        weighted_sum=ops.sum(ops.where(contributes, wq * shifted, 0), axis=-1),
+        weighted_xlogx=weighted_xlogx,
+    )
+    if mask is not None:
+        concrete = _concrete(target)
+        if concrete is not None:
+            spec.check_probability_target_mask(concrete, layout.axis, mask)
+        else:  # traced probabilities: mass on a masked class is NaN for that element
+            on_masked = ops.any(ops.logical_and(ops.logical_not(mask_t), t != 0), axis=-1)
+            value = value * ops.cast(ops.where(on_masked, np.nan, 1.0), compute)
     return value, None, None
 
 

@@ -16,7 +16,9 @@ def run(logits, target, options, *, axis, dtype, mode):
 
     backend = keras.backend.backend()
     x = keras.ops.convert_to_tensor(logits.astype(dtype))
-    t = keras.ops.convert_to_tensor(target)
+    # the target stays a NumPy array in its own dtype: lsx.keras checks its values before any conversion
+    # (Keras-on-JAX without x64 has no int64 and Keras-on-torch no uint64 tensors)
+    t = target
 
     def total(x):
         value = lsx.keras.loss(x, t, axis=axis, **options)
