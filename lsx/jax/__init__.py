@@ -59,44 +59,59 @@ def loss(
     opts = spec.resolve_options(convention, weight=weight, class_mask=class_mask, **given)
 
     x = jnp.asarray(logits)
-    t = jnp.asarray(target)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"logits must be floating point, got dtype {x.dtype}")
-    kind = spec.target_kind(t.dtype)
-    w = None if opts.weight is None else jnp.asarray(opts.weight)
-    mask = None if opts.class_mask is None else jnp.asarray(opts.class_mask)
+    # whatever is concrete (not a tracer) is checked on the host with the caller's own values, before any
+    # conversion: a NumPy array closed over by a jitted function included, and before JAX's 32-bit mode
+    # narrows int64 labels
+    raw_target = target if _traced(target) else np.asarray(target)
+    kind = spec.target_kind(raw_target.dtype)
     layout = spec.check_layout(
         x.shape,
-        t.shape,
+        raw_target.shape,
         kind,
         opts,
         axis=axis,
-        weight_shape=None if w is None else w.shape,
-        class_mask_shape=None if mask is None else mask.shape,
+        weight_shape=None if opts.weight is None else np.shape(opts.weight),
+        class_mask_shape=None if opts.class_mask is None else np.shape(opts.class_mask),
     )
     k = layout.num_classes
 
-    # value checks need concrete values; traced values are left to the engine (bad labels give NaN)
-    if w is not None:
-        if not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)):
-            raise TypeError(f"weight must be a real array, got dtype {w.dtype}")
-        if not _traced(w):
-            spec.check_weight(np.asarray(w), k)
+    w = None
+    if opts.weight is not None:
+        if _traced(opts.weight):
+            w = opts.weight
+            if not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)):
+                raise TypeError(f"weight must be a real array, got dtype {w.dtype}")
+        else:
+            spec.check_weight(np.asarray(opts.weight), k)
+            w = jnp.asarray(opts.weight)
     concrete_mask = None
     valid_count: int | None = k
-    if mask is not None:
-        if mask.dtype != jnp.bool_:
-            raise TypeError(f"class_mask must be a boolean array, got dtype {mask.dtype}")
-        if _traced(mask):
+    mask = None
+    if opts.class_mask is not None:
+        if _traced(opts.class_mask):
+            mask = opts.class_mask
+            if mask.dtype != jnp.bool_:
+                raise TypeError(f"class_mask must be a boolean array, got dtype {mask.dtype}")
             valid_count = None
         else:
-            concrete_mask = spec.check_class_mask(np.asarray(mask), k, opts)
+            concrete_mask = spec.check_class_mask(np.asarray(opts.class_mask), k, opts)
             valid_count = int(concrete_mask.sum())
-    if not _traced(t):
+            mask = jnp.asarray(concrete_mask)
+
+    ignore_index = opts.ignore_index
+    if _traced(target):
+        t = target
+    else:
         if kind == "index":
-            spec.check_labels(np.asarray(t), k, opts, concrete_mask)
+            spec.check_labels(raw_target, k, opts, concrete_mask)
         elif concrete_mask is not None:
-            spec.check_probability_target_mask(np.asarray(t), layout.axis, concrete_mask)
+            spec.check_probability_target_mask(raw_target, layout.axis, concrete_mask)
+        if isinstance(target, jax.Array) or kind == "probs":
+            t = jnp.asarray(target)  # a JAX array's dtype already is what JAX holds
+        else:
+            t, ignore_index = _labels_for_jax(raw_target, ignore_index)
 
     cfg = _jax_engine.Config(
         kind=kind,
@@ -104,7 +119,7 @@ def loss(
         spread=opts.spread,
         z_loss=opts.z_loss,
         normalize=opts.normalize,
-        ignore_index=opts.ignore_index,
+        ignore_index=ignore_index,
         reduction=opts.reduction,
         empty_mean=opts.empty_mean,
         valid_count=valid_count,
@@ -117,6 +132,25 @@ def loss(
         w,
         mask,
     )
+
+
+def _labels_for_jax(labels: np.ndarray, ignore_index: int | None) -> tuple[jax.Array, int | None]:
+    """Checked concrete labels as a JAX array, and the ignore_index the engine should compare with.
+
+    Every label is in [0, K) or equal to ignore_index, so a conversion that narrows them (int64 → int32 in
+    JAX's default 32-bit mode) keeps their values, unless ignore_index itself does not fit the narrower
+    dtype: then the ignored elements become -1 in int32 labels, and -1 is the engine's ignore_index.
+    """
+    narrowed = jax.dtypes.canonicalize_dtype(labels.dtype)
+    if narrowed == labels.dtype or ignore_index is None or _fits(ignore_index, narrowed):
+        return jnp.asarray(labels, narrowed), ignore_index
+    y, _ = spec.labels_as_int64(labels)
+    return jnp.asarray(np.where(y == ignore_index, -1, y).astype(np.int32)), -1
+
+
+def _fits(value: int, dtype: Any) -> bool:
+    info = np.iinfo(dtype)
+    return int(info.min) <= value <= int(info.max)
 
 
 def _traced(value: Any) -> bool:

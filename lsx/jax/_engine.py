@@ -4,25 +4,31 @@ Everything here takes validated inputs with the classes on the last axis. Static
 :class:`Config` (hashable, so one compiled program per option set); arrays are traced. Nothing here looks at
 array values on the host, so the same program runs on CPU, GPU and TPU.
 
-Integer labels never become a one-hot tensor: with q = a·t + b on the valid classes,
+The engine only reduces each row of logits to statistics relative to the row maximum m (over the valid
+classes): log Σ exp(x − m), and for integer labels x_y − m and Σ_c w_c (x_c − m), for probability targets
+Σ w q, Σ w q (x − m) and Σ w·xlogx(q). The loss and the gradient's row coefficient come from
+:func:`lsx.spec.label_row` / :func:`lsx.spec.probability_row`, the mean from :func:`lsx.spec.reduce_total`.
+Integer labels never become a one-hot tensor: the forward pass is a log-sum-exp, a gather and a weighted
+row sum. The backward pass recomputes p = exp(x − L) from the saved log-sum-exp L (residuals: logits,
+target, L) and writes the gradient ``coef · p − w∘q`` in one elementwise pass.
 
-    Σ_c w_c q_c (L − x_c) = a·w_y·(L − x_y) + b·(W·L − Σ_c w_c x_c),      W = Σ_c w_c,
-
-so the forward pass is a log-sum-exp, a gather and a weighted row sum. The backward pass recomputes
-p = exp(x − L) from the saved log-sum-exp (residuals: logits, target, LSE) and writes the gradient in one
-elementwise pass.
+Values that cannot be checked on the host give NaN, never a silent finite number: an out-of-range label or a
+label on a masked class (that element), probability mass on a masked class (that element), and a negative
+or non-finite weight (everything).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lsx import spec
+
+_OPS = dict(where=jnp.where, log=jnp.log)
 
 
 @dataclass(frozen=True)
@@ -38,55 +44,84 @@ class Config:
     valid_count: int | None  # None when class_mask is traced: counted on the device
     compute: str  # accumulation dtype: "float64" for float64 logits, else "float32"
 
-
-def _scaled(coefficient, term):
-    """coefficient·term, but exactly 0 where the coefficient is 0 (so that 0·∞ never happens)."""
-    if isinstance(coefficient, float):
-        return coefficient * term if coefficient != 0 else jnp.zeros_like(term)
-    return jnp.where(coefficient != 0, coefficient * term, 0)
-
-
-def _xlogx(q):
-    """q·log q with 0·log 0 = 0."""
-    if isinstance(q, float):
-        return 0.0 if q <= 0 else q * math.log(q)
-    return jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q, 1)), 0)
+    def row_coefficients(self, mask, weight) -> spec.RowCoefficients:
+        """a, b, s and W = Σ_c w_c over the valid classes (device scalars where the mask or weight is traced)."""
+        options = spec.Options(
+            label_smoothing=self.label_smoothing, spread=self.spread, z_loss=self.z_loss, normalize=self.normalize
+        )
+        valid = self.valid_count if self.valid_count is not None else jnp.sum(mask).astype(self.compute)
+        return spec.RowCoefficients.of(options, valid, None if weight is None else jnp.sum(weight))
 
 
-def _coefficients(cfg: Config, mask):
-    """(a, b) with q = a·t + b: Python floats, or device scalars when the class mask is traced."""
-    smoothing = spec.Options(label_smoothing=cfg.label_smoothing, spread=cfg.spread)
-    if cfg.valid_count is not None:
-        return spec.smoothing_coefficients(smoothing, cfg.valid_count)
-    return spec.smoothing_coefficients(smoothing, jnp.sum(mask).astype(cfg.compute))
+def _effective_weight(weight, mask):
+    """Class weights with masked classes at 0; None when no weight is given."""
+    if weight is None or mask is None:
+        return weight
+    return jnp.where(mask, weight, 0)
 
 
-def _effective_weight(cfg: Config, weight, mask):
-    """Class weights with masked classes at 0; None when every class weighs 1."""
-    if weight is None and mask is None:
-        return None
-    if weight is None:
-        return mask.astype(cfg.compute)
-    return weight if mask is None else jnp.where(mask, weight, 0)
+def _checked_weight(weight):
+    """A traced weight with a negative or non-finite entry makes every result NaN (concrete ones raise)."""
+    fine = jnp.all(jnp.isfinite(weight) & (weight >= 0))
+    return weight + jnp.where(fine, 0, jnp.nan).astype(weight.dtype)
 
 
-def _log_sum_exp(cfg: Config, x, mask):
+def _valid_logits(cfg: Config, x, mask):
     x = x.astype(cfg.compute)
-    if mask is not None:
-        x = jnp.where(mask, x, -jnp.inf)
-    shift = jnp.max(x, axis=-1)
-    shift = jnp.where(jnp.isfinite(shift), shift, 0)
-    return shift + jnp.log(jnp.sum(jnp.exp(x - shift[..., None]), axis=-1))
+    return x if mask is None else jnp.where(mask, x, -jnp.inf)
 
 
-def _labels(cfg: Config, target, num_classes, mask):
-    """(active, label clipped into range, bad): bad labels (out of range or on a masked class) give NaN."""
-    active = jnp.ones(target.shape, bool) if cfg.ignore_index is None else target != cfg.ignore_index
-    bad = active & ((target < 0) | (target >= num_classes))
-    label = jnp.clip(jnp.where(active, target, 0), 0, num_classes - 1).astype(jnp.int32)
+def _statistics(cfg: Config, x, mask):
+    """(row max m; x − m, −inf on masked classes; log Σ exp(x − m)), in the compute dtype.
+
+    m is 0 for a row whose valid logits are all −inf; a +inf (or NaN) maximum is kept, so that such a row's
+    statistics, loss and gradient are NaN (as the reference and ``F.cross_entropy``)."""
+    xc = _valid_logits(cfg, x, mask)
+    row_max = jnp.max(xc, axis=-1)
+    row_max = jnp.where(row_max == -jnp.inf, 0, row_max)
+    shifted = xc - row_max[..., None]
+    return row_max, shifted, jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+
+
+def _fits(value: int, dtype) -> bool:
+    info = jnp.iinfo(dtype)
+    return int(info.min) <= value <= int(info.max)
+
+
+def _labels(cfg: Config, target, num_classes: int, mask):
+    """(active, label as int32 in [0, K), bad): bad labels (out of range or on a masked class) give NaN.
+
+    Comparisons happen in the labels' own dtype with constants that fit it, so nothing wraps: a uint8 label
+    is never equal to ignore_index=-100 or -1, and no int8 label reaches K = 200."""
+    dtype = target.dtype
+    if cfg.ignore_index is None or not _fits(cfg.ignore_index, dtype):
+        active = jnp.ones(target.shape, bool)
+    else:
+        active = target != np.asarray(cfg.ignore_index, dtype)
+    outside = jnp.zeros(target.shape, bool)
+    if jnp.issubdtype(dtype, jnp.signedinteger):
+        outside = outside | (target < np.asarray(0, dtype))
+    if _fits(num_classes, dtype):
+        outside = outside | (target >= np.asarray(num_classes, dtype))
+    bad = active & outside
+    label = jnp.where(active & ~outside, target, np.asarray(0, dtype)).astype(jnp.int32)
     if mask is not None:
         bad = bad | (active & ~mask[label])
     return active, label, bad
+
+
+def _masked_mass(target, mask):
+    """Elements whose probability target puts anything (NaN included) on a masked class."""
+    return jnp.any(~mask & (target != 0), axis=-1)
+
+
+def _probability_terms(cfg: Config, k: spec.RowCoefficients, target, w, mask):
+    """(q, w∘q, where w∘q ≠ 0) for a probability target, q = a·t + b on the valid classes, 0 elsewhere."""
+    q = k.a * target.astype(cfg.compute) + k.b
+    if mask is not None:
+        q = jnp.where(mask, q, 0)
+    wq = q if w is None else w * q
+    return q, wq, wq != 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -99,34 +134,41 @@ def per_element(cfg: Config, x, target, weight, mask):
 
 def _forward(cfg: Config, x, target, weight, mask):
     num_classes = x.shape[-1]
-    lse = _log_sum_exp(cfg, x, mask)
-    a, b = _coefficients(cfg, mask)
-    w = _effective_weight(cfg, weight, mask)
-    x_linear = x.astype(cfg.compute) if mask is None else jnp.where(mask, x.astype(cfg.compute), 0)
+    w = _effective_weight(weight, mask)
+    k = cfg.row_coefficients(mask, w)
+    row_max, shifted, log_sum_exp = _statistics(cfg, x, mask)
     if cfg.kind == "index":
         active, label, bad = _labels(cfg, target, num_classes, mask)
-        x_y = jnp.take_along_axis(x, label[..., None], axis=-1)[..., 0].astype(cfg.compute)
-        w_y = jnp.ones_like(lse) if w is None else w[label]
-        total_weight = float(num_classes) if w is None else jnp.sum(w)
-        weighted_sum = jnp.sum(x_linear if w is None else x_linear * w, axis=-1)
-        loss = _scaled(a, w_y * (lse - x_y)) + _scaled(b, total_weight * lse - weighted_sum)
-        if cfg.z_loss:
-            loss = loss + cfg.z_loss * w_y * lse * lse
-        if cfg.normalize:
-            loss = loss + (w_y * _xlogx(a + b) + _xlogx(b) * (total_weight - w_y))
-        loss = jnp.where(active, loss, 0)
-        loss = jnp.where(bad, jnp.nan, loss)
+        x_y = jnp.take_along_axis(x, label[..., None], axis=-1)[..., 0].astype(cfg.compute) - row_max
+        w_y = 1.0 if w is None else w[label]
+        weighted_sum = 0.0
+        if not (isinstance(k.b, float) and k.b == 0):  # only read when b ≠ 0
+            if w is None:
+                terms = shifted if mask is None else jnp.where(mask, shifted, 0)
+            else:
+                terms = jnp.where(w != 0, w * shifted, 0)
+            weighted_sum = jnp.sum(terms, axis=-1)
+        loss, _ = spec.label_row(
+            k, log_sum_exp=log_sum_exp, row_max=row_max, w_y=w_y, x_y=x_y, weighted_sum=weighted_sum, **_OPS
+        )
+        loss = jnp.where(bad, jnp.nan, jnp.where(active, loss, 0))
     else:
-        q = a * target.astype(cfg.compute) + b
-        if mask is not None:
-            q = jnp.where(mask, q, 0)
-        wq = q if w is None else q * w
-        loss = jnp.sum(jnp.where(wq > 0, wq * (lse[..., None] - x.astype(cfg.compute)), 0), axis=-1)
-        if cfg.z_loss:
-            loss = loss + cfg.z_loss * lse * lse
+        q, wq, contributes = _probability_terms(cfg, k, target, w, mask)
+        weighted_xlogx = None
         if cfg.normalize:
-            loss = loss + jnp.sum(_xlogx(q) if w is None else w * _xlogx(q), axis=-1)
-    return loss, lse
+            entropy_terms = spec.xlogx(q, **_OPS) if w is None else w * spec.xlogx(q, **_OPS)
+            weighted_xlogx = jnp.sum(jnp.where(contributes, entropy_terms, 0), axis=-1)
+        loss, _ = spec.probability_row(
+            k,
+            log_sum_exp=log_sum_exp,
+            row_max=row_max,
+            target_mass=jnp.sum(wq, axis=-1),
+            weighted_sum=jnp.sum(jnp.where(contributes, wq * shifted, 0), axis=-1),
+            weighted_xlogx=weighted_xlogx,
+        )
+        if mask is not None:
+            loss = jnp.where(_masked_mass(target, mask), jnp.nan, loss)
+    return loss, row_max + log_sum_exp
 
 
 def _per_element_fwd(cfg: Config, x, target, weight, mask):
@@ -137,68 +179,88 @@ def _per_element_fwd(cfg: Config, x, target, weight, mask):
 def _per_element_bwd(cfg: Config, residuals, cotangent):
     x, target, weight, mask, lse = residuals
     num_classes = x.shape[-1]
-    a, b = _coefficients(cfg, mask)
-    w = _effective_weight(cfg, weight, mask)
+    w = _effective_weight(weight, mask)
+    k = cfg.row_coefficients(mask, w)
     g = cotangent.astype(cfg.compute)
-    x32 = x.astype(cfg.compute)
-    p = jnp.exp((x32 if mask is None else jnp.where(mask, x32, -jnp.inf)) - lse[..., None])
-    classes = jnp.arange(num_classes, dtype=jnp.int32)
+    xc = _valid_logits(cfg, x, mask)
+    p = jnp.exp(xc - lse[..., None])
     weight_bar = target_bar = None
 
+    # the row coefficient from the saved L alone: the statistics relative to a maximum of 0 (L itself)
     if cfg.kind == "index":
         active, label, bad = _labels(cfg, target, num_classes, mask)
         g = jnp.where(active, g, 0)
-        w_y = jnp.ones_like(lse) if w is None else w[label]
-        total_weight = jnp.sum(w) if w is not None else float(num_classes)
-        is_label = classes == label[..., None]
-        row = g * (a * w_y + b * total_weight + 2 * cfg.z_loss * w_y * lse)
-        spread = b if w is None else b * w  # b·w_c on every valid class
-        grad = row[..., None] * p - g[..., None] * (spread + jnp.where(is_label, a * w_y[..., None], 0))
-        grad = jnp.where(bad[..., None], jnp.nan, grad)
+        w_y = 1.0 if w is None else w[label]
+        _, coef = spec.label_row(k, log_sum_exp=lse, row_max=0.0, w_y=w_y, x_y=0.0, weighted_sum=0.0, **_OPS)
+        spread = k.b if w is None else k.b * w  # w_c q_c = b·w_c + [c = y]·a·w_y
+        a_w_y = k.a * w_y if w is None else (k.a * w_y)[..., None]
+        on_label = jnp.where(jnp.arange(num_classes, dtype=jnp.int32) == label[..., None], a_w_y, 0)
+        grad = (g * coef)[..., None] * p - g[..., None] * (spread + on_label)
+        # ignored elements give exactly 0 (even against a +inf logit), bad labels NaN
+        grad = jnp.where(bad[..., None], jnp.nan, jnp.where(active[..., None], grad, 0))
         if weight is not None:
-            weight_bar = _index_weight_grad(cfg, x32, lse, g, label, bad, a, b, mask)
+            weight_bar = _index_weight_grad(cfg, k, xc, lse, g, active, label, bad, mask)
     else:
-        q = a * target.astype(cfg.compute) + b
-        if mask is not None:
-            q = jnp.where(mask, q, 0)
-        wq = q if w is None else q * w
-        row = g * (jnp.sum(wq, axis=-1) + 2 * cfg.z_loss * lse)
-        grad = row[..., None] * p - g[..., None] * wq
-        # ∂/∂t_c = a·w_c·[(L − x_c) + normalize·(log q_c + 1)], 0 where q_c = 0
-        nll = jnp.where(q > 0, lse[..., None] - x32, 0)
+        q, wq, contributes = _probability_terms(cfg, k, target, w, mask)
+        _, coef = spec.probability_row(
+            k, log_sum_exp=lse, row_max=0.0, target_mass=jnp.sum(wq, axis=-1), weighted_sum=0.0, weighted_xlogx=0.0
+        )
+        grad = (g * coef)[..., None] * p - g[..., None] * wq
+        # ∂/∂t_c = a·w_c·[(L − x_c) + normalize·(log q_c + 1)]: linear in q_c (so also at q_c = 0 against a
+        # finite logit); nothing where w_c·q_c = 0 against x_c = −inf
+        w_or_1 = 1.0 if w is None else w
+        per_q = jnp.where(contributes | (xc > -jnp.inf), w_or_1 * (lse[..., None] - xc), 0)
         if cfg.normalize:
-            nll = nll + jnp.where(q > 0, jnp.log(jnp.where(q > 0, q, 1)) + 1, 0)
-        target_bar = (g[..., None] * _scaled(a, nll if w is None else w * nll)).astype(target.dtype)
+            per_q = per_q + jnp.where(contributes, w_or_1 * (jnp.log(q) + 1), 0)
+        if isinstance(k.a, float) and k.a == 0:
+            target_bar = jnp.zeros(target.shape, cfg.compute)
+        else:
+            target_bar = g[..., None] * (k.a * per_q)
+        # a NaN loss (a NaN target entry, a +inf logit) has NaN derivatives
+        target_bar = jnp.where(jnp.isnan(coef)[..., None], jnp.nan, target_bar)
         if weight is not None:
-            per_class = jnp.where(q > 0, q * (lse[..., None] - x32), 0)
+            per_class = jnp.where(q != 0, q * (lse[..., None] - xc), 0)
             if cfg.normalize:
-                per_class = per_class + _xlogx(q)
+                per_class = per_class + jnp.where(q != 0, spec.xlogx(q, **_OPS), 0)
             weight_bar = jnp.sum(g[..., None] * per_class, axis=tuple(range(x.ndim - 1)))
-            if mask is not None:
-                weight_bar = jnp.where(mask, weight_bar, 0)
+        if mask is not None:
+            bad_mass = _masked_mass(target, mask)[..., None]
+            grad = jnp.where(bad_mass, jnp.nan, jnp.where(mask, grad, 0))
+            target_bar = jnp.where(bad_mass, jnp.nan, jnp.where(mask, target_bar, 0))
+        target_bar = target_bar.astype(target.dtype)
 
     if mask is not None:
         grad = jnp.where(mask, grad, 0)
+        if weight_bar is not None:
+            weight_bar = jnp.where(mask, weight_bar, 0)
     if weight_bar is not None:
         weight_bar = weight_bar.astype(weight.dtype)
     return grad.astype(x.dtype), target_bar, weight_bar, None
 
 
-def _index_weight_grad(cfg: Config, x32, lse, g, label, bad, a, b, mask):
-    """∂/∂w_c of Σ_i g_i·loss_i for integer labels: Σ_i g_i [q_ic (L_i − x_ic) + s·[y_i=c]·L_i² + normalize·q_ic log q_ic]."""
-    num_classes = x32.shape[-1]
-    rows = tuple(range(x32.ndim - 1))
+def _index_weight_grad(cfg: Config, k: spec.RowCoefficients, xc, lse, g, active, label, bad, mask):
+    """∂/∂w_c of Σ_i g_i·loss_i for integer labels (g already 0 on ignored elements):
+
+    Σ_i g_i [q_ic (L_i − x_ic) + s·[y_i = c]·L_i² + normalize·xlogx(q_ic)],   q_ic = a·[y_i = c] + b."""
+    num_classes = xc.shape[-1]
+    rows = tuple(range(xc.ndim - 1))
     g = jnp.where(bad, jnp.nan, g)
-    x_y = jnp.take_along_axis(x32, label[..., None], axis=-1)[..., 0]
-    on_label = _scaled(a, g * (lse - x_y)) + cfg.z_loss * g * lse * lse
-    if cfg.normalize:
-        on_label = on_label + g * (_xlogx(a + b) - _xlogx(b))
+    x_y = jnp.take_along_axis(xc, label[..., None], axis=-1)[..., 0]
+    on_label = spec.scaled(k.a, g * (lse - x_y), where=jnp.where)
+    if k.z != 0:
+        on_label = on_label + k.z * g * lse * lse
+    if k.normalize:
+        on_label = on_label + g * (spec.xlogx(k.a + k.b, **_OPS) - spec.xlogx(k.b, **_OPS))
+    on_label = jnp.where(active, on_label, 0)
     bar = jnp.zeros(num_classes, cfg.compute).at[label.reshape(-1)].add(on_label.reshape(-1))
-    x_linear = x32 if mask is None else jnp.where(mask, x32, 0)
-    bar = bar + _scaled(b, jnp.sum(g * lse) - jnp.sum(g[..., None] * x_linear, axis=rows))
-    if cfg.normalize:
-        bar = bar + jnp.sum(g) * _xlogx(b)
-    return bar if mask is None else jnp.where(mask, bar, 0)
+    if not (isinstance(k.b, float) and k.b == 0):
+        valid_x = jnp.where(active[..., None], g[..., None] * (xc if mask is None else jnp.where(mask, xc, 0)), 0)
+        bar = bar + spec.scaled(
+            k.b, jnp.sum(jnp.where(active, g * lse, 0)) - jnp.sum(valid_x, axis=rows), where=jnp.where
+        )
+    if k.normalize:
+        bar = bar + jnp.sum(g) * spec.xlogx(k.b, **_OPS)
+    return bar
 
 
 per_element.defvjp(_per_element_fwd, _per_element_bwd)
@@ -210,22 +272,19 @@ per_element.defvjp(_per_element_fwd, _per_element_bwd)
 @partial(jax.jit, static_argnums=(0,))
 def loss(cfg: Config, x, target, weight, mask):
     """The reduced loss in the logits' dtype; ``x`` and a probability ``target`` have the classes last."""
-    weight = None if weight is None else weight.astype(cfg.compute)
+    weight = None if weight is None else _checked_weight(weight.astype(cfg.compute))
     per = per_element(cfg, x, target, weight, mask)
     if cfg.reduction == "none":
         return per.astype(x.dtype)
     total = jnp.sum(per)
-    if cfg.reduction == "sum":
-        return total.astype(x.dtype)
-    if cfg.kind == "index":
-        active, label, _ = _labels(cfg, target, x.shape[-1], mask)
-        w = _effective_weight(cfg, weight, mask)
-        w_y = jnp.ones(label.shape, cfg.compute) if w is None else w[label]
-        denominator = jnp.sum(jnp.where(active, w_y, 0))
-    else:
-        denominator = jnp.asarray(per.size, cfg.compute)
-    nonempty = denominator > 0
-    # an empty mean has zero gradient: the scale is 0 there, and the NaN/0 comes from a constant
-    mean = total * jnp.where(nonempty, 1 / jnp.where(nonempty, denominator, 1), 0)
-    empty = jnp.nan if cfg.empty_mean == "nan" else 0.0
-    return jnp.where(nonempty, mean, empty).astype(x.dtype)
+    if cfg.reduction == "mean":
+        if cfg.kind == "index":
+            active, label, _ = _labels(cfg, target, x.shape[-1], mask)
+            w = _effective_weight(weight, mask)
+            counted = active if w is None else jnp.where(active, w[label], 0)
+            denominator = jnp.sum(counted, dtype=cfg.compute)
+        else:
+            denominator = per.size
+        # differentiated by JAX: the gradient of an empty mean is 0 (the NaN/0 comes from a constant)
+        total = spec.reduce_total(cfg.reduction, total, denominator, cfg.empty_mean, where=jnp.where)
+    return total.astype(x.dtype)
