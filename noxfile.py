@@ -6,13 +6,14 @@ import nox
 
 nox.options.reuse_existing_virtualenvs = True
 TORCH = "torch==2.13.0"  # the version CI pins; any torch the `torch` extra admits works
-#: where torch comes from: PyTorch's CPU-only builds (PyPI's Linux torch is the CUDA build); LSX_TORCH_INDEX overrides
-TORCH_INDEX = os.environ.get("LSX_TORCH_INDEX", "https://download.pytorch.org/whl/cpu")
+#: an index to take torch from (e.g. https://download.pytorch.org/whl/cpu for the CPU-only build, since PyPI's
+#: Linux torch is the CUDA build); unset: pip's configured indexes
+TORCH_INDEX = os.environ.get("LSX_TORCH_INDEX")
 
 
 def _tests(session: nox.Session, extra: str, backends: str, *pre: str) -> None:
     if pre:
-        session.install(*pre, "--index-url", TORCH_INDEX)
+        session.install(*pre, *(("--index-url", TORCH_INDEX) if TORCH_INDEX else ()))
     session.install("-e", f".[{extra},test]")
     session.run("python", "-m", "pytest", *session.posargs, env={"LSX_TEST_BACKENDS": backends})
 
