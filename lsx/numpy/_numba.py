@@ -156,7 +156,8 @@ if AVAILABLE:
 
     @numba.njit(fastmath=_MAX_FLAGS, cache=True)
     def _row_max(xr, valid, has_mask):
-        """Max over the valid classes, 0 when it is not finite (like the reference); NaN is skipped here."""
+        """Max over the valid classes, 0 when it is not finite (like the reference), NaN when it is +inf (the
+        row's loss and gradient are then NaN, as in the reference); a NaN logit is skipped here."""
         low = _to_dtype_of(-np.inf, xr)
         m = low
         k = xr.shape[0]
@@ -166,6 +167,8 @@ if AVAILABLE:
         else:
             for c in range(k):
                 m = _maxnum(m, xr[c])
+        if m == np.inf:
+            return np.nan
         return np.float64(m) if math.isfinite(m) else 0.0
 
     # Block helpers: each is one simple loop that LLVM vectorises; partial sums stay in the compute dtype
@@ -183,15 +186,16 @@ if AVAILABLE:
         return sum_e, sum_x
 
     @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
-    def _block_inplace(xs, mt):
+    def _block_inplace(ds, mt):
+        """In place: ``ds`` holds the logits on entry (the gradient buffer is the logits' memory)."""
         sum_e = mt - mt
         sum_x = mt - mt
-        for c in range(xs.shape[0]):
-            d = xs[c] - mt
+        for c in range(ds.shape[0]):
+            d = ds[c] - mt
             e = _exp(d)
             sum_e += e
             sum_x += d
-            xs[c] = e
+            ds[c] = e
         return sum_e, sum_x
 
     @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
@@ -204,6 +208,8 @@ if AVAILABLE:
             sum_x += d
         return sum_e, sum_x
 
+    # In the masked/weighted blocks ``ws`` is 0 on the masked classes, and a class of weight 0 adds nothing to
+    # Σ w·(x − m), even where x = −inf (no 0·∞).
     @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
     def _block_store_masked(xs, ds, ws, vs, mt):
         zero = mt - mt
@@ -213,7 +219,7 @@ if AVAILABLE:
             d = xs[c] - mt
             e = _exp(d) if vs[c] else zero
             sum_e += e
-            sum_x += ws[c] * d if vs[c] else zero
+            sum_x += ws[c] * d if ws[c] != zero else zero
             ds[c] = e
         return sum_e, sum_x
 
@@ -225,14 +231,15 @@ if AVAILABLE:
         for c in range(xs.shape[0]):
             d = xs[c] - mt
             sum_e += _exp(d) if vs[c] else zero
-            sum_x += ws[c] * d if vs[c] else zero
+            sum_x += ws[c] * d if ws[c] != zero else zero
         return sum_e, sum_x
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
     def _exp_pass(xr, dst, w, valid, plain, m, mode):
         """Σ exp(x − m) and Σ w·(x − m) over the valid classes (``plain``: no weight, no mask).
 
-        ``mode`` 0: sums only; 1: also store exp(x − m) (0 on masked classes) in ``dst``; 2: store it in ``xr``.
+        ``mode`` 0: sums only; 1: also store exp(x − m) (0 on masked classes) in ``dst``; 2: the same, in place
+        (``dst`` is ``xr``'s memory). ``xr`` is only read, so read-only logits need no copy.
         """
         k = xr.shape[0]
         mt = _to_dtype_of(m, xr)
@@ -247,13 +254,16 @@ if AVAILABLE:
                 elif mode == 1:
                     block_e, block_x = _block_store(xs, dst[start:stop], mt)
                 else:
-                    block_e, block_x = _block_inplace(xs, mt)
+                    block_e, block_x = _block_inplace(dst[start:stop], mt)
             else:
                 if mode == 0:
                     block_e, block_x = _block_sum_masked(xs, w[start:stop], valid[start:stop], mt)
                 else:
-                    target = dst[start:stop] if mode == 1 else xs
-                    block_e, block_x = _block_store_masked(xs, target, w[start:stop], valid[start:stop], mt)
+                    ds = dst[start:stop]
+                    if mode == 1:
+                        block_e, block_x = _block_store_masked(xs, ds, w[start:stop], valid[start:stop], mt)
+                    else:
+                        block_e, block_x = _block_store_masked(ds, ds, w[start:stop], valid[start:stop], mt)
             sum_e += block_e
             sum_x += block_x
         return sum_e, sum_x
@@ -287,18 +297,23 @@ if AVAILABLE:
         sum_e, sum_x = _exp_pass(xr, dst, w, valid, not has_w, m, (2 if inplace else 1) if want_grad else 0)
         lse_shifted = math.log(sum_e)
         lse = m + lse_shifted
+        # a term whose coefficient is 0 adds exactly 0: a target of weight 0 at x_y = −inf, a z-loss of 0
+        # against an overflowing L² (float64 logits above ~1.3e154)
         value = 0.0
-        if a != 0.0:
+        if a != 0.0 and w_y != 0.0:
             value += a * w_y * (lse - x_y)
         if b != 0.0:
             value += b * (total_w * lse_shifted - sum_x)
-        value += z * w_y * lse * lse
+        coef = a * w_y + b * total_w
+        if z != 0.0:
+            value += z * w_y * lse * lse
+            coef += 2.0 * z * w_y * lse
         if normalize:
             value += w_y * h_target + h_other * (total_w - w_y)  # + Σ w q log q: the KL form
         loss[i] = value
         if not want_grad:
             return
-        coef = _to_dtype_of(scale * (a * w_y + b * total_w + 2.0 * z * w_y * lse) / sum_e, x)
+        coef = _to_dtype_of(scale * coef / sum_e, x)
         bs = _to_dtype_of(scale * b, x)
         if has_w:
             for c in range(k):
@@ -341,14 +356,15 @@ if AVAILABLE:
         dst = out[i]
         m = _row_max(xr, valid, has_mask)
         mt = _to_dtype_of(m, x)
-        # Σ w·q·(x − m), Σ w·q and Σ w·q·log q before pass 2 may overwrite x (in-place mode)
+        # Σ w·q·(x − m), Σ w·q and Σ w·q·log q before pass 2 may overwrite x (in-place mode), over the classes
+        # with w·q ≠ 0, linearly: a NaN q makes the row NaN, a negative q counts (its q·log q is NaN)
         sum_qx = 0.0
         mass = 0.0
         entropy = 0.0
         for c in range(k):
             ok = valid[c] if has_mask else True
             wq = (at * tr[c] + bt) * (w[c] if has_w else _to_dtype_of(1.0, x))
-            if ok and wq > zero:
+            if ok and wq != zero:
                 sum_qx += np.float64(wq * (xr[c] - mt))
                 mass += np.float64(wq)
                 if normalize:
@@ -357,10 +373,15 @@ if AVAILABLE:
         sum_e, _ = _exp_pass(xr, dst, w, valid, not has_w, m, (2 if inplace else 1) if want_grad else 0)
         lse_shifted = math.log(sum_e)
         lse = m + lse_shifted
-        loss[i] = mass * lse_shifted - sum_qx + z * lse * lse + (entropy if normalize else 0.0)
+        value = mass * lse_shifted - sum_qx
+        coef = mass
+        if z != 0.0:  # no 0·∞ against an overflowing L²
+            value += z * lse * lse
+            coef += 2.0 * z * lse
+        loss[i] = value + (entropy if normalize else 0.0)
         if not want_grad:
             return
-        coef = _to_dtype_of(scale * (mass + 2.0 * z * lse) / sum_e, x)
+        coef = _to_dtype_of(scale * coef / sum_e, x)
         st = _to_dtype_of(scale, x)
         for c in range(k):
             ok = valid[c] if has_mask else True
@@ -379,7 +400,17 @@ if AVAILABLE:
 
 
 def _xlogx(q: float) -> float:
-    return q * math.log(q) if q > 0 else 0.0
+    from lsx import spec
+
+    return spec.xlogx(q)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """A read-only view: the kernels only read their inputs, so every input reaches them typed read-only (one
+    compiled specialisation, whether the caller's array is writeable, read-only, a memmap or a buffer)."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 def forward_backward(
@@ -397,27 +428,31 @@ def forward_backward(
 ) -> tuple[np.ndarray, float, np.ndarray | None]:
     """Loss per row, the mean's denominator and the gradient, for (N, K) logits ``x2``.
 
-    ``t2``: labels (N,) for ``kind="index"`` or probabilities (N, K) for ``kind="probs"``; ``weight``
-    float64 (K,) or None; ``mask`` bool (K,) or None; ``compute``: np.float32 or np.float64.
+    ``t2``: labels (N,) of any integer dtype for ``kind="index"`` or probabilities (N, K) for
+    ``kind="probs"``; ``weight`` float64 (K,) or None; ``mask`` bool (K,) or None; ``compute``: np.float32
+    or np.float64. The inputs are never written (read-only ones are fine).
     The gradient is that of the per-element losses, unscaled, unless ``scale_mean`` (then it already carries
     the mean's 1/D, or 0 for D = 0, when ``opts.reduction == "mean"``). It is written into ``out2`` when
     given: an (N, K) C-contiguous array of the ``compute`` dtype, which may be ``x2`` itself (in place).
     """
     if not AVAILABLE:
         raise ImportError("lsx.numpy._numba needs numba: pip install 'lsx[numba]'")
+    from lsx import spec
+
     n, k = x2.shape
     x = np.ascontiguousarray(x2, dtype=compute)
     valid_count = k if mask is None else int(mask.sum())
-    a, b = _smoothing(opts, valid_count)
+    a, b = spec.smoothing_coefficients(opts, valid_count)
     has_w = weight is not None or mask is not None
     w = np.ones(k, compute) if weight is None else weight.astype(compute)
     if mask is not None:
-        w = np.where(mask, w, 0).astype(compute)
-    valid = np.ones(k, np.bool_) if mask is None else np.ascontiguousarray(mask, np.bool_)
+        w = np.where(mask, w, 0).astype(compute)  # 0 on the masked classes (the masked blocks rely on it)
+    valid = np.ones(k, np.bool_) if mask is None else np.array(mask, np.bool_)
     total_w = float(valid_count) if weight is None else float(np.where(valid, weight, 0).sum())
 
     if kind == "index":
-        labels = np.ascontiguousarray(t2, np.int64)
+        # int64 whatever the caller's dtype: the comparison with ignore_index never wraps
+        labels = np.ascontiguousarray(spec.labels_as_int64(t2)[0])
         has_ignore = opts.ignore_index is not None
         ignore_index = int(opts.ignore_index) if has_ignore else 0
         active = labels != ignore_index if has_ignore else np.ones(n, bool)
@@ -431,30 +466,27 @@ def forward_backward(
 
     scale = 1.0
     if scale_mean and opts.reduction == "mean":
-        scale = 1.0 / denominator if denominator != 0 else 0.0
+        scale = spec.reduction_scale(opts.reduction, denominator)
     params = np.array([a, b, total_w, opts.z_loss, _xlogx(a + b), _xlogx(b), float(opts.normalize), scale], np.float64)
 
+    inplace = False
     if want_grad:
-        if out2 is None or not _usable_out(out2, x, compute):
-            grad = np.empty((n, k), compute)
-        else:
-            grad = out2
+        grad = out2 if out2 is not None and _usable_out(out2, x, compute) else np.empty((n, k), compute)
         if not np.may_share_memory(grad, x):  # the usual case, settled by a cheap bounds test
             pass
         elif _same_memory(grad, x):
-            grad = x  # in place: each row's logits are read before its gradient overwrites them
+            inplace = True  # each row's logits are read before its gradient overwrites them
         else:  # partial overlap: go through a fresh buffer
             grad = np.empty((n, k), compute)
     else:
-        grad = np.empty((1, k), compute)  # never written
+        grad = np.empty((n, 0), compute)  # never written
     per_element = np.empty(n, compute)
-    dst = x if grad is x else grad
     small = n * k < _PARALLEL_MIN_ELEMENTS
     if n:
         if kind == "index":
             (_index_rows_serial if small else _index_rows)(
-                x,
-                labels,
+                _read_only(x),
+                _read_only(labels),
                 w,
                 valid,
                 has_w,
@@ -463,29 +495,27 @@ def forward_backward(
                 has_ignore,
                 params,
                 want_grad,
-                grad is x,
-                dst if want_grad else np.empty((n, 0), compute),
+                inplace,
+                grad,
                 per_element,
             )
         else:
             (_prob_rows_serial if small else _prob_rows)(
-                x,
-                probs,
+                _read_only(x),
+                _read_only(probs),
                 w,
                 valid,
                 has_w,
                 mask is not None,
                 params,
                 want_grad,
-                grad is x,
-                dst if want_grad else np.empty((n, 0), compute),
+                inplace,
+                grad,
                 per_element,
             )
     if not want_grad:
         return per_element, denominator, None
-    if out2 is not None and grad is x:
-        grad = out2  # the same memory
-    elif out2 is not None and grad is not out2:
+    if out2 is not None and grad is not out2:
         np.copyto(out2, grad, casting="same_kind")
         grad = out2
     return per_element, denominator, grad
@@ -503,9 +533,3 @@ def _usable_out(out2: np.ndarray, x: np.ndarray, compute: type) -> bool:
         and out2.flags.c_contiguous
         and out2.flags.writeable
     )
-
-
-def _smoothing(opts: Any, valid_count: int) -> tuple[float, float]:
-    from lsx import spec
-
-    return spec.smoothing_coefficients(opts, valid_count)
