@@ -14,7 +14,7 @@ F = torch.nn.functional
 
 import lsx.numpy  # noqa: E402
 import lsx.torch  # noqa: E402
-from lsx import spec
+from lsx import spec  # noqa: E402
 from lsx.torch import _function as _torch_function  # noqa: E402
 
 F64 = torch.float64
@@ -223,7 +223,7 @@ def test_eager_path_equals_the_custom_op(engine, monkeypatch, case, dtype):
     eager = _loss_and_grad(lsx.torch.loss, x, y, grad_output=cotangent, **options)
     without_grad = lsx.torch.loss(x, y, **options)
     assert not op_calls
-    monkeypatch.setattr(_torch_function, "_plain_eager", lambda *tensors: False)
+    monkeypatch.setattr(_torch_function, "_route", lambda *tensors: "op")
     through_op = _loss_and_grad(lsx.torch.loss, x, y, grad_output=cotangent, **options)
     assert len(op_calls) == 1
     for a, b in zip(eager + (without_grad,), through_op + (through_op[0],)):
@@ -231,16 +231,22 @@ def test_eager_path_equals_the_custom_op(engine, monkeypatch, case, dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
-def test_eager_path_leaves_modes_and_transforms_to_the_op(monkeypatch):
+def test_eager_routes_modes_to_the_op_and_transforms_to_the_function():
     x, y = _data((4, 5), "index", 8, ignore=-100)
-    assert _torch_function._plain_eager(x, y, None, None)
+    route = _torch_function._route
+    assert route(x, y, None, None) == "direct"
+    assert route(x.requires_grad_(), y, None, None) == "function"
+    with torch.no_grad():
+        assert route(x, y, None, None) == "direct"
     with torch.device("cpu"):  # a torch-function mode
-        assert not _torch_function._plain_eager(x, y, None, None)
+        assert route(x, y, None, None) == "op"
         _assert_close(lsx.torch.loss(x, y, label_smoothing=0.1), F.cross_entropy(x, y, label_smoothing=0.1))
     seen = []
-    torch.func.vmap(lambda row: seen.append(_torch_function._plain_eager(row)) or row)(x)
-    assert seen == [False]
-    assert not _torch_function._plain_eager(torch.nn.Parameter(x))  # subclasses too
+    torch.func.vmap(lambda row: seen.append(route(row)) or row)(x.detach())
+    assert seen == ["function"]
+    with torch.autograd.forward_ad.dual_level():
+        assert route(x.detach(), y) == "function"
+    assert route(torch.nn.Parameter(x.detach())) == "op"  # subclasses too
 
 
 LABEL_DTYPES = [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]

@@ -18,8 +18,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("lsx.torch needs PyTorch: pip install 'lsx[torch]'") from error
 
 from lsx import spec
-from lsx.torch import _function as _torch_function
 from lsx.spec import default
+from lsx.torch import _function as _torch_function
 
 __all__ = ["CrossEntropyLoss", "loss"]
 
@@ -94,19 +94,20 @@ Example:
 """
 
 
-def _options(convention: str | None, **given: Any) -> spec.Options:
+def _options(convention: str | None, **given: Any) -> spec.Options | _torch_function.TracedOptions:
     """``spec.resolve_options`` for the scalar options (weight and class_mask travel as tensors).
 
-    Under ``torch.compile`` the options are compile-time constants: the resolution runs once at trace time
-    (dynamo cannot build spec's marked defaults), and the compiled graph is specialised to the result.
+    Under ``torch.compile`` the string and bool options are compile-time constants, resolved at trace time;
+    the numeric ones (``label_smoothing``, ``z_loss``, ``ignore_index``) may change between calls (a
+    schedule, a module attribute) and dynamo then traces them as symbols, so they are handed to the fused op
+    as values and resolved (and validated) when it runs.
     """
     if not torch.compiler.is_compiling():
         try:
             return _resolve_cached(convention, *given.values(), names=tuple(given))
         except TypeError:  # an unhashable value: resolve uncached (and raise the spec's error, if any)
             return spec.resolve_options(convention, **given)
-    explicit = tuple((name, value) for name, value in given.items() if not spec.is_default(value))
-    return _resolve_constant(convention, explicit)
+    return _torch_function.traced_options(convention, given)
 
 
 @functools.lru_cache(maxsize=256, typed=True)
@@ -117,11 +118,6 @@ def _resolve_cached(convention: str | None, *values: Any, names: tuple[str, ...]
     passed explicitly (a convention overrides only the former), ``True`` and ``1``, ``0`` and ``0.0``.
     """
     return spec.resolve_options(convention, **dict(zip(names, values)))
-
-
-@torch.compiler.assume_constant_result
-def _resolve_constant(convention: str | None, explicit: tuple[tuple[str, Any], ...]) -> spec.Options:
-    return spec.resolve_options(convention, **dict(explicit))
 
 
 def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:

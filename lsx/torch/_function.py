@@ -1,16 +1,25 @@
-"""The fused engine behind :mod:`lsx.torch`: one custom op that returns the loss and its gradient.
+"""The fused engine behind :mod:`lsx.torch`: the loss and its gradient from one forward pass.
 
 The forward pass computes the log-sum-exp once and writes ``(Σ w q + 2 s w_y L)·p − w∘q`` (already divided
 by the mean's denominator) into one logits-sized buffer; autograd saves only that buffer and the backward
-pass scales it by the incoming gradient. The op is registered with ``torch.library.custom_op`` so that
-``torch.compile`` (``fullgraph=True``) treats it as one opaque node.
+pass scales it by the incoming gradient. Forward-mode AD needs nothing more: the tangent is Σ grad·dx.
+
+Two front doors share that body (:func:`_fused_impl`):
+
+- :class:`_Fused`, an ``autograd.Function`` for eager calls: plain tensors, ``torch.func`` transforms
+  (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``vmap``) and ``torch.autograd.forward_ad``;
+- the custom op ``lsx::fused_cross_entropy`` (``torch.library.custom_op``), which ``torch.compile``
+  (``fullgraph=True``), fake/meta tracing, tensor subclasses and torch-function modes treat as one opaque
+  node. Under ``torch.compile`` the numeric options (``label_smoothing``, ``z_loss``, ``ignore_index``)
+  travel into the op as values, so a schedule or a changed module attribute gives the right loss without a
+  trace-time constant; the string and bool options are compile-time constants.
 
 Engines, chosen per call:
 
 - CPU, contiguous float32/float64 logits and Numba installed: the fused Numba kernel of :mod:`lsx.numpy`,
   on zero-copy NumPy views of the tensors.
-- everything else (CUDA, float16/bfloat16, strided logits, no Numba): plain torch ops; float16/bfloat16
-  accumulate in float32, in row chunks that bound the float32 temporaries.
+- everything else (CUDA, meta, float16/bfloat16, strided logits, no Numba): the plain-torch engine of
+  :mod:`lsx.torch._engine`.
 
 Value checks (labels in range, weight finite and >= 0, class_mask) run on CPU tensors and raise
 ``ValueError``. On other devices they would synchronise the device, so they are skipped: an out-of-range
@@ -21,25 +30,90 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch.autograd import forward_ad
 
 from lsx import spec
+from lsx.torch import _engine
 
-__all__ = ["cross_entropy"]
+__all__ = ["TracedOptions", "cross_entropy", "traced_options"]
 
 _OP_NAME = "lsx::fused_cross_entropy"
-#: float16/bfloat16 logits are processed in row chunks of about this many elements, to bound the float32
-#: temporaries (smaller chunks only add per-op overhead: measured slower on CPU too).
-_CHUNK_ELEMENTS = 1 << 24
+#: the options that reach the op as (possibly symbolic) numbers under torch.compile
+_NUMERIC = ("label_smoothing", "z_loss", "ignore_index")
+
+
+class TracedOptions(NamedTuple):
+    """Options under ``torch.compile``: the string and bool ones resolved at trace time (``static``), the
+    numeric ones as the values passed (``explicit`` names those passed; the others come from the convention
+    or the defaults), resolved when the op runs."""
+
+    static: spec.Options
+    convention: str | None
+    explicit: str
+    label_smoothing: Any
+    z_loss: Any
+    ignore_index: Any
+
+
+def traced_options(convention: str | None, given: dict[str, Any]) -> TracedOptions:
+    """Split the options for a traced call (see :class:`TracedOptions`); validates what is constant."""
+    constant = []
+    numeric = {name: getattr(spec.Options, name) for name in _NUMERIC}
+    explicit = []
+    for name, value in given.items():
+        if spec.is_default(value):
+            continue
+        if name in _NUMERIC and value is not None and not isinstance(value, (bool, str)):
+            numeric[name] = value
+            explicit.append(name)
+        else:  # strings, bools, None (and wrong types, for the spec's error)
+            constant.append((name, value))
+            if name in _NUMERIC:
+                explicit.append(name)
+                numeric[name] = None if value is None else getattr(spec.Options, name)
+    static = _resolve_constant(convention, tuple(constant))
+    return TracedOptions(static, None if convention is None else str(convention), ",".join(explicit), **numeric)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(convention: str | None, constant: tuple[tuple[str, Any], ...]) -> spec.Options:
+    return spec.resolve_options(convention, **dict(constant))
+
+
+@functools.lru_cache(maxsize=256)
+def _op_options(
+    convention: str | None,
+    explicit: str,
+    label_smoothing: float,
+    spread: str,
+    ignore_index: int | None,
+    z_loss: float,
+    normalize: bool,
+    reduction: str,
+    empty_mean: str,
+) -> spec.Options:
+    """The op's options from its arguments: the constant ones as given, the numeric ones named in
+    ``explicit`` as given, the others from the convention (or the defaults)."""
+    numbers = dict(label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index)
+    given = {name: numbers[name] for name in explicit.split(",") if name}
+    return spec.resolve_options(
+        convention, spread=spread, normalize=normalize, reduction=reduction, empty_mean=empty_mean, **given
+    )
 
 
 def cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, opts: spec.Options, axis: int | None, weight: Any, class_mask: Any
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    opts: spec.Options | TracedOptions,
+    axis: int | None,
+    weight: Any,
+    class_mask: Any,
 ) -> torch.Tensor:
-    """The loss of ``logits`` against ``target`` under validated scalar ``opts``; differentiable in ``logits``.
+    """The loss of ``logits`` against ``target`` under ``opts``; differentiable in ``logits``.
 
     ``weight`` and ``class_mask`` are tensors (or array-likes) checked here, by value on the CPU.
     """
@@ -54,11 +128,13 @@ def cross_entropy(
         axis = 1 if logits.dim() >= 2 else 0
     weight = _as_tensor(weight, "weight", logits.device)
     class_mask = _as_tensor(class_mask, "class_mask", None)
+    traced = isinstance(opts, TracedOptions)
+    static = opts.static if traced else opts
     layout = spec.check_layout(
         tuple(logits.shape),
         tuple(target.shape),
         kind,
-        opts,
+        static,
         axis=axis,
         weight_shape=None if weight is None else tuple(weight.shape),
         class_mask_shape=None if class_mask is None else tuple(class_mask.shape),
@@ -71,11 +147,27 @@ def cross_entropy(
         lead_shape = moved.shape[:-1]
         x2 = moved.reshape(-1, k)
         t2 = target.reshape(-1) if kind == "index" else target.movedim(layout.axis, -1).reshape(-1, k)
-    if _plain_eager(x2, t2, weight, class_mask):
-        if x2.requires_grad and torch.is_grad_enabled():
-            value = _EagerFused.apply(x2, t2, weight, class_mask, opts)
-        else:
-            value, _ = _fused_impl(x2, t2, weight, class_mask, opts)
+    route = "op" if traced else _route(x2, t2, weight, class_mask)
+    if route == "function":
+        value, _ = _Fused.apply(x2, t2, weight, class_mask, opts)
+    elif route == "direct":  # nothing to differentiate: no autograd bookkeeping
+        value, _ = _fused_impl(x2, t2, weight, class_mask, opts)
+    elif traced:
+        value, _ = _fused(
+            x2,
+            t2,
+            weight,
+            class_mask,
+            opts.label_smoothing,
+            static.spread,
+            opts.ignore_index,
+            opts.z_loss,
+            static.normalize,
+            static.reduction,
+            static.empty_mean,
+            opts.convention,
+            opts.explicit,
+        )
     else:
         value, _ = _fused(
             x2,
@@ -89,8 +181,10 @@ def cross_entropy(
             opts.normalize,
             opts.reduction,
             opts.empty_mean,
+            None,
+            ",".join(_NUMERIC),
         )
-    return value.reshape(lead_shape) if opts.reduction == "none" else value
+    return value.reshape(lead_shape) if static.reduction == "none" else value
 
 
 _TARGET_KINDS: dict[torch.dtype, str] = {}
@@ -103,18 +197,27 @@ def _target_kind(dtype: torch.dtype) -> str:
     return kind
 
 
-def _plain_eager(*tensors: torch.Tensor | None) -> bool:
-    """Whether the call can bypass the custom op's dispatch (measured at about half of a small call's time).
-
-    Only for plain tensors in eager mode: under ``torch.compile``, ``torch.func`` transforms, fake tensors,
-    tensor subclasses or dispatch/function modes the custom op is what those systems know how to handle.
-    """
+def _route(x2: torch.Tensor, *others: torch.Tensor | None) -> str:
+    """How an eager call runs: ``"direct"`` (nothing to differentiate), ``"function"`` (:class:`_Fused`:
+    plain tensors with autograd, forward-mode AD, ``torch.func`` transforms) or ``"op"`` (the custom op:
+    under ``torch.compile``, fake tensors, tensor subclasses and dispatch/function modes, which know how to
+    handle it). The custom op's dispatch costs about half of a small call, hence the first two."""
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
-        return False
+        return "op"
     if torch._C._len_torch_dispatch_stack():
-        return False
+        return "op"
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return all(t is None or (type(t) is torch.Tensor and not wrapped(t)) for t in tensors)
+    transformed = False
+    for tensor in (x2, *others):
+        if tensor is None:
+            continue
+        if wrapped(tensor):
+            transformed = True
+        elif type(tensor) is not torch.Tensor:
+            return "op"
+    if transformed or forward_ad._current_level >= 0 or (x2.requires_grad and torch.is_grad_enabled()):
+        return "function"
+    return "direct"
 
 
 def _describe(value: Any) -> str:
@@ -137,7 +240,40 @@ def _as_tensor(value: Any, name: str, device: torch.device | None) -> torch.Tens
 
 
 # --------------------------------------------------------------------------------------------------------
-# The custom op: (loss, gradient) in one call
+# The body: (loss, gradient) in one call
+# --------------------------------------------------------------------------------------------------------
+def _fused_impl(x2, t2, weight, class_mask, opts: spec.Options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the reduced loss, or per-element losses, in x2's dtype; the gradient buffer)."""
+    kind = "probs" if t2.is_floating_point() else "index"
+    k = x2.shape[1]
+    on_cpu = x2.device.type == "cpu"
+    mask_np = None
+    if class_mask is not None and class_mask.device.type == "cpu":
+        mask_np = spec.check_class_mask(class_mask.numpy(), k, opts)
+    weight_np = None
+    if on_cpu:
+        weight_np = None if weight is None else spec.check_weight(weight.to(torch.float64).numpy(), k)
+        if kind == "index":
+            _check_labels(t2.numpy(), k, opts, mask_np)
+        elif mask_np is not None:
+            spec.check_probability_target_mask(t2.to(torch.float64).numpy(), -1, mask_np)
+
+    kernel = _numba_engine() if on_cpu and x2.dtype in (torch.float32, torch.float64) and x2.is_contiguous() else None
+    if kernel is not None and (kind == "index" or _kernel_takes(t2)):
+        return _run_numba(kernel, x2, t2, kind, opts, weight_np, mask_np)
+    grad = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    per_element, denominator = _engine.run(x2, t2, kind, opts, weight, class_mask, grad)
+    return _engine.reduce(per_element, denominator, opts, x2.dtype), grad
+
+
+def _kernel_takes(probs: torch.Tensor) -> bool:
+    """Whether the Numba kernel follows the spec on these probabilities: it skips classes with w·q ≤ 0, so a
+    NaN or negative entry (which must count, linearly) goes to the plain-torch engine instead."""
+    return bool((probs >= 0).all())
+
+
+# --------------------------------------------------------------------------------------------------------
+# The custom op (torch.compile, fake tensors, subclasses, modes)
 # --------------------------------------------------------------------------------------------------------
 @torch.library.custom_op(_OP_NAME, mutates_args=())
 def _fused(
@@ -152,45 +288,27 @@ def _fused(
     normalize: bool,
     reduction: str,
     empty_mean: str,
+    convention: str | None,
+    explicit: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    opts = spec.Options(
-        label_smoothing=label_smoothing,
-        spread=spread,  # type: ignore[arg-type]
-        ignore_index=ignore_index,
-        z_loss=z_loss,
-        normalize=normalize,
-        reduction=reduction,  # type: ignore[arg-type]
-        empty_mean=empty_mean,  # type: ignore[arg-type]
+    opts = _op_options(
+        convention, explicit, label_smoothing, spread, ignore_index, z_loss, normalize, reduction, empty_mean
+    )
+    # the class count against the options (spread="others" needs two classes when ε > 0), now that the
+    # numeric options are known
+    spec.check_layout(
+        tuple(x2.shape),
+        tuple(t2.shape),
+        "probs" if t2.is_floating_point() else "index",
+        opts,
+        axis=1,
+        class_mask_shape=None if class_mask is None else tuple(class_mask.shape),
     )
     return _fused_impl(x2, t2, weight, class_mask, opts)
 
 
-def _fused_impl(x2, t2, weight, class_mask, opts: spec.Options) -> tuple[torch.Tensor, torch.Tensor]:
-    """The op's body: (the reduced loss, or per-element losses, in x2's dtype; the gradient buffer)."""
-    kind = "probs" if t2.is_floating_point() else "index"
-    k = x2.shape[1]
-    on_cpu = x2.device.type == "cpu"
-    mask_np = None
-    if class_mask is not None and class_mask.device.type == "cpu":
-        mask_np = spec.check_class_mask(class_mask.numpy(), k, opts)
-    if on_cpu:
-        weight_np = None if weight is None else spec.check_weight(weight.to(torch.float64).numpy(), k)
-        if kind == "index":
-            _check_labels(t2.numpy(), k, opts, mask_np)
-        elif mask_np is not None:
-            spec.check_probability_target_mask(t2.to(torch.float64).numpy(), -1, mask_np)
-
-    kernel = _numba_engine() if on_cpu and x2.dtype in (torch.float32, torch.float64) and x2.is_contiguous() else None
-    if kernel is not None:
-        return _run_numba(kernel, x2, t2, kind, opts, weight_np, mask_np)
-    else:
-        grad = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-        per_element, denominator = _torch_engine(x2, t2, kind, opts, weight, class_mask, grad)
-    return _reduce(per_element, denominator, opts, x2.dtype), grad
-
-
 @_fused.register_fake
-def _(x2, t2, weight, class_mask, label_smoothing, spread, ignore_index, z_loss, normalize, reduction, empty_mean):
+def _(x2, t2, weight, class_mask, label_smoothing, spread, ignore_index, z_loss, normalize, reduction, *_):
     value_shape = (x2.shape[0],) if reduction == "none" else ()
     return x2.new_empty(value_shape), x2.new_empty(x2.shape)
 
@@ -203,26 +321,114 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.per_element = inputs[9] == "none"
 
 
-def _backward(ctx, grad_value, _grad_of_grad):
+def _op_backward(ctx, grad_value, _grad_of_grad):
+    return (_input_grad(ctx, grad_value),) + (None,) * 12
+
+
+_fused.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The eager autograd.Function (plain tensors, torch.func transforms, forward-mode AD)
+# --------------------------------------------------------------------------------------------------------
+class _Fused(torch.autograd.Function):
+    """Same body and backward as the op, plus forward-mode AD and a vmap rule, for ``torch.func``."""
+
+    @staticmethod
+    def forward(x2, t2, weight, class_mask, opts):
+        return _fused_impl(x2, t2, weight, class_mask, opts)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, grad = output
+        ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad)
+        ctx.save_for_forward(grad)
+        ctx.per_element = inputs[4].reduction == "none"
+
+    @staticmethod
+    def backward(ctx, grad_value, _grad_of_grad):
+        return _input_grad(ctx, grad_value), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, *_):
+        """The loss's tangent: Σ_c grad_c · dx_c per element (the gradient already carries the mean's 1/D)."""
+        (grad,) = ctx.saved_tensors
+        if x_tangent is None:
+            return None, None
+        product = grad * x_tangent.to(grad.dtype)
+        tangent = product.sum(dim=1) if ctx.per_element else product.sum()
+        return tangent, None
+
+    @staticmethod
+    def vmap(info, in_dims, x2, t2, weight, class_mask, opts):
+        """One call per batch entry (each has its own reduction), stacked."""
+        values, grads = [], []
+        for index in range(info.batch_size):
+            picked = [
+                tensor if dim is None or tensor is None else tensor.select(dim, index)
+                for tensor, dim in zip((x2, t2, weight, class_mask), in_dims[:4])
+            ]
+            value, grad = _Fused.apply(*picked, opts)
+            values.append(value)
+            grads.append(grad)
+        return (torch.stack(values), torch.stack(grads)), (0, 0)
+
+
+def _input_grad(ctx, grad_value: torch.Tensor | None) -> torch.Tensor | None:
+    """The logits' gradient: the saved one times the upstream gradient."""
     (grad,) = ctx.saved_tensors
-    none = (None,) * 10
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if grad_value is None:
+        return None
+    traced = torch.compiler.is_compiling() or _is_traced(grad) or _is_traced(grad_value)
+    if torch.is_grad_enabled() and not traced:
         raise RuntimeError(
             "lsx.torch.loss supports first-order gradients only (its gradient is computed in the forward pass); "
             "double backward / create_graph=True is not supported"
         )
-    if grad_value is None:
-        return (None,) + none
     scale = grad_value.to(grad.dtype)
     scale = scale.reshape(-1, 1) if ctx.per_element else scale
-    if torch.compiler.is_compiling() or _is_traced(grad) or _graph_kept():
-        return (grad * scale,) + none
+    if traced or _graph_kept():
+        product = grad * scale
+        # torch.func differentiates with create_graph: a second derivative must fail, not come out zero
+        return (
+            _FirstOrderOnly.apply(product) if torch.is_grad_enabled() and not torch.compiler.is_compiling() else product
+        )
     # The graph is released after this call: reuse the saved buffer as the result (no copy), so that
-    # fwd+bwd holds a single logits-sized buffer; skip the pass for the usual loss.backward() (reading the
-    # scalar is one tiny device read on accelerators).
-    if scale.numel() == 1 and float(scale) == 1.0:
-        return (grad,) + none
-    return (grad.mul_(scale),) + none
+    # fwd+bwd holds a single logits-sized buffer. On the CPU, skip the pass for the usual loss.backward();
+    # elsewhere reading the scalar would synchronise the device, so the buffer is always scaled.
+    if grad.device.type == "cpu" and scale.numel() == 1 and float(scale) == 1.0:
+        return grad
+    return grad.mul_(scale)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity whose own derivative is refused (for gradients computed under ``torch.func``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(
+            "lsx.torch.loss supports first-order gradients only (its gradient is computed in the forward pass); "
+            "second derivatives (double backward, nested torch.func.grad, hessian) are not supported"
+        )
+
+    @staticmethod
+    def jvp(ctx, _):
+        raise RuntimeError(
+            "lsx.torch.loss supports first-order gradients only (its gradient is computed in the forward pass); "
+            "second derivatives (double backward, nested torch.func.grad, hessian) are not supported"
+        )
 
 
 def _graph_kept() -> bool:
@@ -232,28 +438,8 @@ def _graph_kept() -> bool:
 
 
 def _is_traced(tensor: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(tensor, FakeTensor) or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
-
-
-_fused.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerFused(torch.autograd.Function):
-    """The op's autograd in eager mode, without the custom op's dispatch: same forward, same backward."""
-
-    @staticmethod
-    def forward(ctx, x2, t2, weight, class_mask, opts):
-        value, grad = _fused_impl(x2, t2, weight, class_mask, opts)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad)
-        ctx.per_element = opts.reduction == "none"
-        return value
-
-    @staticmethod
-    def backward(ctx, grad_value):
-        return _backward(ctx, grad_value, None)[:5]
+    """Fake, meta, subclassed or functorch-wrapped: not a buffer to scale in place or read on the host."""
+    return type(tensor) is not torch.Tensor or tensor.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
 def _check_labels(labels: np.ndarray, k: int, opts: spec.Options, mask: np.ndarray | None) -> None:
@@ -274,23 +460,6 @@ def _check_labels(labels: np.ndarray, k: int, opts: spec.Options, mask: np.ndarr
 def _unsigned_view(dtype: np.dtype) -> tuple[np.dtype, int, int]:
     limits = np.iinfo(dtype)
     return np.dtype(dtype.str.replace("i", "u")), int(limits.min), int(limits.max)
-
-
-def _reduce(per_element: torch.Tensor, denominator: torch.Tensor, opts: spec.Options, dtype: torch.dtype):
-    if opts.reduction == "none":
-        return per_element.to(dtype)
-    total = per_element.sum()
-    if opts.reduction == "sum":
-        return total.to(dtype)
-    empty = float("nan") if opts.empty_mean == "nan" else 0.0
-    safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
-    return torch.where(denominator != 0, total / safe, torch.full_like(total, empty)).to(dtype)
-
-
-def _mean_scale(denominator: torch.Tensor) -> torch.Tensor:
-    """1/D, or 0 when every element is ignored (the gradient of an empty mean is zero, like torch)."""
-    safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
-    return torch.where(denominator != 0, 1.0 / safe, torch.zeros_like(denominator))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -349,117 +518,3 @@ def _run_numba(kernel, x2, t2, kind, opts, weight_np, mask_np):
         empty = compute(np.nan if opts.empty_mean == "nan" else 0.0)
         total = total / compute(denominator) if denominator != 0 else empty
     return torch.from_numpy(np.asarray(total, dtype=compute)), grad
-
-
-# --------------------------------------------------------------------------------------------------------
-# Plain-torch engine (any device)
-# --------------------------------------------------------------------------------------------------------
-def _xlogx(q: float) -> float:
-    return q * float(np.log(q)) if q > 0 else 0.0
-
-
-def _torch_engine(x2, t2, kind, opts, weight, class_mask, grad):
-    """Fill ``grad`` (N, K) and return the per-element loss (N,) and the mean's denominator, as tensors."""
-    n, k = x2.shape
-    device = x2.device
-    compute = torch.float64 if x2.dtype == torch.float64 else torch.float32
-    x2 = x2.detach()
-    mask = None if class_mask is None else class_mask.to(device)
-    valid_count = k if mask is None else int(mask.sum())  # one small sync on accelerators, with class_mask only
-    a, b = spec.smoothing_coefficients(opts, valid_count)
-    w = None if weight is None else weight.to(device=device, dtype=compute)
-    if w is not None and mask is not None:
-        w = w.masked_fill(~mask, 0)
-    total_weight = float(valid_count) if w is None else w.sum()
-    z = opts.z_loss
-
-    if kind == "index":
-        labels = t2.to(device)
-        active = (
-            torch.ones(n, dtype=torch.bool, device=device) if opts.ignore_index is None else labels != opts.ignore_index
-        )
-        y = torch.where(active, labels, torch.zeros_like(labels))
-        # On the CPU the labels were checked; elsewhere a bad label turns its element into NaN (no sync).
-        invalid = (y < 0) | (y >= k)
-        y = y.clamp(0, k - 1)
-        if mask is not None:
-            invalid = invalid | ~mask[y]
-        w_y = torch.ones(n, dtype=compute, device=device) if w is None else w[y]
-        w_y = torch.where(active, w_y, torch.zeros_like(w_y))
-        denominator = w_y.sum()
-        row_coef = a * w_y + b * total_weight  # Σ_c w_c q_c
-        target = None
-    else:
-        active = torch.ones(n, dtype=torch.bool, device=device)
-        invalid = None
-        w_y = torch.ones(n, dtype=compute, device=device)
-        denominator = torch.tensor(float(n), dtype=compute, device=device)
-        y = row_coef = None
-        target = t2.detach().to(device)
-    row_scale = w_y.new_ones(()) if opts.reduction != "mean" else _mean_scale(denominator)
-    bw = None if b == 0 else (torch.full((k,), b, dtype=compute, device=device) if w is None else b * w)
-    if bw is not None and mask is not None:
-        bw = bw.masked_fill(~mask, 0)
-
-    per_element = torch.empty(n, dtype=compute, device=device)
-    rows = max(1, _CHUNK_ELEMENTS // max(k, 1)) if compute != x2.dtype else max(n, 1)
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        x = x2[start:stop].to(compute)
-        g = grad[start:stop] if compute == x2.dtype else torch.empty(x.shape, dtype=compute, device=device)
-        x_soft = x if mask is None else x.masked_fill(~mask, float("-inf"))
-        row_max = x_soft.amax(dim=1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        torch.sub(x_soft, row_max, out=g)
-        g.exp_()
-        sum_exp = g.sum(dim=1, keepdim=True)
-        lse = (row_max + sum_exp.log()).squeeze(1)
-        x_lin = x if mask is None else x.masked_fill(~mask, 0)
-        act = active[start:stop]
-        wy = w_y[start:stop]
-        if kind == "index":
-            yc = y[start:stop].unsqueeze(1)
-            coef = row_coef[start:stop]
-            loss = torch.zeros_like(lse)
-            if a != 0:
-                loss = loss + a * wy * (lse - x.gather(1, yc).squeeze(1))
-            if b != 0:
-                lin = x_lin.sum(dim=1) if w is None else x_lin @ w
-                loss = loss + (b * total_weight) * lse - b * lin
-            if opts.normalize:
-                loss = loss + wy * _xlogx(a + b) + _xlogx(b) * (total_weight - wy)
-        else:
-            q = a * target[start:stop].to(compute) + b
-            if mask is not None:
-                q = q.masked_fill(~mask, 0)
-            wq = q if w is None else q * w
-            nll = torch.where(wq > 0, lse.unsqueeze(1) - x, torch.zeros_like(x))
-            loss = (wq * nll).sum(dim=1)
-            if opts.normalize:
-                xlogx = torch.where(q > 0, q * torch.where(q > 0, q, torch.ones_like(q)).log(), torch.zeros_like(q))
-                loss = loss + (xlogx if w is None else xlogx * w).sum(dim=1)
-            coef = wq.sum(dim=1)
-        if z != 0:
-            loss = loss + z * wy * lse * lse
-        # grad = (Σ w q + 2 s w_y L)·p − w∘q, each row times its share of the reduction (0 when ignored)
-        scale = torch.where(act, row_scale.expand_as(lse), torch.zeros_like(lse))
-        g.mul_(((coef + (2 * z) * wy * lse) * scale / sum_exp.squeeze(1)).unsqueeze(1))
-        if kind == "index":
-            if bw is not None:
-                g.addcmul_(scale.unsqueeze(1), bw.unsqueeze(0), value=-1)
-            if a != 0:
-                g.scatter_add_(1, yc, (-a * wy * scale).unsqueeze(1))
-        else:
-            g.addcmul_(scale.unsqueeze(1), wq, value=-1)
-        if mask is not None:
-            g.masked_fill_(~mask, 0)
-        g.masked_fill_(~act.unsqueeze(1), 0)
-        loss = torch.where(act, loss, torch.zeros_like(loss))
-        if invalid is not None:
-            bad = invalid[start:stop] & act
-            g.masked_fill_(bad.unsqueeze(1), float("nan"))
-            loss = loss.masked_fill(bad, float("nan"))
-        per_element[start:stop] = loss
-        if g.data_ptr() != grad[start:stop].data_ptr():
-            grad[start:stop] = g
-    return per_element, denominator

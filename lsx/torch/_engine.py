@@ -1,0 +1,209 @@
+"""The plain-torch engine of :mod:`lsx.torch`: any device, any floating dtype.
+
+It reduces each row of logits to the statistics of :mod:`lsx.spec`'s per-row algebra, taken relative to the
+row maximum m (log Σ exp(x − m), x_y − m, Σ w_c (x_c − m); for probabilities Σ w q, Σ w q (x − m) and
+Σ w·xlogx(q)), gets the per-element loss and the gradient's row coefficient from ``spec.label_row`` /
+``spec.probability_row``, and writes the gradient ``(coef · p − w∘q) · reduction_scale`` into the caller's
+buffer. Everything stays on the logits' device as tensors: no ``.item()``, no host synchronisation, no
+CPU-only call, so the same code serves CPU, CUDA and meta tensors. float16/bfloat16 accumulate in float32,
+in row chunks that bound the float32 temporaries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lsx import spec
+
+__all__ = ["CHUNK_ELEMENTS", "reduce", "run"]
+
+#: float16/bfloat16 logits are processed in row chunks of about this many elements, to bound the float32
+#: temporaries (smaller chunks only add per-op overhead: measured slower on CPU too).
+CHUNK_ELEMENTS = 1 << 24
+
+_INT64_MAX = 2**63 - 1
+
+
+def _labels_as_int64(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Integer labels of any dtype as int64 and, for uint64, where they exceed the int64 range.
+
+    Every comparison then happens on the caller's values in int64 (``ignore_index``, K and K − 1 never meet
+    a narrow dtype, where they would wrap). uint64 labels above 2**63 − 1 read as negative int64 numbers
+    through the view; they are flagged instead of matching a negative ``ignore_index``.
+    """
+    if labels.dtype == torch.int64:
+        return labels, None
+    if labels.dtype == torch.uint64:
+        as_int64 = labels.view(torch.int64)
+        return as_int64, as_int64 < 0
+    return labels.to(torch.int64), None
+
+
+def run(
+    x2: torch.Tensor,
+    t2: torch.Tensor,
+    kind: str,
+    opts: spec.Options,
+    weight: torch.Tensor | None,
+    class_mask: torch.Tensor | None,
+    grad: torch.Tensor,
+) -> tuple[torch.Tensor, Any]:
+    """Fill ``grad`` (N, K) with the gradient of the reduced loss; return the per-element loss (N,) in the
+    compute dtype and the mean's denominator (a 0-d tensor on the logits' device).
+
+    Labels are not checked here (the caller does that on the CPU): an out-of-range label, or one on a class
+    that ``class_mask`` removes, gives NaN for its element's loss and gradient row; so does probability mass
+    on a removed class.
+    """
+    n, k = x2.shape
+    device = x2.device
+    compute = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    x2 = x2.detach()
+    mask = None if class_mask is None else class_mask.to(device=device, dtype=torch.bool)
+    # the number of valid classes stays a tensor with class_mask: reading it would synchronise the device
+    valid_count: Any = k if mask is None else mask.sum().to(compute)
+    w = None if weight is None else weight.detach().to(device=device, dtype=compute)
+    if w is not None and mask is not None:
+        w = w.masked_fill(~mask, 0)
+    total_weight = valid_count if w is None else w.sum()
+    coefficients = spec.RowCoefficients.of(opts, valid_count, total_weight)
+    smoothing = opts.label_smoothing != 0  # b = 0 exactly when ε = 0
+
+    # classes that enter Σ_c w_c (x_c − m): valid and with w_c ≠ 0 (no 0·(−∞) from a removed class)
+    linear = None
+    if smoothing and (mask is not None or w is not None):
+        linear = torch.ones(k, dtype=torch.bool, device=device) if mask is None else mask
+        if w is not None:
+            linear = linear & (w != 0)
+
+    if kind == "index":
+        labels, too_big = _labels_as_int64(t2.detach().to(device))
+        if opts.ignore_index is None:
+            active = torch.ones(n, dtype=torch.bool, device=device)
+        else:
+            active = labels != opts.ignore_index
+        if too_big is not None:
+            active = active | too_big
+        invalid = (labels < 0) | (labels >= k)
+        if too_big is not None:
+            invalid = invalid | too_big
+        y = torch.where(active & ~invalid, labels, torch.zeros_like(labels))
+        if mask is not None:
+            invalid = invalid | ~mask[y]
+        invalid = invalid & active
+        w_y = torch.ones(n, dtype=compute, device=device) if w is None else w[y]
+        w_y = torch.where(active, w_y, torch.zeros_like(w_y))
+        denominator: Any = w_y.sum()
+        # the w∘q part of the gradient: b·w on every valid class, a·w_y on the target
+        b_row = None
+        if smoothing:
+            b_row = coefficients.b * (torch.ones(k, dtype=compute, device=device) if w is None else w)
+            if mask is not None:
+                b_row = b_row.masked_fill(~mask, 0)
+        target = None
+    else:
+        active = None
+        invalid = None
+        w_y = None
+        denominator = torch.full((), n, dtype=compute, device=device)
+        target = t2.detach().to(device)
+        if mask is not None:  # mass on a removed class (the CPU raises for it before getting here)
+            invalid = (target.to(compute).masked_fill(mask, 0) != 0).any(dim=1)
+    scale = spec.reduction_scale(opts.reduction, denominator, where=torch.where)
+
+    per_element = torch.empty(n, dtype=compute, device=device)
+    rows = max(1, CHUNK_ELEMENTS // max(k, 1)) if compute != x2.dtype else max(n, 1)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        x = x2[start:stop].to(compute)
+        g = grad[start:stop] if compute == x2.dtype else torch.empty(x.shape, dtype=compute, device=device)
+        x_soft = x if mask is None else x.masked_fill(~mask, -math.inf)
+        raw_max = x_soft.amax(dim=1, keepdim=True)
+        finite = torch.isfinite(raw_max)
+        row_max = torch.where(finite, raw_max, torch.zeros_like(raw_max))
+        torch.sub(x_soft, row_max, out=g)
+        g.exp_()
+        # a +inf logit on a valid class makes its element's loss and gradient row NaN (as the reference and
+        # F.cross_entropy): its Σ exp is NaN, and so are L and every p_c = exp(x_c − m) / Σ exp
+        sum_exp = torch.where(raw_max.squeeze(1) == math.inf, math.nan, g.sum(dim=1))
+        log_sum_exp = sum_exp.log()
+        m = row_max.squeeze(1)
+        if kind == "index":
+            yc = y[start:stop].unsqueeze(1)
+            wy = w_y[start:stop]
+            weighted_sum: Any = 0.0
+            if smoothing:
+                shifted = x - row_max
+                if linear is not None:
+                    shifted = shifted.masked_fill(~linear, 0)
+                weighted_sum = shifted.sum(dim=1) if w is None else shifted @ w
+            loss, coef = spec.label_row(
+                coefficients,
+                log_sum_exp=log_sum_exp,
+                row_max=m,
+                w_y=wy,
+                x_y=x.gather(1, yc).squeeze(1) - m,
+                weighted_sum=weighted_sum,
+                where=torch.where,
+                log=torch.log,
+            )
+        else:
+            q = coefficients.a * target[start:stop].to(compute) + coefficients.b
+            if mask is not None:
+                q = q.masked_fill(~mask, 0)
+            wq = q if w is None else q * w
+            # a class contributes wherever w_c·q_c ≠ 0, linearly (NaN spreads, negative mass counts)
+            contributes = wq != 0
+            shifted = torch.where(contributes, x - row_max, torch.zeros_like(x))
+            weighted_xlogx = None
+            if opts.normalize:
+                h = spec.xlogx(q, where=torch.where, log=torch.log)
+                h = h if w is None else h * w
+                weighted_xlogx = torch.where(contributes, h, torch.zeros_like(h)).sum(dim=1)
+            loss, coef = spec.probability_row(
+                coefficients,
+                log_sum_exp=log_sum_exp,
+                row_max=m,
+                target_mass=wq.sum(dim=1),
+                weighted_sum=(wq * shifted).sum(dim=1),
+                weighted_xlogx=weighted_xlogx,
+            )
+        # gradient = (coef · p − w∘q) · scale, each row's scale 0 when it is ignored
+        row_scale = torch.full_like(m, scale) if isinstance(scale, float) else scale.expand_as(m)
+        if active is not None:
+            row_scale = torch.where(active[start:stop], row_scale, torch.zeros_like(row_scale))
+        g.mul_((coef * row_scale / sum_exp).unsqueeze(1))
+        if kind == "index":
+            if b_row is not None:
+                g.addcmul_(row_scale.unsqueeze(1), b_row.unsqueeze(0), value=-1)
+            if coefficients.a != 0:
+                g.scatter_add_(1, yc, (-coefficients.a * wy * row_scale).unsqueeze(1))
+        else:
+            g.addcmul_(row_scale.unsqueeze(1), wq, value=-1)
+        if active is not None:
+            act = active[start:stop]
+            g.masked_fill_(~act.unsqueeze(1), 0)
+            loss = torch.where(act, loss, torch.zeros_like(loss))
+        if invalid is not None:
+            bad = invalid[start:stop]
+            g.masked_fill_(bad.unsqueeze(1), math.nan)
+            loss = loss.masked_fill(bad, math.nan)
+        if mask is not None:
+            g.masked_fill_(~mask, 0)
+        per_element[start:stop] = loss
+        if g.data_ptr() != grad[start:stop].data_ptr():
+            grad[start:stop] = g
+    return per_element, denominator
+
+
+def reduce(
+    per_element: torch.Tensor, denominator: torch.Tensor, opts: spec.Options, dtype: torch.dtype
+) -> torch.Tensor:
+    """The loss in ``dtype``: per element, summed, or the mean (``spec.reduce_total``)."""
+    if opts.reduction == "none":
+        return per_element.to(dtype)
+    total = spec.reduce_total(opts.reduction, per_element.sum(), denominator, opts.empty_mean, where=torch.where)
+    return total.to(dtype)
