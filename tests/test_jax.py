@@ -284,3 +284,266 @@ def test_bad_weight_and_mask_values_raise_when_concrete():
         lsx.jax.loss(x, y, class_mask=jnp.ones(5))
     with pytest.raises(TypeError, match="floating"):
         lsx.jax.loss(y[:, None], y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Integer labels of every dtype, for any K (nothing compared in a dtype that wraps)
+# ----------------------------------------------------------------------------------------------------------
+LABEL_CASES = [
+    # dtype, K, ignore_index, labels (edge values of the dtype: uint8 156 is −100 wrapped, 255 is −1 wrapped)
+    ("int8", 200, -100, [127, 0, -100, 5]),
+    ("uint8", 200, -100, [156, 199, 0, 3]),
+    ("uint8", 300, -100, [156, 255, 0, 3]),
+    ("uint8", 300, 255, [156, 255, 254, 0]),
+    ("int16", 70000, -1, [32767, -1, 0, 9]),
+    ("uint16", 70000, -100, [65436, 65535, 0, 1]),
+    ("int32", 300, -100, [299, -100, 0, 1]),
+    ("uint32", 300, 7, [299, 7, 0, 1]),
+    ("int64", 300, 2**40, [299, 2**40, 0, 1]),
+    ("uint64", 300, 7, [299, 7, 0, 1]),
+    ("uint64", 300, None, [299, 7, 0, 1]),
+]
+
+
+@pytest.mark.parametrize(("dtype", "k", "ignore_index", "values"), LABEL_CASES, ids=lambda v: str(v))
+def test_labels_of_every_integer_dtype_for_any_k(dtype, k, ignore_index, values):
+    x = jnp.asarray(np.random.default_rng(k).normal(size=(len(values), k)))
+    y = np.asarray(values, dtype)
+    opts = dict(label_smoothing=0.1, ignore_index=ignore_index, reduction="none")
+    expected = spec.reference_loss(np.asarray(x), y, **opts)
+    expected_grad = spec.reference_grad(np.asarray(x), y, **opts)
+    f = functools.partial(lsx.jax.loss, **opts)
+    for labels in (y, jnp.asarray(y)):
+        assert jnp.asarray(labels).dtype == np.dtype(dtype)  # handed over unconverted
+        np.testing.assert_allclose(f(x, labels), expected, rtol=1e-12)
+        np.testing.assert_allclose(jax.jit(f)(x, labels), expected, rtol=1e-12)
+        grad = jax.jit(jax.grad(lambda x, t: f(x, t).sum()))(x, labels)
+        np.testing.assert_allclose(grad, expected_grad, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(jax.vmap(f)(x[:, None], jnp.asarray(y)[:, None])[:, 0], expected, rtol=1e-12)
+    mean = functools.partial(lsx.jax.loss, label_smoothing=0.1, ignore_index=ignore_index)
+    np.testing.assert_allclose(
+        jax.jit(mean)(x, jnp.asarray(y)), spec.reference_loss(np.asarray(x), y, **dict(opts, reduction="mean"))
+    )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "k", "ignore_index", "bad"),
+    [("uint8", 200, -1, 255), ("uint8", 200, -100, 200), ("int8", 100, -100, 100), ("uint16", 300, -1, 65535)],
+)
+def test_out_of_range_narrow_labels_raise_eagerly_and_are_nan_under_jit(dtype, k, ignore_index, bad):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, k)))
+    y = np.asarray([1, bad, 2], dtype)
+    f = functools.partial(lsx.jax.loss, label_smoothing=0.1, ignore_index=ignore_index, reduction="none")
+    with pytest.raises(ValueError, match=f"label {bad}"):
+        f(x, y)
+    traced = jax.jit(f)(x, jnp.asarray(y))  # the labels are traced: no check, NaN for that element
+    assert np.isnan(traced[1]) and np.all(np.isfinite(np.asarray(traced)[[0, 2]]))
+    grad = jax.jit(jax.grad(lambda x, t: f(x, t).sum()))(x, jnp.asarray(y))
+    assert np.all(np.isnan(grad[1])) and np.all(np.isfinite(np.asarray(grad)[[0, 2]]))
+
+
+_X32_SCRIPT = """
+import numpy as np, jax, jax.numpy as jnp
+import lsx.jax
+from lsx import spec
+assert not jax.config.jax_enable_x64
+x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5)), jnp.float32)
+for bad in (2**32 + 1, 2**32 - 100, 2**40, 2**31, -(2**32) - 100):
+    for dtype in ("int64", "uint64") if bad >= 0 else ("int64",):
+        y = np.asarray([0, bad, 2], dtype)
+        for f in (lsx.jax.loss, jax.jit(lambda x: lsx.jax.loss(x, y))):
+            try:
+                f(x, y) if f is lsx.jax.loss else f(x)
+            except ValueError as error:
+                assert f"label {bad}" in str(error), error
+            else:
+                raise AssertionError(f"label {bad} ({dtype}) was accepted")
+# an ignore_index that int32 cannot hold still ignores exactly the elements equal to it
+for dtype in ("int64", "uint64"):
+    y = np.asarray([0, 2**40, 2], dtype)
+    for f in (lsx.jax.loss, jax.jit(lambda x, y=y: lsx.jax.loss(x, y, ignore_index=2**40, reduction="none"))):
+        got = f(x, y, ignore_index=2**40, reduction="none") if f is lsx.jax.loss else f(x)
+        want = spec.reference_loss(np.asarray(x, np.float64), y, ignore_index=2**40, reduction="none")
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+        assert got[1] == 0
+print("ok")
+"""
+
+
+def test_int64_labels_are_checked_before_32_bit_mode_narrows_them():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    env["PYTHONPATH"] = root
+    done = subprocess.run([sys.executable, "-c", _X32_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Under jit: concrete values are checked, traced ones give NaN
+# ----------------------------------------------------------------------------------------------------------
+def test_closed_over_numpy_weight_mask_and_labels_are_checked_under_jit():
+    x, y = _data((4,), 5)
+    negative = np.asarray([1.0, -1.0, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"weight\[1\]"):
+        jax.jit(lambda x: lsx.jax.loss(x, y, weight=negative))(x)
+    with pytest.raises(ValueError, match="at least one valid class"):
+        jax.jit(lambda x: lsx.jax.loss(x, y, class_mask=np.zeros(5, bool)))(x)
+    labels = np.asarray([0, 1, 7, 2])
+    with pytest.raises(ValueError, match="label 7"):
+        jax.jit(lambda x: lsx.jax.loss(x, labels))(x)
+    mask = np.asarray([True, True, True, False, True])
+    with pytest.raises(ValueError, match="label 3"):
+        jax.jit(lambda x: lsx.jax.loss(x, np.asarray([0, 3, 1, 2]), class_mask=mask))(x)
+    probs = np.full((4, 5), 0.2)
+    with pytest.raises(ValueError, match="class 3"):
+        jax.jit(lambda x: lsx.jax.loss(x, probs, class_mask=mask))(x)
+
+
+def test_traced_bad_weight_gives_nan():
+    x, y = _data((4,), 5)
+    f = jax.jit(lambda x, w: lsx.jax.loss(x, y, weight=w, label_smoothing=0.1))
+    assert np.isfinite(f(x, jnp.ones(5)))
+    for bad in (-1.0, np.inf, np.nan):
+        w = jnp.ones(5).at[1].set(bad)
+        value, grad = jax.value_and_grad(lambda x, w=w: f(x, w))(x)
+        assert np.isnan(value) and np.all(np.isnan(grad))
+
+
+def test_traced_probability_mass_on_masked_class_is_nan():
+    x, _ = _data((3,), 5)
+    mask = jnp.asarray([True, True, True, False, True])
+    t = jnp.full((3, 5), 0.25).at[:, 3].set(0.0).at[1, 3].set(0.1)
+    with pytest.raises(ValueError, match="class 3"):
+        lsx.jax.loss(x, t, class_mask=mask)
+    f = jax.jit(lambda x, t, m: lsx.jax.loss(x, t, class_mask=m, label_smoothing=0.1, reduction="none"))
+    for m in (mask, np.asarray(mask)):
+        value = f(x, t, m)
+        assert np.isnan(value[1]) and np.all(np.isfinite(np.asarray(value)[[0, 2]]))
+        grad = jax.grad(lambda x, m=m: f(x, t, m).sum())(x)
+        assert np.all(np.isnan(grad[1])) and np.all(np.isfinite(np.asarray(grad)[[0, 2]]))
+    # concrete mask closed over, traced target
+    g = jax.jit(lambda x, t: lsx.jax.loss(x, t, class_mask=np.asarray(mask), reduction="none"))
+    assert np.isnan(g(x, t)[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Infinite logits, huge logits, probability targets off the simplex
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("jit", [False, True])
+def test_positive_inf_logit_gives_nan_like_the_reference(eps, jit):
+    x, y = _data((3,), 5)
+    y = y.at[0].set(2).at[2].set(-100)
+    x = x.at[0, 4].set(np.inf).at[2, 1].set(np.inf)  # row 2 is ignored: 0 loss, 0 gradient
+    f = functools.partial(lsx.jax.loss, label_smoothing=eps, reduction="none")
+    f = jax.jit(f) if jit else f
+    grad = jax.grad(lambda x: f(x, y).sum())(x)
+    expected = spec.reference_loss(np.asarray(x), np.asarray(y), label_smoothing=eps, reduction="none")
+    assert np.isnan(expected[0])
+    np.testing.assert_allclose(f(x, y), expected, rtol=1e-12)
+    expected_grad = spec.reference_grad(np.asarray(x), np.asarray(y), label_smoothing=eps, reduction="none")
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-10, atol=1e-14)
+    assert np.all(np.isnan(grad[0])) and np.all(np.asarray(grad[2]) == 0)
+
+
+def test_zero_weight_against_negative_inf_logit_contributes_nothing():
+    x, y = _data((4,), 5)
+    x = x.at[:, 3].set(-np.inf)
+    y = jnp.asarray([0, 1, 2, 4])
+    weight = jnp.asarray([1.0, 0.5, 2.0, 0.0, 1.5])
+    opts = dict(label_smoothing=0.1, weight=weight)
+    value, grad = jax.jit(jax.value_and_grad(functools.partial(lsx.jax.loss, **opts)))(x, y)
+    ref_opts = dict(opts, weight=np.asarray(weight))
+    expected = spec.reference_loss(np.asarray(x), np.asarray(y), **ref_opts)
+    assert np.isfinite(expected)
+    np.testing.assert_allclose(value, expected, rtol=1e-12)
+    np.testing.assert_allclose(grad, spec.reference_grad(np.asarray(x), np.asarray(y), **ref_opts), atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_huge_float64_logits_without_z_loss_are_finite(kind):
+    rng = np.random.default_rng(3)
+    x = rng.normal(scale=1e155, size=(4, 5))
+    t = rng.integers(0, 5, size=4) if kind == "index" else rng.dirichlet(np.ones(5), size=4)
+    for opts in (dict(label_smoothing=0.1), dict(label_smoothing=0.1, normalize=True, weight=np.linspace(1, 2, 5))):
+        expected = spec.reference_loss(x, t, **opts)
+        assert np.isfinite(expected)
+        value, grad = jax.jit(jax.value_and_grad(functools.partial(lsx.jax.loss, **opts)))(jnp.asarray(x), t)
+        np.testing.assert_allclose(value, expected, rtol=1e-12)
+        np.testing.assert_allclose(grad, spec.reference_grad(x, t, **opts), rtol=1e-10, atol=1e-14)
+
+
+def _finite_differences(f, arg, step=1e-6):
+    arg = np.asarray(arg, np.float64)
+    out = np.zeros(arg.shape)
+    for index in np.ndindex(arg.shape):
+        up, down = arg.copy(), arg.copy()
+        up[index] += step
+        down[index] -= step
+        out[index] = (float(f(jnp.asarray(up))) - float(f(jnp.asarray(down)))) / (2 * step)
+    return out
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("spread", ["all", "others"])
+def test_negative_probabilities_count_linearly_with_consistent_gradients(spread, normalize):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(4, 5)))
+    t = rng.dirichlet(np.ones(5), size=4)
+    t[::2, 0] -= 0.5  # rows still sum to 1, with a negative entry
+    t[::2, 1] += 0.5
+    t[1, 2:] = [0.6, 0.0, 0.0]  # zero entries: the loss is linear in them too
+    t[1, :2] = [0.3, 0.1]
+    w = jnp.asarray(rng.uniform(0.5, 2.0, size=5))
+    eps = 0.0 if normalize else 0.2  # with ε = 0 the KL form sees the negative q (NaN), and zeros
+    opts = dict(label_smoothing=eps, spread=spread, z_loss=0.01, normalize=normalize, reduction="sum")
+
+    def f(x, t, w):
+        return lsx.jax.loss(x, t, weight=w, **opts)
+
+    value = f(x, jnp.asarray(t), w)
+    expected = spec.reference_loss(np.asarray(x), t, **dict(opts, weight=np.asarray(w)))
+    if normalize:  # q·log q of a negative q: NaN, loss and gradients alike
+        assert np.isnan(expected) and np.isnan(value)
+        gx, gt, _ = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x, jnp.asarray(t), w)
+        # the entropy term does not depend on the logits: their gradient is the reference's, finite
+        ref = spec.reference_grad(np.asarray(x), t, **dict(opts, weight=np.asarray(w)))
+        np.testing.assert_allclose(gx, ref, rtol=1e-12, atol=1e-12)
+        assert np.all(np.isfinite(ref)) and np.array_equal(np.isnan(gt), t < 0)
+        t = t[1::2]  # the rows without negative entries still have finite, consistent gradients
+        x = x[1::2]
+        value = f(x, jnp.asarray(t), w)
+        expected = spec.reference_loss(np.asarray(x), t, **dict(opts, weight=np.asarray(w)))
+    np.testing.assert_allclose(value, expected, rtol=1e-12)
+    gx, gt, gw = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x, jnp.asarray(t), w)
+    np.testing.assert_allclose(
+        gx, spec.reference_grad(np.asarray(x), t, **dict(opts, weight=np.asarray(w))), atol=1e-12
+    )
+    np.testing.assert_allclose(gx, _finite_differences(lambda v: f(v, jnp.asarray(t), w), x), rtol=1e-6, atol=1e-7)
+    zero = t == 0
+    if normalize:  # ∂(q log q)/∂q is −inf at q = 0: compare the other entries
+        t_fd = _finite_differences(lambda v: f(x, jnp.where(zero, 0.0, v), w), np.where(zero, 0.5, t))
+        np.testing.assert_allclose(np.asarray(gt)[~zero], t_fd[~zero], rtol=1e-6, atol=1e-7)
+    else:
+        np.testing.assert_allclose(gt, _finite_differences(lambda v: f(x, v, w), t), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(gw, _finite_differences(lambda v: f(x, jnp.asarray(t), v), w), rtol=1e-6, atol=1e-7)
+
+
+def test_nan_probability_makes_its_element_and_its_gradients_nan():
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(3, 4)))
+    t = rng.dirichlet(np.ones(4), size=3)
+    t[1, 2] = np.nan
+    f = jax.jit(functools.partial(lsx.jax.loss, label_smoothing=0.1, reduction="none"))
+    value = f(x, jnp.asarray(t))
+    np.testing.assert_allclose(value, spec.reference_loss(np.asarray(x), t, label_smoothing=0.1, reduction="none"))
+    assert np.isnan(value[1]) and np.all(np.isfinite(np.asarray(value)[[0, 2]]))
+    gx, gt = jax.grad(lambda x, t: f(x, t).sum(), argnums=(0, 1))(x, jnp.asarray(t))
+    ref = spec.reference_grad(np.asarray(x), t, label_smoothing=0.1, reduction="none")
+    np.testing.assert_allclose(gx, ref, rtol=1e-10, atol=1e-14)
+    assert np.all(np.isnan(gx[1])) and np.all(np.isnan(gt[1]))
+    assert np.all(np.isfinite(np.asarray(gx)[[0, 2]])) and np.all(np.isfinite(np.asarray(gt)[[0, 2]]))

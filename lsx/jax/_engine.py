@@ -196,8 +196,10 @@ def _per_element_bwd(cfg: Config, residuals, cotangent):
         a_w_y = k.a * w_y if w is None else (k.a * w_y)[..., None]
         on_label = jnp.where(jnp.arange(num_classes, dtype=jnp.int32) == label[..., None], a_w_y, 0)
         grad = (g * coef)[..., None] * p - g[..., None] * (spread + on_label)
-        # ignored elements give exactly 0 (even against a +inf logit), bad labels NaN
-        grad = jnp.where(bad[..., None], jnp.nan, jnp.where(active[..., None], grad, 0))
+        # ignored elements and masked classes give exactly 0 (even against a +inf logit); a bad label's
+        # element is NaN throughout
+        keep = active[..., None] if mask is None else active[..., None] & mask
+        grad = jnp.where(bad[..., None], jnp.nan, jnp.where(keep, grad, 0))
         if weight is not None:
             weight_bar = _index_weight_grad(cfg, k, xc, lse, g, active, label, bad, mask)
     else:
@@ -229,10 +231,8 @@ def _per_element_bwd(cfg: Config, residuals, cotangent):
             target_bar = jnp.where(bad_mass, jnp.nan, jnp.where(mask, target_bar, 0))
         target_bar = target_bar.astype(target.dtype)
 
-    if mask is not None:
-        grad = jnp.where(mask, grad, 0)
-        if weight_bar is not None:
-            weight_bar = jnp.where(mask, weight_bar, 0)
+    if mask is not None and weight_bar is not None:
+        weight_bar = jnp.where(mask, weight_bar, 0)
     if weight_bar is not None:
         weight_bar = weight_bar.astype(weight.dtype)
     return grad.astype(x.dtype), target_bar, weight_bar, None
