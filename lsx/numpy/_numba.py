@@ -1,7 +1,7 @@
 """Fused Numba kernels: loss and gradient of label-smoothed cross-entropy in one sweep per row.
 
 Imported by :mod:`lsx.numpy` on first use, never by ``import lsx``. ``AVAILABLE`` says whether Numba
-imported. :func:`forward_backward` has the contract of :func:`lsx.numpy._engine.forward_backward` (plus ``out2``
+imported. :func:`forward_backward` has the contract of :func:`lsx.numpy._engine.forward_backward` (plus ``out2`` and
 ``scale_mean``).
 
 Rows are spread over the cores with ``prange`` (a serial driver of the same row function serves inputs
