@@ -202,3 +202,186 @@ def test_minus_inf_logits_with_and_without_smoothing_under_tf_function(jit):
     value, grad = step(tf.constant(logits), tf.constant(labels))
     np.testing.assert_allclose(value.numpy(), spec.reference_loss(logits, labels, z_loss=1e-2), rtol=1e-12)
     np.testing.assert_allclose(grad.numpy(), spec.reference_grad(logits, labels, z_loss=1e-2), rtol=1e-10, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Regressions: weights as tensors, unknown class axis, traced masked probabilities, every label dtype,
+# NaN/negative probabilities, huge logits, +inf logits
+# --------------------------------------------------------------------------------------------------------
+def _finite_difference(f, w, step=1e-6):
+    w = np.asarray(w, np.float64)
+    out = np.empty_like(w)
+    for c in range(w.size):
+        e = np.zeros_like(w)
+        e[c] = step
+        out[c] = (float(f(w + e)) - float(f(w - e))) / (2 * step)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_variable_weight_gets_its_gradient_eager_and_traced(data, kind, reduction, mode):
+    logits, labels, weight = data
+    if kind == "probs":
+        labels = np.random.default_rng(3).dirichlet(np.ones(7), size=16)
+    options = dict(label_smoothing=0.1, z_loss=1e-2, normalize=True, reduction=reduction)
+    w = tf.Variable(weight)
+
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            value = tf.reduce_sum(lsx.tensorflow.loss(x, y, weight=w, **options))
+        return value, tape.gradient(value, w)
+
+    if mode != "eager":
+        step = tf.function(step, jit_compile=mode == "xla")
+    value, grad = step(tf.constant(logits), tf.constant(labels))
+    assert grad is not None
+    np.testing.assert_allclose(float(value), np.sum(spec.reference_loss(logits, labels, weight=weight, **options)))
+    expected = _finite_difference(
+        lambda v: np.sum(spec.reference_loss(logits, labels, weight=v, **options)), weight, step=1e-6
+    )
+    np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-6, atol=1e-8)
+
+
+def test_traced_negative_weight_gives_nan_and_eager_one_raises(data):
+    logits, labels, weight = data
+    bad = weight.copy()
+    bad[2] = -1.0
+    step = tf.function(lambda x, y, w: lsx.tensorflow.loss(x, y, weight=w))
+    assert np.isnan(step(tf.constant(logits), tf.constant(labels), tf.constant(bad)).numpy())
+    assert np.isfinite(step(tf.constant(logits), tf.constant(labels), tf.constant(weight)).numpy())
+    with pytest.raises(ValueError, match=r"weight\[2\]"):
+        lsx.tensorflow.loss(logits, labels, weight=tf.Variable(bad))
+
+
+def test_unknown_class_axis_length_is_a_clear_error():
+    step = tf.function(
+        lambda x, y: lsx.tensorflow.loss(x, y),
+        input_signature=[tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.int64)],
+    )
+    with pytest.raises(ValueError, match="static length"):
+        step(np.zeros((2, 3), np.float32), np.array([0, 1]))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_probability_mass_on_a_masked_class_under_tf_function(jit):
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(3, 5))
+    mask = np.array([True] * 4 + [False])
+    probs = np.full((3, 5), 0.25)
+    probs[:, 4] = 0.0
+    probs[1] = [0.2, 0.2, 0.2, 0.2, 0.2]
+    traced = tf.function(lambda x, t: lsx.tensorflow.loss(x, t, class_mask=mask, reduction="none"), jit_compile=jit)
+    out = traced(tf.constant(logits), tf.constant(probs)).numpy()
+    assert np.isnan(out[1]) and np.isfinite(out[[0, 2]]).all()
+    # a constant target captured by the traced function is checked at trace time, as eagerly
+    captured = tf.function(lambda x: lsx.tensorflow.loss(x, tf.constant(probs), class_mask=mask), jit_compile=jit)
+    with pytest.raises(ValueError, match="class 4"):
+        captured(tf.constant(logits))
+
+
+LABEL_DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+@pytest.mark.parametrize("dtype", LABEL_DTYPES)
+def test_every_label_dtype_for_wide_class_axes(dtype, mode):
+    info = np.iinfo(dtype)
+    k = 70000 if info.max > 70000 else 200 if info.max < 300 else 300
+    rng = np.random.default_rng(6)
+    logits = rng.normal(size=(6, k)).astype(np.float32)
+    labels = np.array([0, 1, min(k - 1, int(info.max)), min(k - 1, int(info.max), 150), 7, 9], dtype)
+    ignore = min(int(info.max), 2**63 - 1) if dtype.startswith("u") else -1
+    labels[4] = ignore
+    options = dict(label_smoothing=0.1, ignore_index=ignore)
+
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = lsx.tensorflow.loss(x, y, **options)
+        return value, tape.gradient(value, x)
+
+    if mode != "eager":
+        step = tf.function(step, jit_compile=mode == "xla")
+    y = tf.constant(labels)
+    assert y.dtype.name == dtype
+    value, grad = step(tf.constant(logits), y)
+    np.testing.assert_allclose(value.numpy(), spec.reference_loss(logits, labels, **options), rtol=2e-5)
+    np.testing.assert_allclose(grad.numpy(), spec.reference_grad(logits, labels, **options), atol=2e-7)
+
+
+@pytest.mark.parametrize("mode", ["function", "xla"])
+@pytest.mark.parametrize(
+    "dtype,value,ignore",
+    [
+        ("uint64", 2**64 - 1, -1),  # would wrap to −1 = ignore_index in int64
+        ("uint64", 2**63 + 3, None),  # would wrap to a negative number
+        ("uint32", 2**32 - 100, -100),  # would wrap to −100 in int32
+        ("uint8", 255, -1),  # would wrap to −1 in int8
+    ],
+)
+def test_traced_labels_never_wrap_into_ignored_or_valid_ones(dtype, value, ignore, mode):
+    logits = np.random.default_rng(7).normal(size=(3, 300))
+    labels = np.array([1, value, 2], dtype)
+    step = tf.function(
+        lambda x, y: lsx.tensorflow.loss(x, y, ignore_index=ignore, reduction="none"), jit_compile=mode == "xla"
+    )
+    out = step(tf.constant(logits[:, : 5 if dtype != "uint8" else 200]), tf.constant(labels)).numpy()
+    assert np.isnan(out[1]) and np.isfinite(out[[0, 2]]).all()
+    with pytest.raises(ValueError, match=f"label {value}"):
+        lsx.tensorflow.loss(logits[:, :5], labels, ignore_index=ignore)
+
+
+@pytest.mark.parametrize("jit", [None, False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_nan_and_negative_probabilities_count_linearly(jit, normalize):
+    rng = np.random.default_rng(8)
+    logits = rng.normal(size=(3, 4))
+    logits[2, 3] = -np.inf
+    probs = np.array([[np.nan, 0.5, 0.5, 0.0], [-0.5, 1.5, 0.0, 0.0], [0.2, 0.3, 0.5, 0.0]])
+    options = dict(reduction="none", normalize=normalize)
+
+    def value_and_grad(x, t):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = lsx.tensorflow.loss(x, t, **options)
+        return value, tape.gradient(value, x)
+
+    if jit is not None:
+        value_and_grad = tf.function(value_and_grad, jit_compile=jit)
+    value, grad = value_and_grad(tf.constant(logits), tf.constant(probs))
+    expected = spec.reference_loss(logits, probs, **options)
+    assert np.isnan(value.numpy()[0]) and np.isnan(grad.numpy()[0]).all()
+    np.testing.assert_allclose(value.numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), spec.reference_grad(logits, probs, **options), rtol=1e-10, atol=1e-14)
+    if not normalize:  # the loss is linear in the (negative) target: the gradient is its derivative
+        eps = 1e-6
+        bumped = logits.copy()
+        bumped[1, 2] += eps
+        lowered = logits.copy()
+        lowered[1, 2] -= eps
+        numeric = (spec.reference_loss(bumped, probs, **options) - spec.reference_loss(lowered, probs, **options))[1]
+        np.testing.assert_allclose(grad.numpy()[1, 2], numeric / (2 * eps), rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [None, True])
+def test_huge_float64_logits_and_plus_inf(jit):
+    logits = np.array([[1e155, 0.0, -1e155], [2e155, 1e155, 0.0], [np.inf, 0.0, 1.0]])
+    labels = np.array([0, 2, 1])
+
+    def value_and_grad(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = lsx.tensorflow.loss(x, y, label_smoothing=0.1, z_loss=0.0, reduction="none")
+        return value, tape.gradient(value, x)
+
+    if jit is not None:
+        value_and_grad = tf.function(value_and_grad, jit_compile=jit)
+    value, grad = value_and_grad(tf.constant(logits), tf.constant(labels))
+    expected = spec.reference_loss(logits, labels, label_smoothing=0.1, reduction="none")
+    assert np.isfinite(value.numpy()[:2]).all() and np.isnan(value.numpy()[2]) and np.isnan(grad.numpy()[2]).all()
+    np.testing.assert_allclose(value.numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(
+        grad.numpy(), spec.reference_grad(logits, labels, label_smoothing=0.1, reduction="none"), atol=1e-12
+    )

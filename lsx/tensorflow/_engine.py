@@ -236,7 +236,7 @@ def reduced_loss(x2: tf.Tensor, t2: tf.Tensor, plan: Plan, weight: Any, *, weigh
                 on_label = on_label + (spec.xlogx(a + b) - spec.xlogx(b))
             if opts.reduction == "mean":  # D = Σ w_y: each counted element takes the mean off w_y's gradient
                 d = saved["denominator"]
-                on_label = on_label - tf.where(d != 0, saved["value"] / tf.where(d != 0, d, 1), 0)
+                on_label = on_label - tf.where(d != 0, saved["value"], tf.zeros_like(saved["value"]))
             on_label = tf.where(active, scale * on_label, tf.zeros_like(on_label))
             if bad is not None:
                 on_label = tf.where(bad, nan, on_label)
