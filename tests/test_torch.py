@@ -15,6 +15,7 @@ F = torch.nn.functional
 import lsx.numpy  # noqa: E402
 import lsx.torch  # noqa: E402
 from lsx import spec  # noqa: E402
+from lsx.torch import _engine  # noqa: E402
 from lsx.torch import _function as _torch_function  # noqa: E402
 
 F64 = torch.float64
@@ -542,3 +543,315 @@ def test_empty_mean_follows_the_convention_unless_passed():
     y = torch.tensor([-100, -100])
     assert torch.isnan(lsx.torch.loss(x, y, convention="torch"))
     assert lsx.torch.loss(x, y, convention="hf", empty_mean="zero").item() == 0.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Transforms: forward-mode AD, torch.func, meta tensors
+# --------------------------------------------------------------------------------------------------------
+TRANSFORM_CASES = {
+    "mean-ignore": ("index", dict(label_smoothing=0.1)),
+    "none-weight": (
+        "index",
+        dict(label_smoothing=0.2, reduction="none", weight=torch.linspace(0.3, 2.0, 6, dtype=F64)),
+    ),
+    "sum-custom-ignore": ("index", dict(label_smoothing=1.0, reduction="sum", ignore_index=2)),
+    "probs-mean": ("probs", dict(label_smoothing=0.1)),
+    "probs-none": ("probs", dict(reduction="none")),
+}
+
+
+def _transform_case(name, shape=(5, 6)):
+    kind, options = TRANSFORM_CASES[name]
+    x, y = _data(shape, kind, zlib.crc32(name.encode()), ignore=options.get("ignore_index", -100))
+    return x, y, options
+
+
+@pytest.mark.parametrize("case", TRANSFORM_CASES)
+def test_forward_mode_ad_gives_cross_entropys_tangent(engine, case):
+    """torch.func.jvp and torch.autograd.forward_ad: the tangent is Σ grad·dx (it used to be 0 / None)."""
+    x, y, options = _transform_case(case)
+    dx = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    value, tangent = torch.func.jvp(lambda x: lsx.torch.loss(x, y, **options), (x,), (dx,))
+    expected_value, expected_tangent = torch.func.jvp(lambda x: F.cross_entropy(x, y, **options), (x,), (dx,))
+    _assert_close(value, expected_value)
+    _assert_close(tangent, expected_tangent)
+    assert tangent.abs().max() > 1e-3  # not the trivial tangent
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, dx)
+        unpacked = torch.autograd.forward_ad.unpack_dual(lsx.torch.loss(dual, y, **options))
+    _assert_close(unpacked.primal, expected_value)
+    assert unpacked.tangent is not None
+    _assert_close(unpacked.tangent, expected_tangent)
+
+
+@pytest.mark.parametrize("case", TRANSFORM_CASES)
+def test_torch_func_grad_vjp_jacrev_and_vmap(engine, case):
+    x, y, options = _transform_case(case)
+
+    def ours(x, y=y):
+        return lsx.torch.loss(x, y, **options)
+
+    def theirs(x, y=y):
+        return F.cross_entropy(x, y, **options)
+
+    if options.get("reduction") == "none":
+        cotangent = torch.randn(x.shape[0], generator=torch.Generator().manual_seed(2), dtype=F64)
+        _assert_close(torch.func.jacrev(ours)(x), torch.func.jacrev(theirs)(x))
+    else:
+        cotangent = torch.tensor(1.7, dtype=F64)
+        _assert_close(torch.func.grad(ours)(x), torch.func.grad(theirs)(x))
+        grad, value = torch.func.grad_and_value(ours)(x)
+        _assert_close(value, theirs(x))
+        _assert_close(grad, torch.func.grad(theirs)(x))
+        # per-sample gradients: vmap over a batch of problems, each with its own mean
+        xs, ys = x.reshape(1, *x.shape).repeat(3, 1, 1), y.reshape(1, *y.shape).repeat(3, *([1] * y.dim()))
+        xs = xs + torch.randn(xs.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+        _assert_close(torch.func.vmap(torch.func.grad(ours))(xs, ys), torch.func.vmap(torch.func.grad(theirs))(xs, ys))
+        _assert_close(torch.func.vmap(ours)(xs, ys), torch.func.vmap(theirs)(xs, ys))
+    ours_value, ours_vjp = torch.func.vjp(ours, x)
+    theirs_value, theirs_vjp = torch.func.vjp(theirs, x)
+    _assert_close(ours_value, theirs_value)
+    _assert_close(ours_vjp(cotangent)[0], theirs_vjp(cotangent)[0])
+
+
+def test_second_derivatives_are_refused_under_torch_func():
+    x, y = _data((3, 5), "index", 4)
+    with pytest.raises(RuntimeError, match="first-order"):
+        torch.func.hessian(lambda x: lsx.torch.loss(x, y))(x)
+    with pytest.raises(RuntimeError, match="first-order"):
+        torch.func.grad(lambda x: torch.func.grad(lambda x: lsx.torch.loss(x, y))(x).sum())(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_meta_tensors_forward_and_backward(kind, reduction, dtype):
+    """Shapes and dtypes on the meta device, as F.cross_entropy gives them (the backward read a scalar)."""
+    x = torch.empty(4, 6, 3, device="meta", dtype=dtype, requires_grad=True)
+    if kind == "index":
+        y = torch.empty(4, 3, device="meta", dtype=torch.int64)
+    else:
+        y = torch.empty(4, 6, 3, device="meta", dtype=dtype)
+    options = dict(label_smoothing=0.1, reduction=reduction, weight=torch.ones(6, device="meta", dtype=dtype))
+    value = lsx.torch.loss(x, y, **options)
+    expected = F.cross_entropy(x, y, **options)
+    assert value.device.type == "meta" and value.shape == expected.shape and value.dtype == expected.dtype
+    value.backward(torch.ones_like(value))
+    assert x.grad.device.type == "meta" and x.grad.shape == x.shape and x.grad.dtype == dtype
+    (grad,) = torch.autograd.grad(lsx.torch.loss(x, y, **options), x, torch.ones_like(value) * 2)
+    assert grad.shape == x.shape and grad.dtype == dtype
+
+
+# --------------------------------------------------------------------------------------------------------
+# torch.compile with options that change between calls
+# --------------------------------------------------------------------------------------------------------
+def test_compile_follows_changing_option_values():
+    """A label_smoothing schedule, a changed ignore_index or z_loss, and a module whose attribute changes:
+    every call gives the value of its own options (it used to raise under dynamo's automatic dynamic)."""
+    torch._dynamo.reset()
+    x, y = _data((6, 5), "index", 13)
+    y[1], y[2] = 3, 4
+
+    def step(x, y, eps, ignore, z):
+        return lsx.torch.loss(x, y, label_smoothing=eps, ignore_index=ignore, z_loss=z)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for eps, ignore, z in [(0.0, -100, 0.0), (0.1, -100, 0.0), (0.2, 3, 0.0), (0.3, 4, 0.0), (0.1, -100, 0.0)]:
+        actual = _loss_and_grad(compiled, x, y, eps, ignore, z)
+        expected = _loss_and_grad(F.cross_entropy, x, y, label_smoothing=eps, ignore_index=ignore)
+        _assert_close(actual[0], expected[0])
+        _assert_close(actual[1], expected[1])
+    for z in (0.01, 0.02):
+        _assert_close(compiled(x, y, 0.1, -100, z), lsx.torch.loss(x, y, label_smoothing=0.1, z_loss=z))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        compiled(x, y, 1.5, -100, 0.0)
+
+    criterion = lsx.torch.CrossEntropyLoss(label_smoothing=0.1, convention="hf")
+    compiled_module = torch.compile(criterion, fullgraph=True, backend="aot_eager")
+    for eps in (0.1, 0.2, 0.05):
+        criterion.label_smoothing = eps
+        _assert_close(compiled_module(x, y), F.cross_entropy(x, y, label_smoothing=eps))
+    criterion.ignore_index = 3
+    _assert_close(compiled_module(x, y), F.cross_entropy(x, y, label_smoothing=0.05, ignore_index=3))
+
+    def preset(x, y, eps):  # the convention's ε unless passed; the others from the convention
+        return lsx.torch.loss(x, y, convention="fairseq") + lsx.torch.loss(x, y, convention="hf", label_smoothing=eps)
+
+    compiled_preset = torch.compile(preset, fullgraph=True, backend="aot_eager")
+    for eps in (0.0, 0.3, 0.4):
+        _assert_close(compiled_preset(x, y, eps), preset(x, y, eps))
+
+
+def test_compile_inductor_label_smoothing_schedule():
+    torch._dynamo.reset()
+    x, y = _data((6, 7), "index", 14, ignore=-100, dtype=torch.float32)
+    compiled = torch.compile(lambda x, y, eps: lsx.torch.loss(x, y, label_smoothing=eps), fullgraph=True)
+    for eps in (0.1, 0.2, 0.3):
+        actual = _loss_and_grad(compiled, x, y, eps)
+        expected = _loss_and_grad(F.cross_entropy, x, y, label_smoothing=eps)
+        _assert_close(actual[0], expected[0], 1e-6)
+        _assert_close(actual[1], expected[1], 1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Integer labels of every dtype, for any K
+# --------------------------------------------------------------------------------------------------------
+ALL_LABEL_DTYPES = [torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32, torch.int64]
+ALL_LABEL_DTYPES.append(torch.uint64)
+LABEL_CASES = [  # (dtype, K, labels at the dtype's edges, ignore_index)
+    (torch.int8, 200, [127, 0, 199 - 100], -100),
+    (torch.uint8, 200, [199, 156, 0], -100),  # 156 is −100 wrapped to uint8
+    (torch.uint8, 300, [255, 156, 254], -100),
+    (torch.uint8, 300, [255, 156, 254], 255),
+    (torch.int16, 70000, [32767, 0, 5], -1),
+    (torch.uint16, 70000, [65535, 65436, 69999 - 65536], -100),
+    (torch.int32, 300, [299, 0, 7], 7),
+    (torch.uint32, 300, [299, 7, 0], 7),
+    (torch.int64, 300, [299, 0, 1], 2**40),
+    (torch.uint64, 300, [299, 7, 0], 7),
+]
+
+
+def _label_case(dtype, k, edges, ignore_index):
+    gen = torch.Generator().manual_seed(k + len(str(dtype)))
+    high = min(k, torch.iinfo(dtype).max + 1) if dtype != torch.uint64 else k
+    labels = torch.randint(0, high, (6,), generator=gen)
+    labels[: len(edges)] = torch.tensor(edges)
+    if torch.iinfo(dtype).min <= ignore_index <= torch.iinfo(dtype).max and dtype != torch.uint64:
+        labels[4] = ignore_index
+    x = 2 * torch.randn(6, k, generator=gen, dtype=F64)
+    return x, labels.to(dtype), dict(label_smoothing=0.1, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("dtype, k, edges, ignore_index", LABEL_CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_every_integer_label_dtype_for_any_k(engine, mode, dtype, k, edges, ignore_index):
+    """Labels keep their values whatever their dtype and K (nothing wraps), on both engines and compiled."""
+    x, labels, options = _label_case(dtype, k, edges, ignore_index)
+    fn = lsx.torch.loss
+    if mode == "compiled":
+        torch._dynamo.reset()  # each case compiles afresh (no recompile limit across the cases)
+        fn = torch.compile(lsx.torch.loss, fullgraph=True, backend="aot_eager", dynamic=False)
+    value, grad = _loss_and_grad(fn, x, labels, **options)
+    ref_labels = labels.numpy().astype(np.int64)
+    ref_loss = spec.reference_loss(x.numpy(), ref_labels, axis=1, **options)
+    ref_grad = spec.reference_grad(x.numpy(), ref_labels, axis=1, **options)
+    np.testing.assert_allclose(value.numpy(), ref_loss, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "dtype, k, bad",
+    [(torch.int8, 100, -1), (torch.int8, 100, -128), (torch.uint8, 200, 255), (torch.uint8, 200, 200),
+     (torch.int16, 300, -100 - 1), (torch.uint16, 300, 65535), (torch.uint32, 300, 2**32 - 100),
+     (torch.uint64, 300, 2**64 - 100), (torch.uint64, 300, 2**63)],
+    ids=str,
+)  # fmt: skip
+def test_out_of_range_labels_of_every_dtype_raise(engine, dtype, k, bad):
+    """An out-of-range label is an error naming the caller's value, never wrapped onto ignore_index."""
+    x = torch.randn(3, k, dtype=F64)
+    labels = torch.tensor([0, 1, 2], dtype=torch.int64).to(dtype)
+    labels[1] = torch.tensor(bad, dtype=torch.uint64).to(dtype) if bad >= 2**63 else bad
+    with pytest.raises(ValueError, match=f"label {bad}\\b"):
+        lsx.torch.loss(x, labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.uint64])
+def test_unchecked_out_of_range_labels_give_nan_on_the_torch_engine(dtype):
+    """Where labels are not checked (accelerators), a bad label is NaN for its element only, in any dtype."""
+    k = 200
+    x = torch.randn(4, k, dtype=F64)
+    raw = {torch.int8: [-1, 5, -100, 7], torch.uint8: [255, 5, 200, 7], torch.int16: [-1, 5, 200, 7]}
+    labels = torch.tensor(raw.get(dtype, [0, 5, 0, 7])).to(dtype)
+    if dtype == torch.uint64:
+        labels = torch.tensor([2**64 - 100, 5, 2**63, 7], dtype=torch.uint64)
+    opts = spec.resolve_options(None, label_smoothing=0.1)
+    grad = torch.empty_like(x)
+    per_element, _ = _engine.run(x, labels, "index", opts, None, None, grad)
+    bad = torch.tensor([True, False, dtype != torch.int8, False])
+    assert torch.isnan(per_element[bad]).all() and torch.isnan(grad[bad]).all()
+    assert torch.isfinite(per_element[~bad]).all() and torch.isfinite(grad[~bad]).all()
+    expected = F.cross_entropy(x[~bad], labels[~bad].to(torch.int64), label_smoothing=0.1, reduction="none")
+    _assert_close(per_element[~bad], expected)
+
+
+def test_quick_label_check_for_wide_k():
+    """The shortcut's unsigned view never wraps against K beyond the dtype (K = 200, 300 for int8/uint8)."""
+    for dtype, k in [(np.int8, 200), (np.int8, 300), (np.int16, 70000), (np.int32, 300)]:
+        info = np.iinfo(dtype)
+        for ignore_index in (None, -100, -1, 255):
+            opts = spec.resolve_options(None, ignore_index=ignore_index)
+            for value in (info.min, -100, -1, 0, info.max):
+                labels = np.array([0, value, 1], dtype)
+                try:
+                    spec.check_labels(labels, k, opts)
+                except ValueError as error:
+                    with pytest.raises(ValueError, match=f"^{re.escape(str(error))}$"):
+                        _torch_function._check_labels(labels, k, opts, None)
+                else:
+                    _torch_function._check_labels(labels, k, opts, None)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Probability targets outside the simplex, huge and infinite logits
+# --------------------------------------------------------------------------------------------------------
+def _bad_probs(which):
+    x, t = _data((4, 5), "probs", 15)
+    t = t.clone()
+    if which == "nan":
+        t[1, 2] = torch.nan
+    else:  # rows still summing to 1, with negative entries
+        t[::2, 0] -= 0.5
+        t[::2, 1] += 0.5
+    return x, t
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("which", ["nan", "negative"])
+def test_probability_targets_with_nan_or_negative_entries(engine, which, normalize):
+    """A class counts wherever w·q ≠ 0, linearly: NaN spreads to its element, negative mass counts (torch's
+    rule); in the KL form q·log q of a negative q is NaN."""
+    x, t = _bad_probs(which)
+    weight = torch.linspace(0.5, 1.5, 5, dtype=F64)
+    options = dict(label_smoothing=0.1, reduction="none", z_loss=0.01, normalize=normalize, weight=weight)
+    value, grad = _loss_and_grad(lsx.torch.loss, x, t, **options)
+    plain = dict(options, weight=weight.numpy())
+    ref_loss = spec.reference_loss(x.numpy(), t.numpy(), axis=1, **plain)
+    ref_grad = spec.reference_grad(x.numpy(), t.numpy(), axis=1, **plain)
+    np.testing.assert_allclose(value.numpy(), ref_loss, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-12, atol=1e-12)
+    assert np.isnan(ref_loss).any() == (which == "nan" or normalize)
+    if not normalize:  # torch's own cross-entropy agrees where it has the option
+        expected = _loss_and_grad(F.cross_entropy, x, t, weight, reduction="none", label_smoothing=0.1)
+        z = 0.01 * torch.logsumexp(x, 1) ** 2
+        _assert_close(value, expected[0] + z)
+    if which == "negative" and not normalize:  # the gradient is the loss's derivative
+        x.requires_grad_(True)
+        options["reduction"] = "sum"
+        assert torch.autograd.gradcheck(lambda x: lsx.torch.loss(x, t, **options), (x,))
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_huge_float64_logits_with_zero_z_loss_are_finite(engine, kind):
+    x, y = _data((5, 6), kind, 16)
+    x = x * 1e155  # L² overflows float64
+    value, grad = _loss_and_grad(lsx.torch.loss, x, y, label_smoothing=0.1)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    ref_loss = spec.reference_loss(x.numpy(), y.numpy(), axis=1, label_smoothing=0.1)
+    np.testing.assert_allclose(value.numpy(), ref_loss, rtol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), spec.reference_grad(x.numpy(), y.numpy(), axis=1, label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_positive_infinite_logit_gives_nan(engine, dtype, eps):
+    x, y = _data((3, 5), "index", 17)
+    x = x.to(dtype)
+    x[0, (int(y[0]) + 1) % 5] = torch.inf
+    value, grad = _loss_and_grad(lsx.torch.loss, x, y, label_smoothing=eps, reduction="none")
+    expected = _loss_and_grad(F.cross_entropy, x, y, label_smoothing=eps, reduction="none")
+    assert torch.isnan(value[0]) and torch.isnan(grad[0]).all()
+    assert torch.isfinite(value[1:]).all() and torch.isfinite(grad[1:]).all()
+    tol = 1e-12 if dtype == F64 else 1e-2
+    torch.testing.assert_close(value, expected[0], rtol=tol, atol=tol, equal_nan=True)
+    torch.testing.assert_close(grad, expected[1], rtol=tol, atol=tol, equal_nan=True)

@@ -343,7 +343,10 @@ class _Fused(torch.autograd.Function):
         _, grad = output
         ctx.mark_non_differentiable(grad)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad)
+        if torch._C._functorch.maybe_current_level() is None:
+            ctx.save_for_backward(grad)
+        else:  # under torch.func: the logits too, to tie a refused second derivative to them
+            ctx.save_for_backward(grad, inputs[0])
         ctx.save_for_forward(grad)
         ctx.per_element = inputs[4].reduction == "none"
 
@@ -378,7 +381,7 @@ class _Fused(torch.autograd.Function):
 
 def _input_grad(ctx, grad_value: torch.Tensor | None) -> torch.Tensor | None:
     """The logits' gradient: the saved one times the upstream gradient."""
-    (grad,) = ctx.saved_tensors
+    grad, *logits = ctx.saved_tensors
     if grad_value is None:
         return None
     traced = torch.compiler.is_compiling() or _is_traced(grad) or _is_traced(grad_value)
@@ -391,10 +394,10 @@ def _input_grad(ctx, grad_value: torch.Tensor | None) -> torch.Tensor | None:
     scale = scale.reshape(-1, 1) if ctx.per_element else scale
     if traced or _graph_kept():
         product = grad * scale
-        # torch.func differentiates with create_graph: a second derivative must fail, not come out zero
-        return (
-            _FirstOrderOnly.apply(product) if torch.is_grad_enabled() and not torch.compiler.is_compiling() else product
-        )
+        if logits and torch.is_grad_enabled():
+            # torch.func differentiates with create_graph: a second derivative must fail, not come out zero
+            return _FirstOrderOnly.apply(product, logits[0])
+        return product
     # The graph is released after this call: reuse the saved buffer as the result (no copy), so that
     # fwd+bwd holds a single logits-sized buffer. On the CPU, skip the pass for the usual loss.backward();
     # elsewhere reading the scalar would synchronise the device, so the buffer is always scaled.
@@ -404,12 +407,12 @@ def _input_grad(ctx, grad_value: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class _FirstOrderOnly(torch.autograd.Function):
-    """Identity whose own derivative is refused (for gradients computed under ``torch.func``)."""
+    """Identity on a gradient computed under ``torch.func``, tied to the logits, whose derivative is refused."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(tensor):
+    def forward(tensor, logits):
         return tensor.view_as(tensor)
 
     @staticmethod
@@ -424,7 +427,7 @@ class _FirstOrderOnly(torch.autograd.Function):
         )
 
     @staticmethod
-    def jvp(ctx, _):
+    def jvp(ctx, *_):
         raise RuntimeError(
             "lsx.torch.loss supports first-order gradients only (its gradient is computed in the forward pass); "
             "second derivatives (double backward, nested torch.func.grad, hessian) are not supported"
@@ -443,16 +446,25 @@ def _is_traced(tensor: torch.Tensor) -> bool:
 
 
 def _check_labels(labels: np.ndarray, k: int, opts: spec.Options, mask: np.ndarray | None) -> None:
-    """``spec.check_labels``, after a quick pass that settles the usual case (all labels valid) in a few ops."""
-    if mask is None and labels.dtype.kind == "i" and labels.size:
+    """``spec.check_labels``, after a quick pass that settles the usual case (all labels valid) in a few ops.
+
+    Every comparison stays inside the labels' dtype without wrapping: K is only compared with a label when
+    the dtype holds K (else every non-negative label is below K), and a signed label is read through the
+    unsigned view (negatives become at least 2**(bits − 1) > K) only then.
+    """
+    if mask is None and labels.dtype.kind in "iu" and labels.size:
         unsigned, low, high = _unsigned_view(labels.dtype)
-        as_unsigned = labels.view(unsigned)  # negative labels become huge
-        if as_unsigned.max() < k:
-            return
-        ignore = opts.ignore_index
-        if ignore is not None and not 0 <= ignore < k and low <= ignore <= high:
-            if np.where(labels == ignore, 0, as_unsigned).max() < k:
+        if k > high:  # every value the dtype holds is below K: only a negative label can be out of range
+            if low == 0 or labels.min() >= 0:
                 return
+        else:
+            as_unsigned = labels if low == 0 else labels.view(unsigned)
+            if as_unsigned.max() < k:
+                return
+            ignore = opts.ignore_index
+            if ignore is not None and not 0 <= ignore < k and low <= ignore <= high:
+                if np.where(labels == ignore, 0, as_unsigned).max() < k:
+                    return
     spec.check_labels(labels, k, opts, mask)
 
 
