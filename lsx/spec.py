@@ -788,7 +788,13 @@ def label_row(
         coef = A + 2·s·w_y·L
     """
     big_w = k.total_weight
-    loss = scaled(k.a, w_y * (log_sum_exp - x_y), where=where)
+    # a target of weight 0 contributes nothing, even against x_y = −inf (no 0·∞)
+    target_term = w_y * (log_sum_exp - x_y)
+    if isinstance(w_y, numbers.Real):
+        target_term = target_term if w_y != 0 else 0.0
+    elif where is not None:
+        target_term = where(w_y != 0, target_term, 0.0 * w_y)
+    loss = scaled(k.a, target_term, where=where)
     loss = loss + scaled(k.b, big_w * log_sum_exp - weighted_sum, where=where)
     coef = scaled(k.a, w_y, where=where) + scaled(k.b, big_w, where=where)
     if k.z != 0:

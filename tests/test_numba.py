@@ -100,7 +100,8 @@ def test_kernel_matches_pure_path_and_reference(kind, k, dtype, option_set, thre
     assert_close(grad, spec.reference_grad(x.astype(np.float64), target, **options), dtype, "kernel gradient")
     assert_close(value, pure_value, dtype, "kernel vs pure loss")
     assert_close(grad, pure_grad, dtype, "kernel vs pure gradient")
-    np.testing.assert_array_equal(lsx.numpy.loss(x, target, **options), value)
+    # loss() compiles a kernel without the gradient pass: its sums may round differently by an ulp or two
+    np.testing.assert_allclose(lsx.numpy.loss(x, target, **options), value, rtol=4 * np.finfo(dtype).eps, atol=0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
