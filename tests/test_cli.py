@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,8 +45,8 @@ def test_parity_json_numpy_and_torch(capsys):
         assert check["loss_abs"] <= _parity.TOLERANCE[check["dtype"]] * 10 + check["tolerance"]
     # torch's F.cross_entropy is compared where it expresses the case, never where it cannot
     torch_builtin = {c["case"] for c in checks if c["backend"] == "torch" and c["builtin"]}
-    assert {"ce", "eps", "weight", "ignore", "probs"} <= torch_builtin
-    assert not torch_builtin & {"others", "fairseq", "t5x"}
+    assert {"ce", "eps", "weight", "ignore", "probs", "denominator"} <= torch_builtin
+    assert not torch_builtin & {"others", "fairseq", "t5x", *NO_BUILTIN}
 
 
 def test_parity_quick_names_what_runs(capsys, monkeypatch):
@@ -112,6 +113,95 @@ def test_parity_fails_on_a_wrong_backend(capsys, monkeypatch):
     assert main(["parity", "--backends", "broken", "--quick"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "checks failed" in out
+
+
+#: the parity cases no built-in expresses: soft-capping, per-element weights, a zero denominator
+NO_BUILTIN = {"softcap", "softcap-mask", "sample-weight", "denominator-0", "t5x-capped-weighted"}
+NEW_OPTIONS = {"softcap", "sample_weight", "denominator", "class_mask"}
+
+
+class _Forgets(_parity.Runner):
+    """The float64 reference run without one option: a backend that drops it (or, for class_mask, lets the
+    padding lanes into the softmax)."""
+
+    name, extra, modes = "forgets", "forgets", ("eager",)
+    option = ""
+
+    def setup(self):
+        return "reference"
+
+    def eager(self, data):
+        options = {n: v for n, v in data.options.items() if n != self.option}
+        loss = spec.reference_loss(data.logits, data.target, axis=data.axis, **options)
+        grad = spec.reference_grad(data.logits, data.target, axis=data.axis, **options)
+        return loss, grad
+
+
+@pytest.mark.parametrize(
+    "option, caught",
+    [
+        ("softcap", {"softcap", "softcap-mask", "t5x-capped-weighted"}),
+        ("sample_weight", {"sample-weight", "t5x-capped-weighted"}),
+        ("denominator", {"denominator", "denominator-0", "t5x-capped-weighted"}),
+        ("class_mask", {"softcap-mask"}),
+    ],
+)
+def test_parity_cases_catch_a_dropped_option(monkeypatch, option, caught):
+    """Each new option has a case that fails when a backend ignores it, and only those cases fail."""
+    monkeypatch.setitem(_parity.BACKENDS, "forgets", type("Forgets", (_Forgets,), {"option": option}))
+    report = _parity.run(["forgets"], matrix="quick")
+    failed = {c.case for c in report.checks if not c.ok}
+    assert failed == caught
+    assert {c.dtype for c in report.checks if not c.ok} == {"float64", "float32"}
+
+
+def test_parity_new_cases_hold_what_they_test():
+    """softcap bites (logits beyond the cap), padding lanes would win the softmax after capping, sample weights
+    include zeros on kept and ignored rows, the denominators differ from the local one."""
+    cases = {c.id: c for c in _parity.CASES}
+    x, _, options = cases["softcap"].make()
+    assert np.abs(x).max() > 2 * options["softcap"]
+    x, y, options = cases["softcap-mask"].make()
+    mask = options["class_mask"]
+    assert not mask.all() and (x[:, ~mask] > x[:, mask].max()).all() and mask[y].all()
+    _, y, options = cases["sample-weight"].make()
+    sw, ignored = options["sample_weight"], y == -100
+    assert sw.shape == y.shape and (sw[~ignored] == 0).any() and (sw[~ignored] > 0).any() and ignored.any()
+    assert options["weight"].shape == (5,)
+    for name in ("denominator", "t5x-capped-weighted"):
+        data = _parity.make_data(cases[name], "float64")
+        local = dict(data.options, denominator=None, reduction="mean")
+        assert not np.isclose(data.loss, spec.reference_loss(data.logits, data.target, **local))
+    data = _parity.make_data(cases["denominator-0"], "float64")
+    assert data.loss == 0 and not data.grad.any() and (data.target != -100).any()
+
+
+def test_parity_builtins_express_the_denominator_only():
+    """F.cross_entropy's (and optax's) sum ÷ the denominator is the reference's mean; soft-capping and
+    per-element weights are compared with no built-in."""
+    runners = [_parity.TorchRunner()]
+    try:
+        import optax  # noqa: F401
+
+        runners.append(_parity.JaxRunner())
+    except ImportError:
+        pass
+    for runner in runners:
+        runner.setup()
+        for case in _parity.CASES:
+            if not NEW_OPTIONS & set(case.options):
+                continue
+            for dtype in _parity.DTYPES:
+                data = _parity.make_data(case, dtype)
+                found = runner.builtin(data)
+                if case.id in NO_BUILTIN:
+                    assert found is None, (runner.name, case.id)
+                    continue
+                assert found is not None, (runner.name, case.id)
+                _, (value, grad) = found
+                tol = _parity.TOLERANCE[dtype] * _parity.BUILTIN_FACTOR
+                np.testing.assert_allclose(value, data.loss, rtol=0, atol=tol)
+                np.testing.assert_allclose(grad, data.grad, rtol=0, atol=tol)
 
 
 class _Missing(_parity.Runner):
@@ -416,33 +506,114 @@ def test_explain_convention_and_options(capsys):
     assert "0.001 · w_y · L²" in out and "KL form" in out and "ignore_index=None" in out
 
 
-def _printed_loss(out: str, x: np.ndarray, y: int) -> float:
-    """Evaluate the printed ``loss_i = …`` line with the printed q for one element (logits x, label y)."""
+_NUMBER = r"([\d.e+-]+)"
+
+
+def _printed_line(out: str, prefix: str) -> str:
+    return next(line.strip() for line in out.splitlines() if line.strip().startswith(prefix))
+
+
+def _printed_terms(formula: str) -> list[tuple[str, str]]:
+    """``a  +  b  −  c`` as [("+", a), ("+", b), ("−", c)] (terms are set off by two spaces)."""
     import re
 
-    line = next(line.strip() for line in out.splitlines() if line.strip().startswith("loss_i = "))
-    formula = re.split(r"\s{4,}\(", line[len("loss_i = ") :])[0]  # drop the note after the formula
     parts = re.split(r"\s{2}([+−])\s{2}", formula)
-    terms = [("+", parts[0])] + list(zip(parts[1::2], parts[2::2]))
-    k = len(x)
-    m = re.search(r"with K=(\d+): q_y = ([\d.e+-]+), q_c = ([\d.e+-]+)", out)
-    assert m and int(m.group(1)) == k
-    q = np.full(k, float(m.group(3)))
-    q[y] = float(m.group(2))
-    w = np.ones(k)
-    lse = float(np.log(np.sum(np.exp(x))))
-    total = 0.0
-    for sign, term in terms:
-        if term == "Σ_c w_c q_c (L − x_c)":
-            value = np.sum(w * q * (lse - x))
-        elif term == "Σ_c w_c q_c log q_c":
-            value = np.sum(w * q * np.log(q))
-        elif (z := re.fullmatch(r"([\d.e+-]+) · w_y · L²", term)) is not None:
-            value = float(z.group(1)) * w[y] * lse**2
-        else:
-            raise AssertionError(f"unknown term {term!r} in {line!r}")
-        total += value if sign == "+" else -value
-    return float(total)
+    return [("+", parts[0])] + list(zip(parts[1::2], parts[2::2]))
+
+
+class _Printed:
+    """The formula ``lsx explain`` printed, evaluated on one element (logits x over K classes, label y)."""
+
+    def __init__(self, out: str, k: int):
+        import re
+
+        self.out = out
+        m = re.search(rf"with K=(\d+): q_y = {_NUMBER}, q_c = {_NUMBER}", out)
+        assert m and int(m.group(1)) == k
+        self.q_y, self.q_c = float(m.group(2)), float(m.group(3))
+        capped = re.search(rf"^  x'_c = {_NUMBER}·tanh\(x_c/{_NUMBER}\)  ", out, re.MULTILINE)
+        self.softcap = float(capped.group(1)) if capped else None
+        if capped:
+            assert float(capped.group(2)) == self.softcap
+
+    def inputs(self, x: np.ndarray, y: int):
+        q = np.full(len(x), self.q_c)
+        q[y] = self.q_y
+        xc = x if self.softcap is None else self.softcap * np.tanh(x / self.softcap)
+        lse = float(np.log(np.sum(np.exp(xc))))
+        return q, np.ones(len(x)), xc, lse
+
+    def loss(self, x: np.ndarray, y: int) -> float:
+        import re
+
+        q, w, xc, lse = self.inputs(x, y)
+        line = _printed_line(self.out, "loss_i = ")
+        formula = re.split(r"\s{4,}\(", line[len("loss_i = ") :])[0]  # drop the note after the formula
+        total = 0.0
+        for sign, term in _printed_terms(formula):
+            if term == "Σ_c w_c q_c (L − x_c)" and self.softcap is None:
+                value = np.sum(w * q * (lse - x))
+            elif term == "Σ_c w_c q_c (L − x'_c)" and self.softcap is not None:
+                value = np.sum(w * q * (lse - xc))
+            elif term == "Σ_c w_c q_c log q_c":
+                value = np.sum(w * q * np.log(q))
+            elif (z := re.fullmatch(rf"{_NUMBER} · w_y · L²", term)) is not None:
+                value = float(z.group(1)) * w[y] * lse**2
+            else:
+                raise AssertionError(f"unknown term {term!r} in {line!r}")
+            total += value if sign == "+" else -value
+        return float(total)
+
+    def grad(self, x: np.ndarray, y: int) -> np.ndarray:
+        import re
+
+        q, w, xc, lse = self.inputs(x, y)
+        line = _printed_line(self.out, "∂loss_i/∂x_c = ")
+        formula, softmax_of = line[len("∂loss_i/∂x_c = ") :].split(",      p = ")
+        p = np.exp(xc - lse)
+        assert softmax_of == ("softmax(x')" if self.softcap is not None else "softmax(x)")
+        factor = np.ones(len(x))
+        chain = re.fullmatch(rf"\(1 − tanh²\(x_c/{_NUMBER}\)\) · \[(.*)\]", formula)
+        assert (chain is not None) == (self.softcap is not None), line
+        if chain:
+            assert float(chain.group(1)) == self.softcap
+            factor = 1 - np.tanh(x / self.softcap) ** 2
+            formula = chain.group(2)
+        total = np.zeros(len(x))
+        for sign, term in _printed_terms(formula):
+            if term == "(Σ_k w_k q_k) · p_c":
+                value = np.sum(w * q) * p
+            elif term == "w_c q_c":
+                value = w * q
+            elif (z := re.fullmatch(rf"2 · {_NUMBER} · w_y L p_c", term)) is not None:
+                value = 2 * float(z.group(1)) * w[y] * lse * p
+            else:
+                raise AssertionError(f"unknown term {term!r} in {line!r}")
+            total += value if sign == "+" else -value
+        return factor * total
+
+    def reduce(self, losses: np.ndarray) -> tuple[float, float]:
+        """(the printed mean of these per-element losses, the factor on each element's gradient)."""
+        import re
+
+        line = _printed_line(self.out, 'reduction="')
+        given = re.fullmatch(rf'reduction="mean": Σ_i loss_i / {_NUMBER}\s{{4,}}\(denominator=\1 replaces .*\)', line)
+        if given:
+            return float(np.sum(losses)) / float(given.group(1)), 1 / float(given.group(1))
+        empty = re.fullmatch(r'reduction="mean" with denominator=0: the mean is (NaN|0) \(.*\), its gradient 0', line)
+        if empty:
+            return (math.nan if empty.group(1) == "NaN" else 0.0), 0.0
+        assert line.startswith('reduction="mean": Σ_i loss_i / Σ_i sample_weight_i·w_{y_i} over non-ignored'), line
+        return float(np.sum(losses)) / len(losses), 1 / len(losses)
+
+
+def _library(x, y, options):
+    """lsx.numpy's loss and gradient, or the reference where lsx.numpy does not take an option yet."""
+    if {"softcap", "denominator", "sample_weight"} & set(options):
+        return spec.reference_loss(x, y, **options), spec.reference_grad(x, y, **options)
+    import lsx.numpy
+
+    return lsx.numpy.loss_and_grad(x, y, **options)
 
 
 @pytest.mark.parametrize(
@@ -455,18 +626,86 @@ def _printed_loss(out: str, x: np.ndarray, y: int) -> float:
             dict(z_loss=0.01, spread="others", label_smoothing=0.2),
         ),
         (["--convention", "torch", "--label-smoothing", "0.1"], dict(convention="torch", label_smoothing=0.1)),
+        (["--softcap", "2.5", "--label-smoothing", "0.1"], dict(softcap=2.5, label_smoothing=0.1)),
+        (
+            ["--convention", "t5x", "--label-smoothing", "0.1", "--softcap", "3", "--z-loss", "0.05"],
+            dict(convention="t5x", label_smoothing=0.1, softcap=3.0, z_loss=0.05),
+        ),
     ],
 )
 def test_explain_formula_evaluates_to_the_library(capsys, argv, options):
-    """The printed formula, with the printed q, gives lsx's loss: the KL term is + Σ w q log q (= −H)."""
-    import lsx.numpy
-
+    """The printed formula, with the printed q, gives lsx's loss and gradient: the KL term is + Σ w q log q
+    (= −H); with softcap the logits are x' = c·tanh(x/c) and the gradient carries 1 − tanh²(x/c)."""
     assert main(["explain", *argv, "-K", "5"]) == 0
-    out = capsys.readouterr().out
+    printed = _Printed(capsys.readouterr().out, 5)
+    assert (printed.softcap is not None) == ("softcap" in options)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=5)
-    expected = lsx.numpy.loss(x[None], np.array([2]), reduction="none", ignore_index=None, **options)[0]
-    assert _printed_loss(out, x, 2) == pytest.approx(float(expected), rel=1e-5)
+    x = rng.normal(scale=3.0, size=5)  # beyond the cap: tanh bends
+    per_element = dict(options, reduction="none", ignore_index=None)
+    loss, grad = _library(x[None], np.array([2]), per_element)
+    assert printed.loss(x, 2) == pytest.approx(float(loss[0]), rel=1e-5)
+    np.testing.assert_allclose(printed.grad(x, 2), grad[0], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "argv, options",
+    [
+        ([], {}),
+        (["--denominator", "2.5"], dict(denominator=2.5)),
+        (
+            ["--denominator", "2.5", "--softcap", "1.5", "--z-loss", "0.1"],
+            dict(denominator=2.5, softcap=1.5, z_loss=0.1),
+        ),
+        (["--denominator", "0", "--empty-mean", "zero"], dict(denominator=0.0, empty_mean="zero")),
+        (["--denominator", "0"], dict(denominator=0.0)),
+    ],
+)
+def test_explain_mean_evaluates_to_the_library(capsys, argv, options):
+    """The printed mean (its denominator: the element count here, or the one given) gives lsx's mean and
+    gradient over a batch; a zero denominator follows empty_mean with a zero gradient."""
+    assert main(["explain", "--label-smoothing", "0.2", *argv, "-K", "4"]) == 0
+    printed = _Printed(capsys.readouterr().out, 4)
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(scale=2.0, size=(3, 4)), np.array([0, 3, 1])
+    mean, factor = printed.reduce(np.array([printed.loss(row, label) for row, label in zip(x, y)]))
+    grads = np.stack([printed.grad(row, label) for row, label in zip(x, y)]) * factor
+    loss, grad = _library(x, y, dict(options, label_smoothing=0.2))
+    np.testing.assert_allclose(mean, loss, rtol=1e-6)
+    np.testing.assert_allclose(grads, grad, rtol=1e-6, atol=1e-12)
+
+
+def test_explain_sample_weight_in_words(capsys):
+    """sample_weight, an array, is not a flag: explain says how it enters the loss and the mean."""
+    assert main(["explain"]) == 0
+    out = capsys.readouterr().out
+    assert "loss_i ← sample_weight_i · loss_i" in out
+    assert "Σ_i loss_i / Σ_i sample_weight_i·w_{y_i} over non-ignored elements" in out
+    assert "sample_weight=None" not in out and "softcap=None" in out and "denominator=None" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--softcap", "0"], "softcap must be > 0 and finite (or None), got softcap=0.0"),
+        (["--softcap", "-2"], "softcap must be > 0 and finite (or None), got softcap=-2.0"),
+        (["--softcap", "inf"], "softcap must be > 0 and finite (or None), got softcap=inf"),
+        (["--denominator", "-1"], "denominator must be finite and >= 0, got denominator=-1.0"),
+        (["--denominator", "nan"], "denominator must be finite and >= 0, got denominator=nan"),
+        (["--denominator", "4", "--reduction", "sum"], 'denominator is only for reduction="mean"'),
+        (["--denominator", "4", "--convention", "t5x"], 'denominator is only for reduction="mean"'),
+    ],
+)
+def test_explain_checks_softcap_and_denominator_like_loss(capsys, argv, message):
+    assert main(["explain", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lsx: error: {message}") and "Traceback" not in err
+    options = {"softcap": None, "denominator": None, "reduction": None, "convention": None}
+    flags = dict(zip(argv[::2], argv[1::2]))
+    for flag, value in flags.items():
+        options[flag[2:]] = value if flag in ("--reduction", "--convention") else float(value)
+    convention = options.pop("convention")
+    with pytest.raises(ValueError, match=message.split(",")[0].replace("(", r"\(").replace(")", r"\)")):
+        spec.resolve_options(convention, **{n: v for n, v in options.items() if v is not None})
 
 
 def test_explain_definition_is_the_readme_definition():

@@ -120,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--reduction", choices=spec.REDUCTIONS)
     explain.add_argument("--ignore-index", type=_ignore_index, default=_UNSET, metavar="I", help="an int, or 'none'")
     explain.add_argument("--empty-mean", choices=spec.EMPTY_MEANS)
+    explain.add_argument("--softcap", type=float, metavar="C", help="cap the logits at C·tanh(x/C) first")
+    explain.add_argument("--denominator", type=float, metavar="D", help='the mean divides by D (reduction="mean" only)')
     explain.add_argument("--num-classes", "-K", type=int, metavar="K", help="show q for this K")
     explain.set_defaults(command="explain", run=_cmd_explain)
     return parser
@@ -219,6 +221,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         "normalize": args.normalize,
         "reduction": args.reduction,
         "empty_mean": args.empty_mean,
+        "softcap": args.softcap,
+        "denominator": args.denominator,
     }
     given = {name: value for name, value in given.items() if value is not None}
     if args.ignore_index is not _UNSET:

@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from lsx import spec
 
-__all__ = ["CROSS_ENTROPY", "ENTROPY", "GRADIENT", "NEGATIVE_ENTROPY", "Z_LOSS", "definition", "explain_text"]
+__all__ = [
+    "CROSS_ENTROPY",
+    "ENTROPY",
+    "GRADIENT",
+    "NEGATIVE_ENTROPY",
+    "SAMPLE_WEIGHT",
+    "SOFTCAP",
+    "SOFTCAP_FACTOR",
+    "Z_LOSS",
+    "definition",
+    "explain_text",
+]
 
 #: Σ_c w_c q_c (L − x_c): the smoothed cross-entropy of one element (L = log Σ_c exp x_c)
 CROSS_ENTROPY = "Σ_c w_c q_c (L − x_c)"
@@ -39,9 +50,32 @@ def definition() -> tuple[str, str]:
     return loss, "∂loss/∂x_c = " + GRADIENT.format(s="s")
 
 
+#: soft-capping: the logits the formula uses; ``{c}`` is the cap
+SOFTCAP = "x'_c = {c}·tanh(x_c/{c})"
+#: the chain-rule factor soft-capping puts in front of the gradient
+SOFTCAP_FACTOR = "(1 − tanh²(x_c/{c}))"
+#: how ``sample_weight`` (one weight per element, an array, so not a command-line flag) enters
+SAMPLE_WEIGHT = (
+    "sample_weight= (an array, one weight per element; 1 without it): loss_i ← sample_weight_i · loss_i, "
+    "and its gradient likewise"
+)
+
+
+def _number(value: float) -> str:
+    """``value`` short (``%g``) where that loses nothing, else in full."""
+    value = float(value)
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def _capped(text: str) -> str:
+    """``text`` in terms of the capped logits x' (x_c → x'_c)."""
+    return text.replace("x_c", "x'_c")
+
+
 def loss_terms(opts: spec.Options) -> list[tuple[str, str]]:
     """The terms of one element's loss under ``opts``, as (sign, text) pairs; terms that vanish are left out."""
-    terms = [("+", CROSS_ENTROPY)]
+    terms = [("+", _capped(CROSS_ENTROPY) if opts.softcap is not None else CROSS_ENTROPY)]
     if opts.z_loss:
         terms.append(("+", Z_LOSS.format(s=f"{opts.z_loss:g}")))
     if opts.normalize:
@@ -62,7 +96,36 @@ def gradient_line(opts: spec.Options) -> str:
     grad = GRADIENT.format(s=f"· {opts.z_loss:g} ·")
     if not opts.z_loss:
         grad = grad.split(_SEPARATOR.format("+") + "2 ")[0]
+    if opts.softcap is not None:  # the chain rule through x' = c·tanh(x/c)
+        return f"∂loss_i/∂x_c = {SOFTCAP_FACTOR.format(c=_number(opts.softcap))} · [{grad}],      p = softmax(x')"
     return "∂loss_i/∂x_c = " + grad + ",      p = softmax(x)"
+
+
+def softcap_line(opts: spec.Options) -> str:
+    c = _number(opts.softcap)
+    return (
+        SOFTCAP.format(c=c)
+        + f"      (softcap={c}: the logits are capped before anything else, ±∞ → ±{c}; L and p are taken over x')"
+    )
+
+
+def reduction_line(opts: spec.Options) -> str:
+    empty = "NaN" if opts.empty_mean == "nan" else "0"
+    if opts.reduction == "none":
+        return 'reduction="none": one loss per element'
+    if opts.reduction == "sum":
+        return 'reduction="sum": Σ_i loss_i'
+    if opts.denominator is not None and float(opts.denominator) == 0:
+        return (
+            f'reduction="mean" with denominator=0: the mean is {empty} (empty_mean={opts.empty_mean!r}), its gradient 0'
+        )
+    if opts.denominator is not None:
+        d = _number(opts.denominator)
+        return f'reduction="mean": Σ_i loss_i / {d}      (denominator={d} replaces Σ_i sample_weight_i·w_{{y_i}})'
+    return (
+        'reduction="mean": Σ_i loss_i / Σ_i sample_weight_i·w_{y_i} over non-ignored elements '
+        f"(probabilities: Σ_i sample_weight_i, the count without sample_weight=); nothing to average → {empty}"
+    )
 
 
 def target_line(opts: spec.Options) -> str:
@@ -81,21 +144,19 @@ def explain_text(opts: spec.Options, convention: str | None = None, num_classes:
         ignore = "ignore_index=None: every label must be in [0, K)"
     else:
         ignore = f"elements with label {opts.ignore_index}: loss 0, gradient 0, left out of the mean"
-    reduction = {
-        "none": 'reduction="none": one loss per element',
-        "sum": 'reduction="sum": Σ_i loss_i',
-        "mean": 'reduction="mean": Σ_i loss_i / Σ_i w_{y_i} over non-ignored elements (probabilities: ÷ count)'
-        + ("; nothing to average → NaN" if opts.empty_mean == "nan" else "; nothing to average → 0"),
-    }[opts.reduction]
+    hidden = ("weight", "class_mask", "sample_weight")  # arrays: no command-line flag
+    x = "x'" if opts.softcap is not None else "x"
     lines = [
         f"lsx options{f' (convention {convention!r})' if convention else ''}:",
-        "  " + ", ".join(f"{k}={v!r}" for k, v in opts.describe().items() if k not in ("weight", "class_mask")),
+        "  " + ", ".join(f"{k}={v!r}" for k, v in opts.describe().items() if k not in hidden),
         "",
         "  " + loss_line(opts),
         "  " + target_line(opts),
-        "  L = log Σ_c exp(x_c);  w = class weights (1 without weight=); a term with w_c q_c = 0 contributes 0",
+        *(["  " + softcap_line(opts)] if opts.softcap is not None else []),
+        f"  L = log Σ_c exp({x}_c);  w = class weights (1 without weight=); a term with w_c q_c = 0 contributes 0",
         "  " + ignore,
-        "  " + reduction,
+        "  " + SAMPLE_WEIGHT,
+        "  " + reduction_line(opts),
         "  " + gradient_line(opts),
     ]
     if num_classes:

@@ -45,21 +45,34 @@ class Case:
     options: dict[str, Any] = field(default_factory=dict)
     axis: int = -1
     ignored_fraction: float = 0.0
+    logit_scale: float = 2.0  # standard deviation of the logits
+    masked: bool = False  # class_mask leaves out the last class, whose logits are large (a leak would show)
 
     def make(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Float64 logits, the target and the options (random weights filled in), the same on every run."""
         rng = np.random.default_rng(zlib.crc32(self.id.encode()))
-        logits = rng.normal(scale=2.0, size=self.shape)
+        logits = rng.normal(scale=self.logit_scale, size=self.shape)
         axis = self.axis % len(self.shape)
         k = self.shape[axis]
         options = dict(self.options)
         if options.get("weight") == "random":
             options["weight"] = rng.uniform(0.2, 2.0, size=k)
         lead = self.shape[:axis] + self.shape[axis + 1 :]
+        if options.get("sample_weight") == "random":  # one weight per element, every third exactly 0
+            sample_weight = rng.uniform(0.2, 3.0, size=lead)
+            sample_weight.reshape(-1)[::3] = 0.0
+            options["sample_weight"] = sample_weight
+        valid = np.ones(k, bool)
+        if self.masked:
+            valid[-1] = False
+            options["class_mask"] = valid
+            # padding lanes far above the rest: after soft-capping they would be the row's maximum
+            np.moveaxis(logits, axis, -1)[..., ~valid] = 1e4
         if self.kind == "index":
-            target = rng.integers(0, k, size=lead)
+            target = rng.integers(0, int(valid.sum()), size=lead)
             if self.ignored_fraction:
-                ignore_index = spec.resolve_options(**{n: v for n, v in options.items() if n != "weight"}).ignore_index
+                plain = {n: v for n, v in options.items() if n not in ARRAY_OPTIONS}
+                ignore_index = spec.resolve_options(**plain).ignore_index
                 ignored = rng.random(lead) < self.ignored_fraction
                 ignored.flat[0] = True  # at least one
                 if self.ignored_fraction < 1:
@@ -71,12 +84,19 @@ class Case:
 
     def describe(self) -> str:
         parts = [f"{self.kind} {self.shape}" + (f" axis={self.axis}" if self.axis != -1 else "")]
+        if self.logit_scale != 2.0:
+            parts.append(f"logits ~ N(0, {self.logit_scale:g}²)")
         for name, value in self.options.items():
-            parts.append(f"{name}={value}" if name != "weight" else "weight")
+            parts.append(f"{name}={value}" if name not in ARRAY_OPTIONS else name)
+        if self.masked:
+            parts.append("class_mask (padding logits 1e4)")
         if self.ignored_fraction:
             parts.append("ignored rows")
         return ", ".join(parts)
 
+
+#: options given as arrays (filled in by ``Case.make``), named but not printed by ``Case.describe``
+ARRAY_OPTIONS = ("weight", "sample_weight", "class_mask")
 
 #: Small, and mostly one shape: eager JAX compiles each operation per shape, so shared shapes are reused.
 CASES = (
@@ -98,6 +118,39 @@ CASES = (
     Case("probs", (8, 5), "probs", {"label_smoothing": 0.1}),
     Case("fairseq", (8, 5), "index", {"convention": "fairseq", "label_smoothing": 0.1}, ignored_fraction=0.2),
     Case("t5x", (8, 5), "index", {"convention": "t5x", "label_smoothing": 0.1}),
+    # softcap, sample_weight and denominator: no built-in has soft-capping or per-element weights, so only the
+    # denominator cases meet a built-in (its sum divided by the denominator)
+    Case("softcap", (8, 5), "index", {"label_smoothing": 0.1, "softcap": 30.0}, logit_scale=50.0),
+    Case("softcap-mask", (8, 5), "index", {"label_smoothing": 0.1, "softcap": 3.0, "z_loss": 0.01}, masked=True),
+    Case(
+        "sample-weight",
+        (8, 5),
+        "index",
+        {"label_smoothing": 0.1, "weight": "random", "sample_weight": "random"},
+        ignored_fraction=0.3,
+    ),
+    Case("denominator", (8, 5), "index", {"label_smoothing": 0.1, "denominator": 20.0}),
+    Case(
+        "denominator-0",
+        (8, 5),
+        "index",
+        {"label_smoothing": 0.1, "denominator": 0.0, "empty_mean": "zero"},
+        ignored_fraction=0.3,
+    ),
+    Case(
+        "t5x-capped-weighted",
+        (8, 5),
+        "index",
+        {
+            "convention": "t5x",
+            "label_smoothing": 0.1,
+            "softcap": 30.0,
+            "sample_weight": "random",
+            "reduction": "mean",
+            "denominator": 6.0,
+        },
+        logit_scale=50.0,
+    ),
 )
 
 
@@ -158,6 +211,11 @@ def _plain_smoothing(data: Data, *, weights_ok: bool, ignore_ok: bool) -> bool:
         return False
     if opts.z_loss or opts.normalize or opts.class_mask is not None:
         return False
+    # no built-in soft-caps its logits; F.cross_entropy and optax take no per-element weights
+    if opts.softcap is not None or opts.sample_weight is not None:
+        return False
+    if opts.denominator is not None and float(opts.denominator) == 0:  # a sum ÷ 0 expresses no empty_mean
+        return False
     if opts.weight is not None and not weights_ok:
         return False
     if data.case.kind == "index" and opts.ignore_index is not None and np.any(data.target == opts.ignore_index):
@@ -177,12 +235,24 @@ def _onehot(data: Data, k: int) -> np.ndarray:
     return probs
 
 
-def _reduce(values: Any, reduction: str, xp: Any) -> Any:
-    if reduction == "mean":
+def _reduce(values: Any, opts: spec.Options, xp: Any) -> Any:
+    if opts.denominator is not None:
+        return _by_denominator(xp.sum(values), opts)
+    if opts.reduction == "mean":
         return xp.mean(values)
-    if reduction == "sum":
+    if opts.reduction == "sum":
         return xp.sum(values)
     return values
+
+
+def _builtin_reduction(opts: spec.Options) -> str:
+    """The reduction to ask a built-in for: with a caller's denominator, the sum (then :func:`_by_denominator`)."""
+    return "sum" if opts.denominator is not None else opts.reduction
+
+
+def _by_denominator(total: Any, opts: spec.Options) -> Any:
+    """A built-in's sum as lsx's mean over the caller's denominator (nonzero: see :func:`_plain_smoothing`)."""
+    return total if opts.denominator is None else total / float(opts.denominator)
 
 
 class NumpyRunner(Runner):
@@ -231,9 +301,12 @@ class TorchRunner(Runner):
         target = torch.from_numpy(np.asarray(data.target))
         if data.case.kind == "probs":
             target = target.to(x.dtype)
-        options = {
-            n: torch.from_numpy(np.asarray(v)).to(x.dtype) if n == "weight" else v for n, v in data.options.items()
-        }
+        options = dict(data.options)
+        for name in ("weight", "sample_weight"):
+            if name in options:
+                options[name] = torch.from_numpy(np.asarray(options[name])).to(x.dtype)
+        if "class_mask" in options:
+            options["class_mask"] = torch.from_numpy(np.asarray(options["class_mask"]))
         return x, target, options
 
     def _finish(self, x, value, grad=None) -> Result:
@@ -271,10 +344,10 @@ class TorchRunner(Runner):
             target,
             weight=options.get("weight"),
             ignore_index=-100 if opts.ignore_index is None else opts.ignore_index,
-            reduction=opts.reduction,
+            reduction=_builtin_reduction(opts),
             label_smoothing=opts.label_smoothing,
         )
-        return "F.cross_entropy", self._finish(x, value)
+        return "F.cross_entropy", self._finish(x, _by_denominator(value, opts))
 
 
 class JaxRunner(Runner):
@@ -341,7 +414,7 @@ class JaxRunner(Runner):
 
         def loss_of_x(x):
             per = optax.softmax_cross_entropy(jnp.moveaxis(x, data.axis, -1), labels)
-            return _reduce(per, opts.reduction, jnp)
+            return _reduce(per, opts, jnp)
 
         x = jnp.asarray(data.logits, dtype=data.dtype)
         (_, value), grad = self._value_and_grad(loss_of_x)(x)
@@ -404,7 +477,7 @@ class TensorflowRunner(Runner):
 
         def loss_of_x(x):
             per = tf.nn.softmax_cross_entropy_with_logits(labels, tf.experimental.numpy.moveaxis(x, data.axis, -1))
-            return _reduce(per, opts.reduction, tf.experimental.numpy)
+            return _reduce(per, opts, tf.experimental.numpy)
 
         x = self._x(data)
         values, grads = self._value_and_grad([loss_of_x], [x])
@@ -435,12 +508,12 @@ class KerasRunner(TensorflowRunner):
         opts = spec.resolve_options(**data.options)
         k = data.logits.shape[data.axis]
         labels = self.tf.constant(_onehot(data, k), data.dtype)
-        reduction = {"mean": "sum_over_batch_size", "sum": "sum", "none": None}[opts.reduction]
+        reduction = {"mean": "sum_over_batch_size", "sum": "sum", "none": None}[_builtin_reduction(opts)]
         cce = self.keras.losses.CategoricalCrossentropy(
             from_logits=True, label_smoothing=opts.label_smoothing, reduction=reduction, dtype=data.dtype
         )
         x = self._x(data)
-        values, grads = self._value_and_grad([lambda x: cce(labels, x)], [x])
+        values, grads = self._value_and_grad([lambda x: _by_denominator(cce(labels, x), opts)], [x])
         return "keras CategoricalCrossentropy", self._result(x, values[0], grads[0])
 
 
