@@ -1,4 +1,10 @@
-"""lsx.jax, eagerly and under ``jax.jit``: the loss and ``jax.grad`` of its sum, in float64 with x64 enabled."""
+"""lsx.jax, eagerly and under ``jax.jit``: the loss and ``jax.grad`` of its sum, in float64 with x64 enabled.
+
+Integer targets keep their dtype (with x64 enabled JAX holds every integer dtype, int8…uint64): eagerly the
+caller's NumPy array itself is handed over (checked on the host), under ``jit`` a JAX array of the same
+dtype is a traced argument (handled on the device). Probability targets take the logits' dtype. Nothing is
+written into the given arrays.
+"""
 
 from __future__ import annotations
 
@@ -17,19 +23,24 @@ def run(logits, target, options, *, axis, dtype, mode):
     import lsx.jax
 
     x = jnp.asarray(logits, dtype=dtype)
-    t = jnp.asarray(target if np.issubdtype(target.dtype, np.integer) else target.astype(dtype))
+    labels = np.issubdtype(target.dtype, np.integer)
+    t = target if labels else jnp.asarray(target.astype(dtype))
 
-    def total(x):
+    def total(x, t):
         value = lsx.jax.loss(x, t, axis=axis, **options)
         return jnp.sum(value), value
 
     value_and_grad = jax.value_and_grad(total, has_aux=True)
     if mode == "compiled":
+        t = jnp.asarray(t)
+        assert t.dtype == target.dtype or not labels, (t.dtype, target.dtype)
         # one program: the loss with its gradient, and the loss alone (the path without autodiff)
-        (_, value), grad, alone = jax.jit(lambda x: (*value_and_grad(x), lsx.jax.loss(x, t, axis=axis, **options)))(x)
+        (_, value), grad, alone = jax.jit(
+            lambda x, t: (*value_and_grad(x, t), lsx.jax.loss(x, t, axis=axis, **options))
+        )(x, t)
         np.testing.assert_array_equal(np.asarray(alone, np.float64), np.asarray(value, np.float64))
     else:
-        (_, value), grad = value_and_grad(x)
+        (_, value), grad = value_and_grad(x, t)
     assert isinstance(value, jax.Array) and value.dtype == x.dtype, (type(value), getattr(value, "dtype", None))
     assert isinstance(grad, jax.Array) and grad.dtype == x.dtype and grad.shape == x.shape
     return np.asarray(value, np.float64), np.asarray(grad, np.float64)
