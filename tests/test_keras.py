@@ -251,3 +251,160 @@ def test_jax_backend_in_a_subprocess():
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run([sys.executable, "-c", JAX_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "jax ok" in result.stdout, result.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Regressions: tf.Variable predictions, empty batches, label dtypes, ignore_index/convention options,
+# the same bad-label behaviour on every Keras backend
+# --------------------------------------------------------------------------------------------------------
+def test_variable_predictions_on_tensorflow(data):
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.Variable is a TensorFlow type")
+    import tensorflow as tf
+
+    logits, _, labels, _ = data
+    ours = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.1)
+    variable = tf.Variable(logits)
+    with tf.GradientTape() as tape:
+        value = ours(labels, variable)
+    grad = tape.gradient(value, variable)
+    _close(value, ours(labels, logits))
+    np.testing.assert_allclose(grad.numpy(), spec.reference_grad(logits, labels, label_smoothing=0.1), atol=1e-7)
+    _close(lsx.keras.loss(variable, labels), lsx.keras.loss(logits, labels))
+
+
+def test_functional_loss_on_an_empty_batch():
+    x = np.zeros((0, K), np.float32)
+    y = np.zeros((0,), np.int64)
+    assert np.isnan(float(lsx.keras.loss(x, y)))
+    assert float(lsx.keras.loss(x, y, empty_mean="zero")) == 0.0
+    assert float(lsx.keras.loss(x, y, reduction="sum")) == 0.0
+    assert np.isnan(float(lsx.keras.loss(x, np.zeros((0, K), np.float32))))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"])
+def test_every_label_dtype(dtype):
+    k = 300 if np.iinfo(dtype).max >= 300 else 200
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(5, k)).astype(np.float32)
+    labels = np.array([0, 3, min(k - 1, np.iinfo(dtype).max), 100, 7], dtype)
+    expected = spec.reference_loss(logits, labels, label_smoothing=0.1, ignore_index=None)
+    ours = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.1)
+    _close(ours(labels, logits), expected, rtol=1e-5)
+    _close(lsx.keras.loss(logits, labels, label_smoothing=0.1, ignore_index=None), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype,value", [("int64", 2**32 + 1), ("int64", -(2**32) + 2), ("uint32", 2**32 - 1), ("uint64", 2**64 - 1)]
+)
+def test_labels_beyond_int32_never_wrap_into_valid_ones(data, dtype, value):
+    logits, _, labels, _ = data
+    bad = labels.astype(dtype)
+    bad[2] = value
+    ours = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)
+    with pytest.raises(ValueError, match=f"label {value}"):
+        ours(bad, logits)
+    with pytest.raises(ValueError, match=f"label {value}"):
+        lsx.keras.loss(logits, bad, ignore_index=-1)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        traced = tf.function(lambda t, x: lsx.keras.loss(x, t, ignore_index=-1, reduction="none"))
+        out = traced(tf.constant(bad), tf.constant(logits)).numpy()
+        assert np.isnan(out[2]) and np.isfinite(np.delete(out, 2)).all()
+
+
+def test_ignore_index_and_convention_keywords():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(8, K))
+    labels = rng.integers(0, K, size=8)
+    labels[[1, 4]] = -100
+    by_index = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, ignore_index=-100, dtype="float64")
+    by_class = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-100, dtype="float64")
+    _close(by_index(labels, logits), by_class(labels, logits), rtol=1e-12)
+    assert by_index.get_config()["ignore_class"] == -100
+    with pytest.raises(ValueError, match="ignore_class=-1 and ignore_index=-100"):
+        lsx.keras.SparseCategoricalCrossentropy(ignore_class=-1, ignore_index=-100)
+    # presets: torch ignores −100 and gives NaN for an empty mean; explicit options win
+    torch_like = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, convention="torch", dtype="float64")
+    np.testing.assert_allclose(
+        float(torch_like(labels, logits)), float(spec.reference_loss(logits, labels)), rtol=1e-12
+    )
+    assert np.isnan(float(torch_like(np.full(8, -100), logits)))
+    fairseq = lsx.keras.SparseCategoricalCrossentropy(
+        from_logits=True, convention="fairseq", label_smoothing=0.1, ignore_index=-100, dtype="float64"
+    )
+    assert fairseq.reduction == "sum" and fairseq.spread == "others" and fairseq.ignore_class == -100
+    expected = spec.reference_loss(logits, labels, convention="fairseq", label_smoothing=0.1, ignore_index=-100)
+    np.testing.assert_allclose(float(fairseq(labels, logits)), float(expected), rtol=1e-12)
+    hf = lsx.keras.CategoricalCrossentropy(from_logits=True, convention="hf", dtype="float64", reduction="none")
+    probs = np.eye(K)[np.where(labels < 0, 0, labels)]
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(hf(probs, logits)),
+        spec.reference_loss(logits, probs, convention="hf", reduction="none"),
+        rtol=1e-12,
+    )
+    for loss in (torch_like, fairseq, hf, by_index):
+        config = loss.get_config()
+        again = type(loss).from_config(config)
+        assert again.get_config() == config
+        restored = keras.losses.deserialize(keras.losses.serialize(loss))
+        assert restored.get_config() == config
+    explicit_none = lsx.keras.SparseCategoricalCrossentropy(convention="torch", ignore_index=None)
+    assert explicit_none.ignore_class is None
+    assert type(explicit_none).from_config(explicit_none.get_config()).ignore_class is None
+
+
+BAD_LABEL_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np, keras, lsx.keras
+    backend = keras.backend.backend()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 4)).astype(np.float32)
+    y = rng.integers(0, 4, size=16)
+    y[3] = -100
+    ours = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.1)
+
+    def raises(f):
+        try:
+            f()
+        except ValueError as error:
+            assert "label -100" in str(error), error
+            return True
+        return False
+
+    assert raises(lambda: ours(y, x))  # eager call: known values
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4)])
+    if backend != "jax":  # (Keras 3.15 cannot build a model with run_eagerly=True on JAX)
+        model.compile(optimizer="sgd", loss=ours, run_eagerly=True)
+        assert raises(lambda: model.fit(x, y, epochs=1, verbose=0))  # run eagerly: known values
+    if backend == "tensorflow":
+        import tensorflow as tf
+        assert np.isnan(float(tf.function(ours)(tf.constant(y), tf.constant(x))))
+    if backend == "jax":
+        import jax
+        assert np.isnan(float(jax.jit(lambda t: ours(t, x))(y)))
+    if backend != "torch":  # model.fit traces on TensorFlow and JAX: values unknown, so NaN
+        model.compile(optimizer="sgd", loss=ours)
+        assert np.isnan(model.fit(x, y, epochs=1, verbose=0).history["loss"][-1])
+    else:  # the PyTorch backend runs model.fit eagerly: the values are known
+        model.compile(optimizer="sgd", loss=ours)
+        assert raises(lambda: model.fit(x, y, epochs=1, verbose=0))
+    ignoring = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.1, ignore_index=-100)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4)])  # the NaN step above spoilt the weights
+    model.compile(optimizer="sgd", loss=ignoring)
+    assert np.isfinite(model.fit(x, y, epochs=1, verbose=0).history["loss"][-1])
+    print(backend, "ok")
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+def test_bad_labels_raise_when_known_and_give_nan_when_traced_on_every_backend(backend):
+    pytest.importorskip(backend)
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-c", BAD_LABEL_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and f"{backend} ok" in result.stdout, result.stderr[-3000:]
