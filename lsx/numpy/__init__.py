@@ -33,6 +33,9 @@ def loss(
     class_mask: Any = None,
     reduction: spec.Reduction = default("mean"),
     empty_mean: spec.EmptyMean = default("nan"),
+    softcap: float | None = None,
+    sample_weight: Any = None,
+    denominator: Any = None,
     convention: str | None = None,
 ) -> np.ndarray:
     opts = spec.resolve_options(
@@ -46,6 +49,9 @@ def loss(
         class_mask=class_mask,
         reduction=reduction,
         empty_mean=empty_mean,
+        softcap=softcap,
+        sample_weight=sample_weight,
+        denominator=denominator,
     )
     value, _ = _compute(logits, target, opts, axis, want_grad=False, out=None)
     return value
@@ -65,6 +71,9 @@ def loss_and_grad(
     class_mask: Any = None,
     reduction: spec.Reduction = default("mean"),
     empty_mean: spec.EmptyMean = default("nan"),
+    softcap: float | None = None,
+    sample_weight: Any = None,
+    denominator: Any = None,
     convention: str | None = None,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -84,6 +93,9 @@ def loss_and_grad(
         class_mask=class_mask,
         reduction=reduction,
         empty_mean=empty_mean,
+        softcap=softcap,
+        sample_weight=sample_weight,
+        denominator=denominator,
     )
     value, grad = _compute(logits, target, opts, axis, want_grad=True, out=out)
     assert grad is not None
@@ -155,6 +167,9 @@ def _compute(logits: Any, target: Any, opts: spec.Options, axis: int, *, want_gr
     else:
         t2 = (t if last else np.moveaxis(t, layout.axis, -1)).reshape(-1, k)
 
+    # per-element weights in the rows' order (the class axis removed, the other axes in order)
+    sw = None if opts.sample_weight is None else np.asarray(opts.sample_weight, np.float64).reshape(-1)
+
     kernel = _numba_kernel()
     out2 = None
     if kernel is not None:
@@ -162,12 +177,20 @@ def _compute(logits: Any, target: Any, opts: spec.Options, axis: int, *, want_gr
         if want_grad and out is not None and last and out.dtype == compute and out.flags.c_contiguous:
             out2 = out.reshape(-1, k)
         per_element, denominator, grad2 = kernel(
-            x2, t2, layout.kind, opts, weight, mask, compute, want_grad, out2, scale_mean=True
+            x2, t2, layout.kind, opts, weight, mask, compute, want_grad, out2, scale_mean=True, sample_weight=sw
         )
     else:
-        per_element, denominator, grad2 = _numpy_engine(x2, t2, layout.kind, opts, weight, mask, compute, want_grad)
-        if want_grad and opts.reduction == "mean":
-            grad2 *= compute(spec.reduction_scale(opts.reduction, denominator))
+        per_element, denominator, grad2 = _numpy_engine(
+            x2, t2, layout.kind, opts, weight, mask, compute, want_grad, sample_weight=sw
+        )
+        if want_grad:
+            scale = spec.reduction_scale(opts.reduction, denominator) if opts.reduction == "mean" else 1.0
+            if sw is not None:
+                grad2 *= (scale * sw).astype(compute)[:, None]
+            elif scale != 1.0:
+                grad2 *= compute(scale)
+    if sw is not None:
+        per_element = (per_element * sw).astype(compute)
 
     if opts.reduction == "none":
         value = per_element.astype(dtype).reshape(lead_shape)

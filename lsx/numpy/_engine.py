@@ -28,15 +28,29 @@ def forward_backward(
     mask: np.ndarray | None,
     compute: type,
     want_grad: bool,
+    *,
+    sample_weight: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, np.ndarray | None]:
     """Loss per row, the mean's denominator and the (unscaled) gradient for (N, K) logits ``x2``.
 
     ``t2``: labels (N,) of any integer dtype, already checked, for ``kind="index"``, or probabilities (N, K)
     for ``kind="probs"``; ``weight``: float64 (K,) or None; ``mask``: bool (K,) or None; ``compute``:
     np.float32 or np.float64, the accumulation dtype of every result. The inputs are never written.
+    ``sample_weight``: float64 (N,) or None; it enters only the mean's denominator here (the caller multiplies
+    the losses and gradient rows by it); ``opts.denominator``, when given, replaces that denominator.
+    ``opts.softcap`` caps the logits (c·tanh(x/c), in ``compute``) and the gradient carries the chain factor.
     """
     n, k = x2.shape
     x = x2.astype(compute, copy=False)
+    chain = None
+    if opts.softcap is not None:
+        cap = compute(opts.softcap)
+        with np.errstate(invalid="ignore"):
+            tanh = np.tanh(x / cap)
+        x = cap * tanh  # ±inf become ±c
+        chain = tanh  # becomes 1 − tanh², the derivative of c·tanh(x/c)
+        np.multiply(chain, chain, out=chain)
+        np.subtract(compute(1), chain, out=chain)
     valid_count = k if mask is None else int(mask.sum())
     # class weights with the masked classes at 0 (None: every class weighs 1)
     w = None
@@ -63,7 +77,8 @@ def forward_backward(
             # a target of weight 0 contributes nothing, even against a −inf logit (no 0·∞)
             x_y = np.where(w_y != 0, shifted[rows, y], 0).astype(compute)
             weighted_sum = _weighted_sum(shifted, w) if coefficients.b != 0 else compute(0)
-            denominator = float(np.sum(w_y, where=active, dtype=np.float64))
+            sw_y = w_y if sample_weight is None else w_y * sample_weight
+            denominator = float(np.sum(sw_y, where=active, dtype=np.float64))
         else:
             active = np.ones(n, bool)
             q = (coefficients.a * t2.astype(compute, copy=False) + coefficients.b).astype(compute, copy=False)
@@ -81,7 +96,9 @@ def forward_backward(
                 if w is not None:
                     terms = w * terms
                 weighted_xlogx = np.sum(terms, axis=1, where=contributes, dtype=compute)
-            denominator = float(n)
+            denominator = float(n) if sample_weight is None else float(np.sum(sample_weight, dtype=np.float64))
+        if opts.denominator is not None:
+            denominator = float(np.asarray(opts.denominator))
 
         exp = np.exp(shifted, out=shifted)
         sum_exp = exp.sum(axis=1, dtype=compute)
@@ -122,6 +139,8 @@ def forward_backward(
                 grad[rows, y] -= compute(coefficients.a) * w_y
         else:
             grad -= wq
+        if chain is not None:
+            grad *= chain
     if mask is not None:
         grad[:, ~mask] = 0
     grad[~active] = 0

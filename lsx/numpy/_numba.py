@@ -269,8 +269,123 @@ if AVAILABLE:
             sum_x += block_x
         return sum_e, sum_x
 
+    def _scalar_like(value, like):  # pragma: no cover - Numba only
+        return value
+
+    @overload(_scalar_like, inline="always")
+    def _scalar_like_impl(value, like):
+        if like == types.float32:
+            return lambda value, like: np.float32(value)
+        return lambda value, like: np.float64(value)
+
+    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
+    def _cap(v, c, inv_c):
+        """c·tanh(v/c) in ``v``'s dtype, computed in float64 from the vectorisable :func:`_exp`: tanh|u| =
+        (1 − e^{−2|u|}) / (1 + e^{−2|u|}), and its odd Taylor polynomial below |u| = 0.01 (no cancellation);
+        ±inf give ±c and NaN stays NaN."""
+        u = np.float64(v) * inv_c
+        au = abs(u)
+        e = _exp(-2.0 * au)
+        large = (1.0 - e) / (1.0 + e)
+        u2 = au * au
+        small = au * (1.0 - u2 * (1.0 / 3.0 - u2 * (2.0 / 15.0 - u2 * (17.0 / 315.0))))
+        t = small if au < 0.01 else large
+        t = t if u >= 0.0 else -t
+        return _scalar_like(c * t, v)
+
+    @numba.njit(fastmath=_MAX_FLAGS, cache=True)
+    def _capped_row_max(xr, valid, has_mask, c, inv_c):
+        """The maximum of the capped logits over the valid classes: c·tanh is increasing, so the cap of the raw
+        maximum (±inf give ±c: always finite; a NaN logit is skipped here and makes its row NaN later)."""
+        low = _to_dtype_of(-np.inf, xr)
+        m = low
+        k = xr.shape[0]
+        if has_mask:
+            for j in range(k):
+                m = _maxnum(m, xr[j] if valid[j] else low)
+        else:
+            for j in range(k):
+                m = _maxnum(m, xr[j])
+        return np.float64(_cap(m, c, inv_c))
+
+    # Soft-capped blocks: each logit is capped as it is read; the stored copy is the capped logit (pass 3 reads
+    # it back, recomputes exp(x' − m) and applies the chain factor 1 − (x'/c)², in place too)
+    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
+    def _block_cap_store(xs, ds, ws, vs, mt, c, inv_c):
+        zero = mt - mt
+        sum_e = zero
+        sum_x = zero
+        for j in range(xs.shape[0]):
+            v = _cap(xs[j], c, inv_c)
+            d = v - mt
+            sum_e += _exp(d) if vs[j] else zero
+            sum_x += ws[j] * d if ws[j] != zero else zero
+            ds[j] = v
+        return sum_e, sum_x
+
+    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
+    def _block_cap_sum(xs, ws, vs, mt, c, inv_c):
+        zero = mt - mt
+        sum_e = zero
+        sum_x = zero
+        for j in range(xs.shape[0]):
+            d = _cap(xs[j], c, inv_c) - mt
+            sum_e += _exp(d) if vs[j] else zero
+            sum_x += ws[j] * d if ws[j] != zero else zero
+        return sum_e, sum_x
+
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
-    def _index_row(i, x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss):
+    def _cap_pass(xr, dst, w, valid, m, c, mode):
+        """:func:`_exp_pass` on the capped logits; modes 1 and 2 store the capped logits (not exp) in ``dst``."""
+        k = xr.shape[0]
+        mt = _to_dtype_of(m, xr)
+        inv_c = 1.0 / c
+        sum_e = 0.0
+        sum_x = 0.0
+        for start in range(0, k, _BLOCK):
+            stop = min(start + _BLOCK, k)
+            if mode == 0:
+                block_e, block_x = _block_cap_sum(xr[start:stop], w[start:stop], valid[start:stop], mt, c, inv_c)
+            elif mode == 1:
+                block_e, block_x = _block_cap_store(
+                    xr[start:stop], dst[start:stop], w[start:stop], valid[start:stop], mt, c, inv_c
+                )
+            else:
+                ds = dst[start:stop]
+                block_e, block_x = _block_cap_store(ds, ds, w[start:stop], valid[start:stop], mt, c, inv_c)
+            sum_e += block_e
+            sum_x += block_x
+        return sum_e, sum_x
+
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    def _cap_grad(dst, w, valid, mt, coef, bs, inv_ct):
+        """Pass 3 under soft-capping: ``dst`` holds the capped logits x'; writes (coef·exp(x' − m) − bs·w)·(1 − (x'/c)²)
+        on the valid classes, 0 on the others."""
+        zero = mt - mt
+        one = zero + _scalar_like(1.0, mt)
+        for j in range(dst.shape[0]):
+            v = dst[j]
+            e = _exp(v - mt)
+            t = v * inv_ct
+            g = (e * coef - bs * w[j]) * (one - t * t)
+            dst[j] = g if valid[j] else zero
+
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    def _cap_prob_grad(dst, tr, w, valid, has_w, has_mask, mt, coef, st, at, bt, inv_ct):
+        zero = mt - mt
+        one = zero + _scalar_like(1.0, mt)
+        for j in range(dst.shape[0]):
+            ok = valid[j] if has_mask else True
+            wq = (at * tr[j] + bt) * (w[j] if has_w else one)
+            v = dst[j]
+            t = v * inv_ct
+            g = (_exp(v - mt) * coef - st * wq) * (one - t * t)
+            dst[j] = g if ok else zero
+
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    def _index_row(
+        i, x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, sw, has_sw, want_grad, inplace, out, loss
+    ):
         k = x.shape[1]
         a, b, total_w, z, h_target, h_other, normalize, scale = (
             params[0],
@@ -292,10 +407,22 @@ if AVAILABLE:
                 for c in range(k):
                     dst[c] = zero
             return
-        x_y = np.float64(xr[label])
+        softcap = params[8]
+        capped = softcap != 0.0
+        if has_sw:
+            scale *= sw[i]
+        mode = (2 if inplace else 1) if want_grad else 0
+        if capped:
+            x_y_t = _cap(xr[label], softcap, 1.0 / softcap)
+            x_y = np.float64(x_y_t)
+            m = _capped_row_max(xr, valid, has_mask, softcap, 1.0 / softcap)
+            sum_e, sum_x = _cap_pass(xr, dst, w, valid, m, softcap, mode)
+        else:
+            x_y_t = xr[label]
+            x_y = np.float64(x_y_t)
+            m = _row_max(xr, valid, has_mask)
+            sum_e, sum_x = _exp_pass(xr, dst, w, valid, not has_w, m, mode)
         w_y = np.float64(w[label]) if has_w else 1.0
-        m = _row_max(xr, valid, has_mask)
-        sum_e, sum_x = _exp_pass(xr, dst, w, valid, not has_w, m, (2 if inplace else 1) if want_grad else 0)
         lse_shifted = math.log(sum_e)
         lse = m + lse_shifted
         # a term whose coefficient is 0 adds exactly 0: a target of weight 0 at x_y = −inf, a z-loss of 0
@@ -316,6 +443,12 @@ if AVAILABLE:
             return
         coef = _to_dtype_of(scale * coef / sum_e, x)
         bs = _to_dtype_of(scale * b, x)
+        if capped:
+            inv_ct = _to_dtype_of(1.0 / softcap, x)
+            _cap_grad(dst, w, valid, _to_dtype_of(m, x), coef, bs, inv_ct)
+            t_y = x_y_t * inv_ct
+            dst[label] -= _to_dtype_of(scale * a * w_y, x) * (_to_dtype_of(1.0, x) - t_y * t_y)
+            return
         if has_w:
             for c in range(k):
                 dst[c] = dst[c] * coef - bs * w[c]
@@ -329,33 +462,69 @@ if AVAILABLE:
                     dst[c] = zero
 
     @numba.njit(cache=True, parallel=True)
-    def _index_rows(x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss):
+    def _index_rows(
+        x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, sw, has_sw, want_grad, inplace, out, loss
+    ):
         for i in prange(x.shape[0]):
             _index_row(
-                i, x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss
+                i,
+                x,
+                y,
+                w,
+                valid,
+                has_w,
+                has_mask,
+                ignore_index,
+                has_ignore,
+                params,
+                sw,
+                has_sw,
+                want_grad,
+                inplace,
+                out,
+                loss,
             )
 
     # the same loop without threads, for inputs too small to pay for starting them
     @numba.njit(cache=True)
     def _index_rows_serial(
-        x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss
+        x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, sw, has_sw, want_grad, inplace, out, loss
     ):
         for i in range(x.shape[0]):
             _index_row(
-                i, x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, want_grad, inplace, out, loss
+                i,
+                x,
+                y,
+                w,
+                valid,
+                has_w,
+                has_mask,
+                ignore_index,
+                has_ignore,
+                params,
+                sw,
+                has_sw,
+                want_grad,
+                inplace,
+                out,
+                loss,
             )
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
-    def _prob_row(i, x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss):
+    def _prob_row(i, x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss):
         k = x.shape[1]
         a, b, z, normalize, scale = params[0], params[1], params[3], params[6] != 0.0, params[7]
+        softcap = params[8]
+        capped = softcap != 0.0
+        if has_sw:
+            scale *= sw[i]
         at = _to_dtype_of(a, x)
         bt = _to_dtype_of(b, x)
         zero = _to_dtype_of(0.0, x)
         xr = x[i]
         tr = t[i]
         dst = out[i]
-        m = _row_max(xr, valid, has_mask)
+        m = _capped_row_max(xr, valid, has_mask, softcap, 1.0 / softcap) if capped else _row_max(xr, valid, has_mask)
         mt = _to_dtype_of(m, x)
         # Σ w·q·(x − m), Σ w·q and Σ w·q·log q before pass 2 may overwrite x (in-place mode), over the classes
         # with w·q ≠ 0, linearly: a NaN q makes the row NaN, a negative q counts (its q·log q is NaN)
@@ -366,12 +535,17 @@ if AVAILABLE:
             ok = valid[c] if has_mask else True
             wq = (at * tr[c] + bt) * (w[c] if has_w else _to_dtype_of(1.0, x))
             if ok and wq != zero:
-                sum_qx += np.float64(wq * (xr[c] - mt))
+                xc = _cap(xr[c], softcap, 1.0 / softcap) if capped else xr[c]
+                sum_qx += np.float64(wq * (xc - mt))
                 mass += np.float64(wq)
                 if normalize:
                     q = np.float64(at * tr[c] + bt)
                     entropy += (np.float64(w[c]) if has_w else 1.0) * q * math.log(q)
-        sum_e, _ = _exp_pass(xr, dst, w, valid, not has_w, m, (2 if inplace else 1) if want_grad else 0)
+        mode = (2 if inplace else 1) if want_grad else 0
+        if capped:
+            sum_e, _ = _cap_pass(xr, dst, w, valid, m, softcap, mode)
+        else:
+            sum_e, _ = _exp_pass(xr, dst, w, valid, not has_w, m, mode)
         lse_shifted = math.log(sum_e)
         lse = m + lse_shifted
         value = mass * lse_shifted - sum_qx
@@ -384,20 +558,23 @@ if AVAILABLE:
             return
         coef = _to_dtype_of(scale * coef / sum_e, x)
         st = _to_dtype_of(scale, x)
+        if capped:
+            _cap_prob_grad(dst, tr, w, valid, has_w, has_mask, mt, coef, st, at, bt, _to_dtype_of(1.0 / softcap, x))
+            return
         for c in range(k):
             ok = valid[c] if has_mask else True
             wq = (at * tr[c] + bt) * (w[c] if has_w else _to_dtype_of(1.0, x))
             dst[c] = (dst[c] * coef - st * wq) if ok else zero
 
     @numba.njit(cache=True, parallel=True)
-    def _prob_rows(x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss):
+    def _prob_rows(x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss):
         for i in prange(x.shape[0]):
-            _prob_row(i, x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss)
+            _prob_row(i, x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss)
 
     @numba.njit(cache=True)
-    def _prob_rows_serial(x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss):
+    def _prob_rows_serial(x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss):
         for i in range(x.shape[0]):
-            _prob_row(i, x, t, w, valid, has_w, has_mask, params, want_grad, inplace, out, loss)
+            _prob_row(i, x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss)
 
 
 def _xlogx(q: float) -> float:
@@ -426,6 +603,7 @@ def forward_backward(
     out2: np.ndarray | None = None,
     *,
     scale_mean: bool = False,
+    sample_weight: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, np.ndarray | None]:
     """Loss per row, the mean's denominator and the gradient, for (N, K) logits ``x2``.
 
@@ -435,6 +613,9 @@ def forward_backward(
     The gradient is that of the per-element losses, unscaled, unless ``scale_mean`` (then it already carries
     the mean's 1/D, or 0 for D = 0, when ``opts.reduction == "mean"``). It is written into ``out2`` when
     given: an (N, K) C-contiguous array of the ``compute`` dtype, which may be ``x2`` itself (in place).
+    ``sample_weight``: float64 (N,) or None: multiplies each row's gradient (the caller multiplies the losses)
+    and enters the mean's denominator, which ``opts.denominator`` replaces when given. ``opts.softcap`` is
+    applied inside the sweep.
     """
     if not AVAILABLE:
         raise ImportError("lsx.numpy._numba needs numba: pip install 'lsx[numba]'")
@@ -457,18 +638,29 @@ def forward_backward(
         has_ignore = opts.ignore_index is not None
         ignore_index = int(opts.ignore_index) if has_ignore else 0
         active = labels != ignore_index if has_ignore else np.ones(n, bool)
-        if weight is None:
+        if weight is None and sample_weight is None:
             denominator = float(np.count_nonzero(active))
         else:
-            denominator = float(weight[np.where(active, labels, 0)][active].sum(dtype=np.float64))
+            w_y = np.ones(n) if weight is None else weight[np.where(active, labels, 0)]
+            if sample_weight is not None:
+                w_y = w_y * sample_weight
+            denominator = float(w_y[active].sum(dtype=np.float64))
     else:
         probs = np.ascontiguousarray(t2, dtype=compute)
-        denominator = float(n)
+        denominator = float(n) if sample_weight is None else float(np.sum(sample_weight, dtype=np.float64))
+    if opts.denominator is not None:
+        denominator = float(np.asarray(opts.denominator))
 
     scale = 1.0
     if scale_mean and opts.reduction == "mean":
         scale = spec.reduction_scale(opts.reduction, denominator)
-    params = np.array([a, b, total_w, opts.z_loss, _xlogx(a + b), _xlogx(b), float(opts.normalize), scale], np.float64)
+    params = np.array(
+        [a, b, total_w, opts.z_loss, _xlogx(a + b), _xlogx(b), float(opts.normalize), scale, 0.0], np.float64
+    )
+    if opts.softcap is not None:
+        params[8] = opts.softcap
+    has_sw = sample_weight is not None
+    sw = np.ascontiguousarray(sample_weight, np.float64) if has_sw else np.ones(1)
 
     inplace = False
     if want_grad:
@@ -495,6 +687,8 @@ def forward_backward(
                 ignore_index,
                 has_ignore,
                 params,
+                _read_only(sw),
+                has_sw,
                 want_grad,
                 inplace,
                 grad,
@@ -509,6 +703,8 @@ def forward_backward(
                 has_w,
                 mask is not None,
                 params,
+                _read_only(sw),
+                has_sw,
                 want_grad,
                 inplace,
                 grad,
