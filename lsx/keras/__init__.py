@@ -516,10 +516,9 @@ def _per_element(y_pred, target, opts, axis, from_logits, kind):
     if from_logits:
         x_soft = x if mask is None else ops.where(mask_t, x, -np.inf)
         row_max = _row_max(x_soft)
-        positive_inf = ops.equal(row_max, np.inf)  # a +inf logit: the row's L, loss and gradient are NaN
-        row_max = ops.where(ops.isfinite(row_max), row_max, 0)
-        sum_exp = ops.sum(ops.exp(x_soft - ops.expand_dims(row_max, -1)), axis=-1)
-        log_sum_exp = ops.log(ops.where(positive_inf, np.nan, sum_exp))
+        # a +inf logit: the row's L, loss and gradient are NaN (a NaN shift reaches every class's gradient)
+        row_max = ops.where(ops.isfinite(row_max), row_max, ops.where(ops.equal(row_max, np.inf), np.nan, 0))
+        log_sum_exp = ops.log(ops.sum(ops.exp(x_soft - ops.expand_dims(row_max, -1)), axis=-1))
     else:  # Keras's recipe for probabilities: renormalise, clip, log; then "LSE" of log-probabilities is 0
         p = x if mask is None else ops.where(mask_t, x, 0)
         p = p / ops.sum(p, axis=-1, keepdims=True)
