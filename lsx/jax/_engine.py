@@ -72,15 +72,22 @@ def _valid_logits(cfg: Config, x, mask):
 
 
 def _statistics(cfg: Config, x, mask):
-    """(row max m; x − m, −inf on masked classes; log Σ exp(x − m)), in the compute dtype.
+    """(logits in the compute dtype with −inf on masked classes; row max m; log Σ exp(x − m)).
 
     m is 0 for a row whose valid logits are all −inf; a +inf (or NaN) maximum is kept, so that such a row's
     statistics, loss and gradient are NaN (as the reference and ``F.cross_entropy``)."""
     xc = _valid_logits(cfg, x, mask)
     row_max = jnp.max(xc, axis=-1)
     row_max = jnp.where(row_max == -jnp.inf, 0, row_max)
-    shifted = xc - row_max[..., None]
-    return row_max, shifted, jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+    return xc, row_max, jnp.log(jnp.sum(jnp.exp(xc - row_max[..., None]), axis=-1))
+
+
+def _weighted_shifted_sum(terms, xc, row_max, total):
+    """Σ_c v_c (x_c − m) over the classes where ``terms`` holds v_c (0 elsewhere; Σ_c v_c = ``total``).
+
+    Taken as Σ_c v_c x_c − total·m: a reduction of the logits alone, which XLA fuses into its own pass,
+    where a per-row shift inside it materialises a logits-sized broadcast."""
+    return jnp.sum(terms(xc), axis=-1) - total * row_max
 
 
 def _fits(value: int, dtype) -> bool:
@@ -136,7 +143,7 @@ def _forward(cfg: Config, x, target, weight, mask):
     num_classes = x.shape[-1]
     w = _effective_weight(weight, mask)
     k = cfg.row_coefficients(mask, w)
-    row_max, shifted, log_sum_exp = _statistics(cfg, x, mask)
+    xc, row_max, log_sum_exp = _statistics(cfg, x, mask)
     if cfg.kind == "index":
         active, label, bad = _labels(cfg, target, num_classes, mask)
         x_y = jnp.take_along_axis(x, label[..., None], axis=-1)[..., 0].astype(cfg.compute) - row_max
@@ -144,10 +151,10 @@ def _forward(cfg: Config, x, target, weight, mask):
         weighted_sum = 0.0
         if not (isinstance(k.b, float) and k.b == 0):  # only read when b ≠ 0
             if w is None:
-                terms = shifted if mask is None else jnp.where(mask, shifted, 0)
+                terms = (lambda d: d) if mask is None else (lambda d: jnp.where(mask, d, 0))
             else:
-                terms = jnp.where(w != 0, w * shifted, 0)
-            weighted_sum = jnp.sum(terms, axis=-1)
+                terms = lambda d: jnp.where(w != 0, w * d, 0)
+            weighted_sum = _weighted_shifted_sum(terms, xc, row_max, k.total_weight)
         loss, _ = spec.label_row(
             k, log_sum_exp=log_sum_exp, row_max=row_max, w_y=w_y, x_y=x_y, weighted_sum=weighted_sum, **_OPS
         )
@@ -158,12 +165,13 @@ def _forward(cfg: Config, x, target, weight, mask):
         if cfg.normalize:
             entropy_terms = spec.xlogx(q, **_OPS) if w is None else w * spec.xlogx(q, **_OPS)
             weighted_xlogx = jnp.sum(jnp.where(contributes, entropy_terms, 0), axis=-1)
+        target_mass = jnp.sum(wq, axis=-1)
         loss, _ = spec.probability_row(
             k,
             log_sum_exp=log_sum_exp,
             row_max=row_max,
-            target_mass=jnp.sum(wq, axis=-1),
-            weighted_sum=jnp.sum(jnp.where(contributes, wq * shifted, 0), axis=-1),
+            target_mass=target_mass,
+            weighted_sum=_weighted_shifted_sum(lambda v: jnp.where(contributes, wq * v, 0), xc, row_max, target_mass),
             weighted_xlogx=weighted_xlogx,
         )
         if mask is not None:
