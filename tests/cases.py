@@ -42,6 +42,10 @@ class Case:
         options = dict(self.options)
         if options.get("weight") == "random":
             options["weight"] = rng.uniform(0.2, 2.0, size=k)
+        if options.get("sample_weight") == "random":  # per-element weights, some exactly 0
+            sw = rng.uniform(0.0, 3.0, size=self.shape[:axis] + self.shape[axis + 1 :])
+            sw.reshape(-1)[::3] = 0.0
+            options["sample_weight"] = sw
         valid = np.ones(k, bool)
         if self.masked:
             valid[-2:] = False
@@ -154,6 +158,32 @@ def _cases() -> list[Case]:
         # a +inf logit makes its element's loss and gradient NaN
         Case("pos-inf", (4, 5), -1, "index", {"label_smoothing": 0.1, "reduction": "none"}, pos_inf=True),
         Case("pos-inf-eps0", (4, 5), -1, "index", {"reduction": "none"}, pos_inf=True),
+        # soft-capping (Gemma 2: c = 30), per-element weights, a caller's denominator, alone and composed
+        Case("softcap", (6, 5), -1, "index", {"label_smoothing": 0.1, "softcap": 3.0}, logit_scale=8.0),
+        Case("softcap-huge-neg-inf-mask", (6, 7), -1, "index", {"label_smoothing": 0.1, "softcap": 30.0},
+             logit_scale=1e3, masked=True, neg_inf=True),
+        Case("softcap-neg-inf", (6, 5), -1, "index", {"softcap": 5.0, "z_loss": 0.01}, neg_inf=True),
+        Case("softcap-probs-normalize", (6, 5), -1, "probs",
+             {"label_smoothing": 0.1, "softcap": 2.0, "normalize": True, "weight": "random"}),
+        Case("sample-weight", (8, 5), -1, "index", {"label_smoothing": 0.1, "sample_weight": "random"},
+             ignored_fraction=0.25),
+        Case("sample-weight-class-weight-others", (8, 5), -1, "index",
+             {"label_smoothing": 0.2, "spread": "others", "weight": "random", "sample_weight": "random",
+              "z_loss": 0.01}, ignored_fraction=0.25),
+        Case("sample-weight-none-axis1", (3, 5, 4), 1, "index",
+             {"label_smoothing": 0.1, "sample_weight": "random", "reduction": "none"}),
+        Case("sample-weight-probs", (6, 5), -1, "probs", {"label_smoothing": 0.1, "sample_weight": "random"}),
+        Case("sample-weight-sum-mask", (6, 7), -1, "index",
+             {"label_smoothing": 0.1, "sample_weight": "random", "reduction": "sum"}, masked=True),
+        Case("denominator", (8, 5), -1, "index", {"label_smoothing": 0.1, "denominator": 37.0}, ignored_fraction=0.25),
+        Case("denominator-zero", (4, 5), -1, "index", {"label_smoothing": 0.1, "denominator": 0.0}),
+        Case("denominator-zero-empty-zero", (4, 5), -1, "index",
+             {"denominator": 0.0, "empty_mean": "zero"}),
+        Case("denominator-sample-weight-probs", (6, 5), -1, "probs",
+             {"label_smoothing": 0.1, "sample_weight": "random", "denominator": 11.0, "normalize": True}),
+        Case("all-spec2-t5x", (6, 7), -1, "index",
+             {"convention": "t5x", "label_smoothing": 0.1, "reduction": "mean", "softcap": 30.0,
+              "sample_weight": "random", "denominator": 9.0, "weight": "random"}, masked=True, logit_scale=20.0),
         # read-only inputs
         Case("readonly", (6, 7), -1, "index", {"label_smoothing": 0.1, "weight": "random"}, masked=True,
              readonly=True, ignored_fraction=0.2),
