@@ -278,22 +278,70 @@ if AVAILABLE:
             return lambda value, like: np.float32(value)
         return lambda value, like: np.float64(value)
 
-    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
-    def _cap(v, c, inv_c):
-        """c·tanh(v/c) in ``v``'s dtype, computed in float64 from the vectorisable :func:`_exp`: tanh|u| =
-        (1 − e^{−2|u|}) / (1 + e^{−2|u|}), and its odd Taylor polynomial below |u| = 0.01 (no cancellation);
-        ±inf give ±c and NaN stays NaN."""
-        u = np.float64(v) * inv_c
-        au = abs(u)
-        e = _exp(-2.0 * au)
-        large = (1.0 - e) / (1.0 + e)
-        u2 = au * au
-        small = au * (1.0 - u2 * (1.0 / 3.0 - u2 * (2.0 / 15.0 - u2 * (17.0 / 315.0))))
-        t = small if au < 0.01 else large
-        t = t if u >= 0.0 else -t
-        return _scalar_like(c * t, v)
+    @intrinsic
+    def _select(typingctx, cond, left, right):
+        """LLVM ``select``: ``left`` where ``cond`` else ``right`` (one instruction, no control flow)."""
+        if cond != types.boolean or left != right or left not in (types.float32, types.float64):
+            return None
 
-    @numba.njit(fastmath=_MAX_FLAGS, cache=True)
+        def codegen(context, builder, signature, args):
+            return builder.select(args[0], args[1], args[2])
+
+        return left(cond, left, right), codegen
+
+    def _cap(v, c, inv_c):  # pragma: no cover - replaced by the overload below inside Numba
+        return c * math.tanh(v * inv_c)
+
+    @overload(_cap, inline="always")
+    def _cap_impl(v, c, inv_c):
+        """c·tanh(v/c) in ``v``'s dtype from the vectorisable :func:`_exp`: tanh|u| = (1 − e^{−2|u|}) /
+        (1 + e^{−2|u|}) above a threshold, and tanh's odd Taylor polynomial below it (no cancellation there):
+        float32 in float32 (|u| < 0.5, through u^15: truncation under 1e-8), float64 in float64 (|u| < 0.01,
+        through u^7: under 1e-15). ±inf give ±c and NaN stays NaN. Callers use ``error_model="numpy"`` (a
+        Python-style zero-division check would keep the loops from vectorising)."""
+        if v == types.float32:
+
+            def cap32(v, c, inv_c):
+                u = v * np.float32(inv_c)
+                au = abs(u)
+                e = _exp(np.float32(-2.0) * au)
+                large = (np.float32(1.0) - e) / (np.float32(1.0) + e)
+                u2 = au * au
+                p = np.float32(-929569.0 / 638512875.0)
+                p = p * u2 + np.float32(21844.0 / 6081075.0)
+                p = p * u2 + np.float32(-1382.0 / 155925.0)
+                p = p * u2 + np.float32(62.0 / 2835.0)
+                p = p * u2 + np.float32(-17.0 / 315.0)
+                p = p * u2 + np.float32(2.0 / 15.0)
+                p = p * u2 + np.float32(-1.0 / 3.0)
+                small = au + au * (u2 * p)
+                t = _select(au < np.float32(0.5), small, large)
+                t = _select(u >= np.float32(0.0), t, -t)
+                return np.float32(c) * t
+
+            return cap32
+        if v == types.float64:
+
+            def cap64(v, c, inv_c):
+                u = v * inv_c
+                au = abs(u)
+                e = _exp(-2.0 * au)
+                large = (1.0 - e) / (1.0 + e)
+                u2 = au * au
+                small = au * (1.0 - u2 * (1.0 / 3.0 - u2 * (2.0 / 15.0 - u2 * (17.0 / 315.0))))
+                t = _select(au < 0.01, small, large)
+                t = _select(u >= 0.0, t, -t)
+                return c * t
+
+            return cap64
+        return None
+
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True, error_model="numpy")
+    def _cap_scalar(v, c):
+        """:func:`_cap` for one value (the label's logit, the probability rows' first sweep)."""
+        return _cap(v, c, 1.0 / c)
+
+    @numba.njit(fastmath=_MAX_FLAGS, cache=True, error_model="numpy")
     def _capped_row_max(xr, valid, has_mask, c, inv_c):
         """The maximum of the capped logits over the valid classes: c·tanh is increasing, so the cap of the raw
         maximum (±inf give ±c: always finite; a NaN logit is skipped here and makes its row NaN later)."""
@@ -306,11 +354,11 @@ if AVAILABLE:
         else:
             for j in range(k):
                 m = _maxnum(m, xr[j])
-        return np.float64(_cap(m, c, inv_c))
+        return np.float64(_cap_scalar(m, c))
 
     # Soft-capped blocks: each logit is capped as it is read; the stored copy is the capped logit (pass 3 reads
     # it back, recomputes exp(x' − m) and applies the chain factor 1 − (x'/c)², in place too)
-    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
+    @numba.njit(fastmath=_LOOP_FLAGS, inline="always", error_model="numpy")
     def _block_cap_store(xs, ds, ws, vs, mt, c, inv_c):
         zero = mt - mt
         sum_e = zero
@@ -323,7 +371,7 @@ if AVAILABLE:
             ds[j] = v
         return sum_e, sum_x
 
-    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
+    @numba.njit(fastmath=_LOOP_FLAGS, inline="always", error_model="numpy")
     def _block_cap_sum(xs, ws, vs, mt, c, inv_c):
         zero = mt - mt
         sum_e = zero
@@ -334,7 +382,7 @@ if AVAILABLE:
             sum_x += ws[j] * d if ws[j] != zero else zero
         return sum_e, sum_x
 
-    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True, error_model="numpy")
     def _cap_pass(xr, dst, w, valid, m, c, mode):
         """:func:`_exp_pass` on the capped logits; modes 1 and 2 store the capped logits (not exp) in ``dst``."""
         k = xr.shape[0]
@@ -357,7 +405,7 @@ if AVAILABLE:
             sum_x += block_x
         return sum_e, sum_x
 
-    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True, error_model="numpy")
     def _cap_grad(dst, w, valid, mt, coef, bs, inv_ct):
         """Pass 3 under soft-capping: ``dst`` holds the capped logits x'; writes (coef·exp(x' − m) − bs·w)·(1 − (x'/c)²)
         on the valid classes, 0 on the others."""
@@ -370,7 +418,7 @@ if AVAILABLE:
             g = (e * coef - bs * w[j]) * (one - t * t)
             dst[j] = g if valid[j] else zero
 
-    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True, error_model="numpy")
     def _cap_prob_grad(dst, tr, w, valid, has_w, has_mask, mt, coef, st, at, bt, inv_ct):
         zero = mt - mt
         one = zero + _scalar_like(1.0, mt)
@@ -413,7 +461,7 @@ if AVAILABLE:
             scale *= sw[i]
         mode = (2 if inplace else 1) if want_grad else 0
         if capped:
-            x_y_t = _cap(xr[label], softcap, 1.0 / softcap)
+            x_y_t = _cap_scalar(xr[label], softcap)
             x_y = np.float64(x_y_t)
             m = _capped_row_max(xr, valid, has_mask, softcap, 1.0 / softcap)
             sum_e, sum_x = _cap_pass(xr, dst, w, valid, m, softcap, mode)
@@ -535,7 +583,7 @@ if AVAILABLE:
             ok = valid[c] if has_mask else True
             wq = (at * tr[c] + bt) * (w[c] if has_w else _to_dtype_of(1.0, x))
             if ok and wq != zero:
-                xc = _cap(xr[c], softcap, 1.0 / softcap) if capped else xr[c]
+                xc = _cap_scalar(xr[c], softcap) if capped else xr[c]
                 sum_qx += np.float64(wq * (xc - mt))
                 mass += np.float64(wq)
                 if normalize:
