@@ -204,6 +204,50 @@ def test_parity_builtins_express_the_denominator_only():
                 np.testing.assert_allclose(grad, data.grad, rtol=0, atol=tol)
 
 
+class _Older(_parity.NumpyRunner):
+    """A backend whose ``loss`` predates softcap, sample_weight and denominator."""
+
+    name = "older"
+
+    def setup(self):
+        version = super().setup()  # runs lsx.numpy.loss_and_grad; ``fn`` is the signature parity reads
+
+        def loss(
+            logits,
+            target,
+            *,
+            axis=-1,
+            label_smoothing=0.0,
+            spread="all",
+            weight=None,
+            ignore_index=-100,
+            z_loss=0.0,
+            normalize=False,
+            class_mask=None,
+            reduction="mean",
+            empty_mean="nan",
+            convention=None,
+        ):
+            raise AssertionError("not called")
+
+        self.fn = loss
+        return version
+
+
+def test_parity_leaves_out_cases_a_backend_cannot_take(capsys, monkeypatch):
+    """A backend whose loss lacks an option is not run on its cases, and the report names the options."""
+    monkeypatch.setitem(_parity.BACKENDS, "older", _Older)
+    code, report = run_json(capsys, ["parity", "--backends", "older", "--json", "--quick"])
+    assert code == 0 and report["ok"] is True
+    ran = {c["case"] for c in report["checks"]}
+    assert ran and not ran & {"softcap", "softcap-mask", "sample-weight", "denominator", "denominator-0"}
+    assert {"ce", "t5x", "3d-axis1"} <= ran
+    message = report["backends"]["older"]["message"]
+    assert message == "not run: cases with denominator, sample_weight, softcap (this backend does not take them yet)"
+    assert main(["parity", "--backends", "older", "--quick"]) == 0
+    assert "older: not run: cases with denominator, sample_weight, softcap" in capsys.readouterr().out
+
+
 class _Missing(_parity.Runner):
     name, extra = "missing", "missing"
 
