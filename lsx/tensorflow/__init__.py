@@ -140,8 +140,13 @@ loss.__doc__ = (
 
 TensorFlow notes: works eagerly, inside ``tf.function`` and with ``jit_compile=True``; the gradient is a
 ``tf.custom_gradient`` in closed form. Labels outside [0, K) raise ``ValueError`` when their values are
-known; inside a traced function they make that element's loss and gradient NaN. ``class_mask`` must be a
-concrete array (it decides the number of classes K used by the smoothing).
+known; inside a traced function they make that element's loss and gradient NaN (labels of every integer
+dtype are compared in int64; a uint64 label above 2**63 − 1 is out of range, never ignored). Probability mass
+on a class that ``class_mask`` removes raises when the target is known and is NaN for that element when it is
+traced. ``class_mask`` must be a concrete array (it decides the number of classes K used by the smoothing).
+A ``weight`` given as a tensor or ``tf.Variable`` gets its gradient (``tape.gradient(loss, weight)``), eagerly
+and traced; a traced weight with a negative or non-finite entry makes the loss NaN. The class axis needs a
+static length.
 """
 )
 
