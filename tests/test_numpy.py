@@ -330,3 +330,209 @@ def test_unsupported_logits_dtype_says_what_is_supported(dtype):
     x = np.zeros((2, 3)).astype(dtype)
     with pytest.raises(TypeError, match=r"logits must be float16, bfloat16 \(ml_dtypes\), float32 or float64, got"):
         lsx.numpy.loss(x, np.array([0, 1]))
+
+
+# --------------------------------------------------------------------------------------------------------
+# softcap, sample_weight, denominator
+def _log_softmax(x):
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_softcap_against_the_formula(engine, dtype, in_place):
+    rng = np.random.default_rng(0)
+    n, k, c = 7, 300, 3.0
+    x64 = rng.standard_normal((n, k)) * 6
+    y = rng.integers(0, k, n)
+    tanh = np.tanh(x64 / c)
+    capped = c * tanh
+    logp = _log_softmax(capped)
+    expected_loss = -logp[np.arange(n), y].mean()
+    onehot = np.eye(k)[y]
+    expected_grad = (np.exp(logp) - onehot) * (1 - tanh**2) / n
+    x = x64.astype(dtype)
+    value, grad = lsx.numpy.loss_and_grad(x, y, softcap=c, out=x if in_place else None)
+    assert_close(value, expected_loss, dtype, "loss")
+    assert_close(grad, expected_grad, dtype, "gradient")
+    if in_place:
+        assert grad is x
+    assert_close(lsx.numpy.loss(x64.astype(dtype), y, softcap=c), expected_loss, dtype, "loss alone")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_softcap_with_huge_and_infinite_logits_and_a_class_mask(engine, dtype, kind):
+    rng = np.random.default_rng(1)
+    n, k = 6, 9
+    x = rng.standard_normal((n, k)) * 3
+    x[0, 2] = 1e30
+    x[1, 3] = -1e30
+    x[2, 4] = np.inf  # capped to c: finite, unlike without softcap
+    x[3, :] = -np.inf  # a whole row at −inf becomes −c everywhere
+    x[4, 6] = np.nan  # a NaN on a masked class stays out
+    mask = np.ones(k, bool)
+    mask[[6, 8]] = False
+    if kind == "index":
+        target = np.array([0, 1, 2, 3, 4, 5])
+    else:
+        target = np.where(mask, _probabilities(rng, n, k), 0)
+        target /= target.sum(axis=1, keepdims=True)
+    options = {"label_smoothing": 0.1, "softcap": 30.0, "class_mask": mask, "z_loss": 1e-3}
+    value, grad = _check(x.astype(dtype), target, dtype, **options)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    assert np.all(grad[:, ~mask] == 0)
+    assert grad[2, 4] == 0 and grad[0, 2] == 0  # 1 − tanh² = 0 up there
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sample_weight_against_the_formula(engine, dtype):
+    rng = np.random.default_rng(2)
+    n, k = 9, 6
+    x64 = rng.standard_normal((n, k))
+    y = rng.integers(0, k, n)
+    y[3] = -100
+    w = rng.uniform(0.5, 2, k)
+    sw = rng.uniform(0, 3, n)
+    sw[1] = 0.0
+    logp = _log_softmax(x64)
+    active = y != -100
+    yy = np.where(active, y, 0)
+    per = np.where(active, -w[yy] * logp[np.arange(n), yy], 0)
+    d = np.sum(np.where(active, sw * w[yy], 0))
+    rows = np.where(active, sw * w[yy], 0)[:, None] * (np.exp(logp) - np.eye(k)[yy]) / d
+    value, grad = lsx.numpy.loss_and_grad(x64.astype(dtype), y, weight=w, sample_weight=sw)
+    assert_close(value, np.sum(sw * per) / d, dtype, "loss")
+    assert_close(grad, rows, dtype, "gradient")
+    none = lsx.numpy.loss(x64.astype(dtype), y, weight=w, sample_weight=sw, reduction="none")
+    assert_close(none, sw * per, dtype, "per-element loss")
+    value, grad = lsx.numpy.loss_and_grad(x64.astype(dtype), y, weight=w, sample_weight=sw, denominator=4.0)
+    assert_close(value, np.sum(sw * per) / 4.0, dtype, "loss over the caller's denominator")
+    assert_close(grad, rows * d / 4.0, dtype, "gradient over the caller's denominator")
+
+
+SPEC2_OPTIONS = [
+    {"softcap": 2.0},
+    {"softcap": 5.0, "label_smoothing": 0.2, "spread": "others", "weight": "random", "z_loss": 1e-2},
+    {"softcap": 3.0, "label_smoothing": 0.1, "class_mask": "random", "normalize": True},
+    {"sample_weight": "random", "label_smoothing": 0.1, "weight": "random", "ignore_index": 1},
+    {"sample_weight": "random", "label_smoothing": 0.3, "spread": "others", "normalize": True, "reduction": "sum"},
+    {"sample_weight": "random", "softcap": 4.0, "class_mask": "random", "reduction": "none", "z_loss": 1e-3},
+    {"denominator": 13.0, "label_smoothing": 0.1, "weight": "random"},
+    {"denominator": 7.0, "sample_weight": "random", "softcap": 1.5, "class_mask": "random", "normalize": True},
+    {"denominator": 0.0, "label_smoothing": 0.1},
+    {"denominator": 0.0, "empty_mean": "zero", "sample_weight": "random"},
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("options", SPEC2_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_new_options_composed_against_the_reference(engine, dtype, kind, options):
+    rng = np.random.default_rng(3)
+    shape, axis = (3, 5, 4), 1  # class axis in the middle: sample_weight is shaped (3, 4)
+    k = shape[axis]
+    options = dict(options)
+    mask = None
+    if options.get("class_mask") == "random":
+        mask = np.array([True, False, True, True, False])
+        options["class_mask"] = mask
+    if options.get("weight") == "random":
+        options["weight"] = rng.uniform(0.2, 2, k)
+    if options.get("sample_weight") == "random":
+        sw = rng.uniform(0, 2, (3, 4))
+        sw[0, 1] = 0.0
+        sw.flags.writeable = False
+        options["sample_weight"] = sw
+    x = rng.standard_normal(shape) * 4
+    if kind == "index":
+        labels = np.array([0, 2, 3])[rng.integers(0, 3, (3, 4))]
+        if options.get("ignore_index") == 1:
+            labels[0, 0] = 1
+        target = labels
+    else:
+        if options.get("ignore_index") is not None:
+            pytest.skip("ignore_index is for labels")
+        p = rng.dirichlet(np.ones(k), size=(3, 4))
+        if mask is not None:
+            p = np.where(mask, p, 0)
+            p /= p.sum(-1, keepdims=True)
+        target = np.moveaxis(p, -1, axis)
+    value, grad = _check(x.astype(dtype), target, dtype, axis=axis, **options)
+    if options.get("denominator") == 0.0:
+        assert np.all(grad == 0)
+        assert np.isnan(value) if options.get("empty_mean", "nan") == "nan" else value == 0
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_softcap_gradient_is_the_derivative(engine, kind):
+    rng = np.random.default_rng(4)
+    n, k = 3, 5
+    x = rng.standard_normal((n, k)) * 4
+    target = rng.integers(0, k, n) if kind == "index" else _probabilities(rng, n, k)
+    options = {"softcap": 2.5, "label_smoothing": 0.2, "z_loss": 1e-2, "sample_weight": rng.uniform(0.5, 2, n)}
+    _, grad = lsx.numpy.loss_and_grad(x, target, **options)
+    step = 1e-6
+    numeric = np.zeros_like(x)
+    for i in range(n):
+        for c in range(k):
+            up, down = x.copy(), x.copy()
+            up[i, c] += step
+            down[i, c] -= step
+            numeric[i, c] = (lsx.numpy.loss(up, target, **options) - lsx.numpy.loss(down, target, **options)) / (
+                2 * step
+            )
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("softcap", [None, 10.0])
+def test_gradient_accumulation_with_the_global_denominator(engine, softcap):
+    rng = np.random.default_rng(5)
+    n, k, parts = 24, 11, 4
+    x = rng.standard_normal((n, k)) * 3
+    y = rng.integers(0, k, n)
+    y[[2, 9, 17]] = -100
+    w = rng.uniform(0.5, 2, k)
+    options = {"label_smoothing": 0.1, "weight": w, "softcap": softcap}
+    value, grad = lsx.numpy.loss_and_grad(x, y, **options)
+    total = float(np.sum(np.where(y != -100, w[np.where(y != -100, y, 0)], 0)))
+    accumulated_value = 0.0
+    accumulated = np.zeros_like(x)
+    for rows in np.array_split(np.arange(n), parts):
+        v, g = lsx.numpy.loss_and_grad(x[rows], y[rows], denominator=total, **options)
+        accumulated_value += float(v)
+        accumulated[rows] += g
+    np.testing.assert_allclose(accumulated_value, value, rtol=1e-13)
+    np.testing.assert_allclose(accumulated, grad, rtol=1e-13, atol=1e-17)
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"softcap": -1.0}, "softcap"),
+        ({"softcap": 0.0}, "softcap"),
+        ({"softcap": float("inf")}, "softcap"),
+        ({"sample_weight": np.array([1.0, -1.0, 1.0])}, "sample_weight"),
+        ({"sample_weight": np.array([1.0, np.nan, 1.0])}, "sample_weight"),
+        ({"sample_weight": np.ones(4)}, "sample_weight"),
+        ({"denominator": -2.0}, "denominator"),
+        ({"denominator": float("nan")}, "denominator"),
+        ({"denominator": 3.0, "reduction": "sum"}, "denominator"),
+        ({"denominator": np.ones(2)}, "denominator"),
+    ],
+)
+def test_bad_new_option_values_name_the_option(engine, options, name):
+    x = np.zeros((3, 4))
+    y = np.array([0, 1, 2])
+    with pytest.raises(ValueError, match=name):
+        lsx.numpy.loss_and_grad(x, y, **options)
+    with pytest.raises(ValueError, match=name):
+        lsx.numpy.loss(x, y, **options)
+
+
+def test_new_options_are_keyword_only():
+    with pytest.raises(TypeError):
+        lsx.numpy.loss(
+            np.zeros((2, 3)), np.array([0, 1]), -1, 0.0, "all", None, -100, 0.0, False, None, "mean", "nan", 3.0
+        )

@@ -371,21 +371,14 @@ if AVAILABLE:
             ds[j] = v
         return sum_e, sum_x
 
-    @numba.njit(fastmath=_LOOP_FLAGS, inline="always", error_model="numpy")
-    def _block_cap_sum(xs, ws, vs, mt, c, inv_c):
-        zero = mt - mt
-        sum_e = zero
-        sum_x = zero
-        for j in range(xs.shape[0]):
-            d = _cap(xs[j], c, inv_c) - mt
-            sum_e += _exp(d) if vs[j] else zero
-            sum_x += ws[j] * d if ws[j] != zero else zero
-        return sum_e, sum_x
-
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True, error_model="numpy")
     def _cap_pass(xr, dst, w, valid, m, c, mode):
-        """:func:`_exp_pass` on the capped logits; modes 1 and 2 store the capped logits (not exp) in ``dst``."""
+        """:func:`_exp_pass` on the capped logits; modes 1 and 2 store the capped logits (not exp) in ``dst``.
+
+        Mode 0 stores them in a one-block scratch buffer: the same arithmetic as the other modes (a sum-only loop
+        would let LLVM fuse c·tanh − m into one rounding), so ``loss`` and ``loss_and_grad`` agree exactly."""
         k = xr.shape[0]
+        scratch = np.empty(min(k, _BLOCK) if mode == 0 else 0, xr.dtype)
         mt = _to_dtype_of(m, xr)
         inv_c = 1.0 / c
         sum_e = 0.0
@@ -393,7 +386,9 @@ if AVAILABLE:
         for start in range(0, k, _BLOCK):
             stop = min(start + _BLOCK, k)
             if mode == 0:
-                block_e, block_x = _block_cap_sum(xr[start:stop], w[start:stop], valid[start:stop], mt, c, inv_c)
+                block_e, block_x = _block_cap_store(
+                    xr[start:stop], scratch[: stop - start], w[start:stop], valid[start:stop], mt, c, inv_c
+                )
             elif mode == 1:
                 block_e, block_x = _block_cap_store(
                     xr[start:stop], dst[start:stop], w[start:stop], valid[start:stop], mt, c, inv_c
