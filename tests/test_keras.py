@@ -374,6 +374,18 @@ BAD_LABEL_SCRIPT = textwrap.dedent(
         return False
 
     assert raises(lambda: ours(y, x))  # eager call: known values
+    good = np.where(y < 0, 1, y)
+    reference = float(ours(good, x))
+    for dtype in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
+        assert abs(float(ours(good.astype(dtype), x)) - reference) < 1e-6, dtype
+    for dtype, value in (("int64", 2**32 + 1), ("uint32", 2**32 - 1), ("uint64", 2**64 - 1)):
+        wrapped = good.astype(dtype)
+        wrapped[5] = value
+        try:
+            ours(wrapped, x)
+            raise AssertionError(f"{dtype} label {value} accepted")
+        except ValueError as error:
+            assert f"label {value}" in str(error), error
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4)])
     if backend != "jax":  # (Keras 3.15 cannot build a model with run_eagerly=True on JAX)
