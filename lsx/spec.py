@@ -833,7 +833,7 @@ def probability_row(
         lse = row_max + log_sum_exp
         loss = loss + k.z * lse * lse
         coef = coef + (2 * k.z) * lse
-    if k.normalize:
+    if k.normalize and weighted_xlogx is not None:  # callers after the coefficient alone may omit it
         loss = loss + weighted_xlogx
     return loss, coef
 
