@@ -149,6 +149,8 @@ def cross_entropy(
         t2 = target.reshape(-1) if kind == "index" else target.movedim(layout.axis, -1).reshape(-1, k)
     route = "op" if traced else _route(x2, t2, weight, class_mask)
     if route == "function":
+        value = _EagerFused.apply(x2, t2, weight, class_mask, opts)
+    elif route == "transform":
         value, _ = _Fused.apply(x2, t2, weight, class_mask, opts)
     elif route == "direct":  # nothing to differentiate: no autograd bookkeeping
         value, _ = _fused_impl(x2, t2, weight, class_mask, opts)
@@ -198,10 +200,11 @@ def _target_kind(dtype: torch.dtype) -> str:
 
 
 def _route(x2: torch.Tensor, *others: torch.Tensor | None) -> str:
-    """How an eager call runs: ``"direct"`` (nothing to differentiate), ``"function"`` (:class:`_Fused`:
-    plain tensors with autograd, forward-mode AD, ``torch.func`` transforms) or ``"op"`` (the custom op:
-    under ``torch.compile``, fake tensors, tensor subclasses and dispatch/function modes, which know how to
-    handle it). The custom op's dispatch costs about half of a small call, hence the first two."""
+    """How an eager call runs: ``"direct"`` (nothing to differentiate), ``"function"`` (:class:`_EagerFused`:
+    plain tensors with autograd or forward-mode AD), ``"transform"`` (:class:`_Fused`, under ``torch.func``
+    transforms) or ``"op"`` (the custom op: under ``torch.compile``, fake tensors, tensor subclasses and
+    dispatch/function modes, which know how to handle it). The custom op's dispatch costs about half of a
+    small call, and ``_Fused.apply`` binds its arguments with ``inspect.signature``, hence the others."""
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
         return "op"
     if torch._C._len_torch_dispatch_stack():
@@ -215,7 +218,9 @@ def _route(x2: torch.Tensor, *others: torch.Tensor | None) -> str:
             transformed = True
         elif type(tensor) is not torch.Tensor:
             return "op"
-    if transformed or forward_ad._current_level >= 0 or (x2.requires_grad and torch.is_grad_enabled()):
+    if transformed or torch._C._are_functorch_transforms_active():
+        return "transform"
+    if forward_ad._current_level >= 0 or (x2.requires_grad and torch.is_grad_enabled()):
         return "function"
     return "direct"
 
@@ -377,6 +382,28 @@ class _Fused(torch.autograd.Function):
             values.append(value)
             grads.append(grad)
         return (torch.stack(values), torch.stack(grads)), (0, 0)
+
+
+class _EagerFused(torch.autograd.Function):
+    """:class:`_Fused` for plain tensors: the same body, backward and tangent, at a lower per-call cost."""
+
+    @staticmethod
+    def forward(ctx, x2, t2, weight, class_mask, opts):
+        value, grad = _fused_impl(x2, t2, weight, class_mask, opts)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad)
+        if forward_ad._current_level >= 0:
+            ctx.save_for_forward(grad)
+        ctx.per_element = opts.reduction == "none"
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        return _input_grad(ctx, grad_value), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, *_):
+        return _Fused.jvp(ctx, x_tangent)[0]
 
 
 def _input_grad(ctx, grad_value: torch.Tensor | None) -> torch.Tensor | None:
