@@ -20,8 +20,9 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from lsx import spec
 from lsx.spec import default
 from lsx.torch import _function as _torch_function
+from lsx.torch._linear import LinearCrossEntropyLoss, linear_loss
 
-__all__ = ["CrossEntropyLoss", "loss"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "linear_loss", "loss"]
 
 
 def loss(
