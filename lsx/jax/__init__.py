@@ -18,9 +18,10 @@ import numpy as np
 
 from lsx import spec
 from lsx.jax import _engine as _jax_engine
+from lsx.jax._linear import linear_loss
 from lsx.spec import default
 
-__all__ = ["loss"]
+__all__ = ["linear_loss", "loss"]
 
 _STATIC_OPTIONS = ("label_smoothing", "spread", "ignore_index", "z_loss", "normalize", "reduction", "empty_mean")
 
