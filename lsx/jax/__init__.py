@@ -18,12 +18,22 @@ import numpy as np
 
 from lsx import spec
 from lsx.jax import _engine as _jax_engine
+from lsx.jax import _parallel
 from lsx.jax._linear import linear_loss
 from lsx.spec import default
 
 __all__ = ["linear_loss", "loss"]
 
-_STATIC_OPTIONS = ("label_smoothing", "spread", "ignore_index", "z_loss", "normalize", "reduction", "empty_mean")
+_STATIC_OPTIONS = (
+    "label_smoothing",
+    "spread",
+    "ignore_index",
+    "z_loss",
+    "normalize",
+    "reduction",
+    "empty_mean",
+    "softcap",
+)
 
 
 def loss(
@@ -40,7 +50,11 @@ def loss(
     class_mask: Any = None,
     reduction: spec.Reduction = default("mean"),
     empty_mean: spec.EmptyMean = default("nan"),
+    softcap: float | None = default(None),
+    sample_weight: Any = None,
+    denominator: Any = None,
     convention: str | None = None,
+    axis_name: Any = None,
 ) -> jax.Array:
     given = dict(
         label_smoothing=label_smoothing,
@@ -50,6 +64,7 @@ def loss(
         normalize=normalize,
         reduction=reduction,
         empty_mean=empty_mean,
+        softcap=softcap,
     )
     for name in _STATIC_OPTIONS:
         if _traced(given[name]):
@@ -57,7 +72,9 @@ def loss(
                 f"{name} is a static option but was traced; use jax.jit(functools.partial(loss, {name}=...)) "
                 f"or jax.jit(..., static_argnames=({name!r},))"
             )
-    opts = spec.resolve_options(convention, weight=weight, class_mask=class_mask, **given)
+    opts = spec.resolve_options(
+        convention, weight=weight, class_mask=class_mask, sample_weight=sample_weight, denominator=denominator, **given
+    )
 
     x = jnp.asarray(logits)
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -75,8 +92,19 @@ def loss(
         axis=axis,
         weight_shape=None if opts.weight is None else np.shape(opts.weight),
         class_mask_shape=None if opts.class_mask is None else np.shape(opts.class_mask),
+        sample_weight_shape=None if opts.sample_weight is None else np.shape(opts.sample_weight),
     )
     k = layout.num_classes
+    if axis_name is not None:  # the class axis split over a shard_map mesh axis
+        return _parallel.sharded_loss(x, target, raw_target, kind, layout, opts, axis_name)
+    # concrete per-element weights and denominators are checked with the caller's values; traced ones are
+    # trusted (a negative or non-finite one gives NaN)
+    if opts.sample_weight is not None and not _traced(opts.sample_weight):
+        spec.check_sample_weight(np.asarray(opts.sample_weight), spec.element_shape(x.shape, layout.axis))
+    if opts.denominator is not None and not _traced(opts.denominator):
+        spec.check_denominator(opts.denominator)
+    sw = _real_array("sample_weight", opts.sample_weight)
+    d = _real_array("denominator", opts.denominator)
 
     w = None
     if opts.weight is not None:
@@ -125,6 +153,7 @@ def loss(
         empty_mean=opts.empty_mean,
         valid_count=valid_count,
         compute="float64" if x.dtype == jnp.float64 else "float32",
+        softcap=opts.softcap,
     )
     return _jax_engine.loss(
         cfg,
@@ -132,7 +161,21 @@ def loss(
         t if kind == "index" else jnp.moveaxis(t, layout.axis, -1),
         w,
         mask,
+        sw,  # the per-element shape: the logits' without the class axis, as after moveaxis
+        d,
     )
+
+
+def _real_array(name: str, value: Any) -> Any:
+    """``value`` (a per-element ``sample_weight`` or a 0-d ``denominator``) as a real JAX array, or None."""
+    if value is None:
+        return None
+    array = value if _traced(value) else jnp.asarray(value)
+    if array.dtype == jnp.bool_ or not (
+        jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)
+    ):
+        raise TypeError(f"{name} must be a real array, got dtype {array.dtype}")
+    return array
 
 
 def _labels_for_jax(labels: np.ndarray, ignore_index: int | None) -> tuple[jax.Array, int | None]:
@@ -171,6 +214,15 @@ _JAX_NOTES = """JAX:
     and class masks. Under ``jit``/``vmap`` they cannot be checked; an element whose label is out of range
     (or on a masked class) then has a NaN loss and a NaN gradient, never a silent finite number, and traced
     ``weight``/``class_mask`` values are trusted.
+
+    Vocabulary parallelism: inside ``jax.shard_map``, ``axis_name=`` names the mesh axis that splits the
+    class axis (equal slices in the axis's order). ``logits``, a probability ``target``, ``weight`` and
+    ``class_mask`` are this shard's slices; integer labels are the global ones, replicated over the axis;
+    ``sample_weight`` and ``denominator`` are replicated. Every option uses the global K and W; the shards
+    exchange one ``lax.pmax`` of the row maxima and one ``lax.psum`` of packed row statistics, never logits.
+    The loss is the unsharded one on every shard, and the backward pass needs no communication: each shard's
+    gradient is its slice of the unsharded gradient. Outside ``shard_map``, plain ``jax.jit`` over logits
+    sharded on the class axis with a ``NamedSharding`` needs no ``axis_name``: XLA partitions the same loss.
 
 """
 

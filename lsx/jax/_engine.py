@@ -43,6 +43,7 @@ class Config:
     empty_mean: str
     valid_count: int | None  # None when class_mask is traced: counted on the device
     compute: str  # accumulation dtype: "float64" for float64 logits, else "float32"
+    softcap: float | None = None  # c: the logits become c·tanh(x/c) before anything else
 
     def row_coefficients(self, mask, weight) -> spec.RowCoefficients:
         """a, b, s and W = Σ_c w_c over the valid classes (device scalars where the mask or weight is traced)."""
@@ -66,9 +67,19 @@ def _checked_weight(weight):
     return weight + jnp.where(fine, 0, jnp.nan).astype(weight.dtype)
 
 
-def _valid_logits(cfg: Config, x, mask):
+def _capped_logits(cfg: Config, x, mask):
+    """(logits in the compute dtype, soft-capped when ``cfg.softcap`` is set, with −inf on masked classes;
+    tanh(x/c), or None without a cap). Capping comes first, so ±inf become ±c and masked classes stay out."""
     x = x.astype(cfg.compute)
-    return x if mask is None else jnp.where(mask, x, -jnp.inf)
+    tanh = None
+    if cfg.softcap is not None:
+        tanh = jnp.tanh(x / cfg.softcap)
+        x = cfg.softcap * tanh
+    return (x if mask is None else jnp.where(mask, x, -jnp.inf)), tanh
+
+
+def _valid_logits(cfg: Config, x, mask):
+    return _capped_logits(cfg, x, mask)[0]
 
 
 def _statistics(cfg: Config, x, mask):
@@ -146,7 +157,8 @@ def _forward(cfg: Config, x, target, weight, mask):
     xc, row_max, log_sum_exp = _statistics(cfg, x, mask)
     if cfg.kind == "index":
         active, label, bad = _labels(cfg, target, num_classes, mask)
-        x_y = jnp.take_along_axis(x, label[..., None], axis=-1)[..., 0].astype(cfg.compute) - row_max
+        source = x if cfg.softcap is None else xc  # the (capped) logits; a masked label is NaN anyway
+        x_y = jnp.take_along_axis(source, label[..., None], axis=-1)[..., 0].astype(cfg.compute) - row_max
         w_y = 1.0 if w is None else w[label]
         weighted_sum = 0.0
         if not (isinstance(k.b, float) and k.b == 0):  # only read when b ≠ 0
@@ -190,7 +202,7 @@ def _per_element_bwd(cfg: Config, residuals, cotangent):
     w = _effective_weight(weight, mask)
     k = cfg.row_coefficients(mask, w)
     g = cotangent.astype(cfg.compute)
-    xc = _valid_logits(cfg, x, mask)
+    xc, tanh = _capped_logits(cfg, x, mask)
     p = jnp.exp(xc - lse[..., None])
     weight_bar = target_bar = None
 
@@ -239,6 +251,8 @@ def _per_element_bwd(cfg: Config, residuals, cotangent):
             target_bar = jnp.where(bad_mass, jnp.nan, jnp.where(mask, target_bar, 0))
         target_bar = target_bar.astype(target.dtype)
 
+    if tanh is not None:
+        grad = grad * (1 - tanh * tanh)  # the chain rule through c·tanh(x/c)
     if mask is not None and weight_bar is not None:
         weight_bar = jnp.where(mask, weight_bar, 0)
     if weight_bar is not None:
@@ -278,21 +292,38 @@ per_element.defvjp(_per_element_fwd, _per_element_bwd)
 # Reduction
 # ----------------------------------------------------------------------------------------------------------
 @partial(jax.jit, static_argnums=(0,))
-def loss(cfg: Config, x, target, weight, mask):
-    """The reduced loss in the logits' dtype; ``x`` and a probability ``target`` have the classes last."""
+def loss(cfg: Config, x, target, weight, mask, sample_weight=None, denominator=None):
+    """The reduced loss in the logits' dtype; ``x`` and a probability ``target`` have the classes last.
+
+    ``sample_weight`` (the per-element loss's shape) multiplies each element's loss; ``denominator`` (a 0-d
+    array, mean only) replaces the mean's Σ sample_weight·w_y. Both are differentiated by JAX (outside the
+    custom_vjp): ∂mean/∂sw_j = (ℓ_j − mean·w_{y_j})/D, or ℓ_j/denominator with a caller's denominator."""
     weight = None if weight is None else _checked_weight(weight.astype(cfg.compute))
     per = per_element(cfg, x, target, weight, mask)
+    if sample_weight is not None:
+        sample_weight = _checked_sample_weight(sample_weight.astype(cfg.compute))
+        per = per * sample_weight
     if cfg.reduction == "none":
         return per.astype(x.dtype)
     total = jnp.sum(per)
     if cfg.reduction == "mean":
-        if cfg.kind == "index":
+        if denominator is not None:
+            d = denominator.astype(cfg.compute)
+            denominator = jnp.where(jnp.isfinite(d) & (d >= 0), d, jnp.nan)  # a traced bad value: NaN
+        elif cfg.kind == "index":
             active, label, _ = _labels(cfg, target, x.shape[-1], mask)
             w = _effective_weight(weight, mask)
-            counted = active if w is None else jnp.where(active, w[label], 0)
+            counted = active.astype(cfg.compute) if w is None else jnp.where(active, w[label], 0)
+            if sample_weight is not None:
+                counted = jnp.where(active, counted * sample_weight, 0)
             denominator = jnp.sum(counted, dtype=cfg.compute)
         else:
-            denominator = per.size
+            denominator = per.size if sample_weight is None else jnp.sum(sample_weight)
         # differentiated by JAX: the gradient of an empty mean is 0 (the NaN/0 comes from a constant)
         total = spec.reduce_total(cfg.reduction, total, denominator, cfg.empty_mean, where=jnp.where)
     return total.astype(x.dtype)
+
+
+def _checked_sample_weight(sample_weight):
+    """A traced per-element weight that is negative or not finite makes its element NaN (concrete ones raise)."""
+    return jnp.where(jnp.isfinite(sample_weight) & (sample_weight >= 0), sample_weight, jnp.nan)
