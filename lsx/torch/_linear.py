@@ -21,6 +21,7 @@ autograd differentiates them too (``∂mean/∂sw_j = (ℓ_j − mean·w_{y_j})/
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any
 
@@ -211,7 +212,7 @@ def _linear_loss(input, linear_weight, target, linear_bias, weight, class_mask, 
             spec.check_denominator(denominator.detach().to(torch.float64).numpy())
 
     compute = _compute_dtype(input.dtype)
-    n = int(np.prod(lead)) if lead else 1
+    n = math.prod(lead)
     h2 = input.reshape(n, h)
     t2 = target.reshape(n) if kind == "index" else target.reshape(n, v)
     sw2 = None if sample_weight is None else sample_weight.to(device=device, dtype=compute).reshape(n)
