@@ -640,6 +640,12 @@ def test_meta_tensors_forward_and_backward(kind, reduction, dtype):
     assert x.grad.device.type == "meta" and x.grad.shape == x.shape and x.grad.dtype == dtype
     (grad,) = torch.autograd.grad(lsx.torch.loss(x, y, **options), x, torch.ones_like(value) * 2)
     assert grad.shape == x.shape and grad.dtype == dtype
+    # the plain-torch engine reads no value on the host (as on accelerators): class_mask and z-loss too
+    mask = torch.ones(6, device="meta", dtype=torch.bool)
+    masked = lsx.torch.loss(x, y, **options, class_mask=mask, z_loss=1e-3, normalize=True, spread="others")
+    assert masked.shape == expected.shape and masked.dtype == dtype
+    (grad,) = torch.autograd.grad(masked, x, torch.ones_like(masked))
+    assert grad.shape == x.shape and grad.dtype == dtype
 
 
 # --------------------------------------------------------------------------------------------------------

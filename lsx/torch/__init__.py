@@ -42,6 +42,7 @@ def loss(
     class_mask: Any = None,
     empty_mean: spec.EmptyMean = default("nan"),
     convention: str | None = None,
+    process_group: Any = None,
 ) -> torch.Tensor:
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
@@ -55,6 +56,10 @@ def loss(
         reduction=reduction,
         empty_mean=empty_mean,
     )
+    if process_group is not None:
+        from lsx.torch import _parallel
+
+        return _parallel.cross_entropy(input, target, opts, axis, weight, class_mask, process_group)
     return _torch_function.cross_entropy(input, target, opts, axis, weight, class_mask)
 
 
@@ -75,6 +80,12 @@ Args:
         ``label_smoothing`` outside [0, 1] is an error). ``size_average``/``reduce`` are deprecated, as in torch.
     axis: the class dim; None (default) is torch's rule: 1, or 0 for a 1-D input.
     spread, z_loss, normalize, class_mask, empty_mean, convention: the lsx options (keyword-only).
+    process_group: a ``torch.distributed`` group over which the class axis is split (vocabulary-parallel),
+        in rank order: ``input``, ``weight`` and ``class_mask`` (and probability targets) are this rank's slice
+        of the classes (uneven slices and empty ones are fine), integer labels are the global ones. The loss is
+        the single-device one (global class count in the smoothing), bitwise identical on every rank; each
+        rank's gradient is its slice of the single-device gradient (the backward does not communicate). Two
+        collectives of per-row statistics per call (see :mod:`lsx.torch._parallel`); eager calls only.
 
 Returns:
     The loss in the input's dtype: a scalar, or the target's shape for ``reduction="none"``. Differentiable
@@ -164,6 +175,7 @@ class CrossEntropyLoss(nn.Module):
         class_mask: Any = None,
         empty_mean: spec.EmptyMean = default("nan"),
         convention: str | None = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__()
         if size_average is not None or reduce is not None:
@@ -188,6 +200,7 @@ class CrossEntropyLoss(nn.Module):
         self.z_loss = opts.z_loss
         self.normalize = opts.normalize
         self.empty_mean = opts.empty_mean
+        self.process_group = process_group
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return loss(
@@ -202,6 +215,7 @@ class CrossEntropyLoss(nn.Module):
             normalize=self.normalize,
             class_mask=self.class_mask,
             empty_mean=self.empty_mean,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

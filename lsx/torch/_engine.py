@@ -179,7 +179,7 @@ def run(
         if kind == "index":
             if b_row is not None:
                 g.addcmul_(row_scale.unsqueeze(1), b_row.unsqueeze(0), value=-1)
-            if coefficients.a != 0:
+            if isinstance(coefficients.a, torch.Tensor) or coefficients.a != 0:  # (a tensor: never read)
                 g.scatter_add_(1, yc, (-coefficients.a * wy * row_scale).unsqueeze(1))
         else:
             g.addcmul_(row_scale.unsqueeze(1), wq, value=-1)

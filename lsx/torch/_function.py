@@ -264,17 +264,11 @@ def _fused_impl(x2, t2, weight, class_mask, opts: spec.Options) -> tuple[torch.T
             spec.check_probability_target_mask(t2.to(torch.float64).numpy(), -1, mask_np)
 
     kernel = _numba_engine() if on_cpu and x2.dtype in (torch.float32, torch.float64) and x2.is_contiguous() else None
-    if kernel is not None and (kind == "index" or _kernel_takes(t2)):
+    if kernel is not None:
         return _run_numba(kernel, x2, t2, kind, opts, weight_np, mask_np)
     grad = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
     per_element, denominator = _engine.run(x2, t2, kind, opts, weight, class_mask, grad)
     return _engine.reduce(per_element, denominator, opts, x2.dtype), grad
-
-
-def _kernel_takes(probs: torch.Tensor) -> bool:
-    """Whether the Numba kernel follows the spec on these probabilities: it skips classes with w·q ≤ 0, so a
-    NaN or negative entry (which must count, linearly) goes to the plain-torch engine instead."""
-    return bool((probs >= 0).all())
 
 
 # --------------------------------------------------------------------------------------------------------
