@@ -124,8 +124,8 @@ def reduced_loss(x2: tf.Tensor, t2: tf.Tensor, plan: Plan, weight: Any, *, weigh
             weighted_sum = 0.0
             if b != 0:
                 shifted = x - row_max[:, None]
-                if w_eff is None:
-                    weighted_sum = tf.reduce_sum(shifted, axis=-1)
+                if w_eff is None:  # Σ (x_c − m) as Σ x_c − K·m: independent of the max, one pass with it
+                    weighted_sum = tf.reduce_sum(x, axis=-1) - k * row_max
                 else:
                     weighted_sum = tf.reduce_sum(tf.where(w_eff != 0, shifted, 0) * w_eff, axis=-1)
             per_element, coef = spec.label_row(
