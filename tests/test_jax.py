@@ -547,3 +547,274 @@ def test_nan_probability_makes_its_element_and_its_gradients_nan():
     np.testing.assert_allclose(gx, ref, rtol=1e-10, atol=1e-14)
     assert np.all(np.isnan(gx[1])) and np.all(np.isnan(gt[1]))
     assert np.all(np.isfinite(np.asarray(gx)[[0, 2]])) and np.all(np.isfinite(np.asarray(gt)[[0, 2]]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# softcap, sample_weight, denominator
+# ----------------------------------------------------------------------------------------------------------
+def _plain_ce(x, y, eps):
+    """Label-smoothed cross-entropy per element, written out (K-spread), for the hand-written formulas."""
+    k = x.shape[-1]
+    q = (1 - eps) * jax.nn.one_hot(y, k, dtype=x.dtype) + eps / k
+    return jnp.sum(q * (jax.nn.logsumexp(x, axis=-1)[..., None] - x), axis=-1)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_softcap_against_the_formula(jit):
+    x, y = _data((7,), 6, seed=31)
+    x = x * 4
+    c, eps = 3.0, 0.1
+    f = functools.partial(lsx.jax.loss, label_smoothing=eps, softcap=c, reduction="none")
+    f = jax.jit(f) if jit else f
+    capped = c * jnp.tanh(x / c)
+    np.testing.assert_allclose(f(x, y), _plain_ce(capped, y, eps), rtol=1e-12)
+    cot = jnp.linspace(0.5, 1.5, 7)
+    grad = jax.grad(lambda x: jnp.sum(cot * f(x, y)))(x)
+    # chain rule: (1 − tanh²(x/c))·(softmax(x') − q)·cotangent
+    q = (1 - eps) * jax.nn.one_hot(y, 6, dtype=x.dtype) + eps / 6
+    expected = cot[:, None] * (jax.nn.softmax(capped, axis=-1) - q) * (1 - jnp.tanh(x / c) ** 2)
+    np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-14)
+    # and it is not the uncapped loss
+    assert not np.allclose(f(x, y), _plain_ce(x, y, eps))
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_softcap_with_huge_and_infinite_logits_and_a_class_mask(kind, dtype):
+    rng = np.random.default_rng(5)
+    x = rng.normal(scale=3.0, size=(5, 7))
+    x[0, 1], x[1, 2], x[2, 0], x[3, 4] = 1e30, -np.inf, np.inf, -1e30
+    x[:, 6] = 1e30  # a padding lane with a huge logit: masked, it must not leak mass after capping
+    mask = np.ones(7, bool)
+    mask[6] = False
+    if kind == "index":
+        t = np.asarray([1, 0, 2, 3, 5])
+    else:
+        t = rng.dirichlet(np.ones(6), size=5)
+        t = np.concatenate([t, np.zeros((5, 1))], axis=1)
+    opts = dict(label_smoothing=0.1, softcap=30.0, class_mask=mask, reduction="none")
+    xd = np.asarray(jnp.asarray(x, dtype).astype(jnp.float64))
+    expected = spec.reference_loss(xd, t, **opts)
+    expected_grad = spec.reference_grad(xd, t, **opts)
+    assert np.all(np.isfinite(expected)) and np.all(np.isfinite(expected_grad))
+    tj = t if kind == "index" else jnp.asarray(t, dtype)
+    xj = jnp.asarray(x, dtype)
+    for f in (lsx.jax.loss, jax.jit(lsx.jax.loss, static_argnames=tuple(o for o in opts if o != "class_mask"))):
+        grad = jax.grad(lambda x, f=f: f(x, tj, **opts).sum())(xj)
+        assert_close(f(xj, tj, **opts), expected, dtype, "loss")
+        assert_close(grad, expected_grad, dtype, "gradient")
+        assert np.all(np.asarray(grad, np.float64)[:, 6] == 0)
+        # ±inf and ±1e30 sit where tanh is flat: their gradient is exactly 0
+        g = np.asarray(grad, np.float64)
+        assert g[0, 1] == 0 and g[1, 2] == 0 and g[2, 0] == 0 and g[3, 4] == 0
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_softcap_gradient_is_the_derivative(kind):
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.normal(scale=3.0, size=(4, 5)))
+    t = jnp.asarray([0, 3, 1, 4]) if kind == "index" else jnp.asarray(rng.dirichlet(np.ones(5), size=4))
+    w = jnp.asarray([1.0, 0.5, 2.0, 1.0, 1.5])
+    sw = jnp.asarray([1.0, 0.75, 2.5, 0.5])  # > 0: the finite differences stay valid weights
+    opts = dict(label_smoothing=0.2, softcap=2.0, z_loss=0.01, normalize=True, weight=w)
+
+    def f(x, sw):
+        return lsx.jax.loss(x, t, sample_weight=sw, **opts)
+
+    gx, gsw = jax.grad(f, argnums=(0, 1))(x, sw)
+    h = 1e-6
+    for i, j in [(0, 0), (1, 3), (2, 2), (3, 4)]:
+        e = jnp.zeros_like(x).at[i, j].set(h)
+        np.testing.assert_allclose(gx[i, j], (f(x + e, sw) - f(x - e, sw)) / (2 * h), rtol=1e-6, atol=1e-9)
+    for i in range(4):
+        e = jnp.zeros_like(sw).at[i].set(h)
+        np.testing.assert_allclose(gsw[i], (f(x, sw + e) - f(x, sw - e)) / (2 * h), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_sample_weight_against_the_formula(jit):
+    x, y = _data((8,), 5, seed=37)
+    y = y.at[2].set(-100)
+    w = jnp.asarray([1.0, 0.5, 2.0, 0.0, 1.5])
+    sw = jnp.asarray([1.0, 0.0, 3.0, 0.5, 2.0, 1.0, 0.25, 4.0])
+    eps = 0.1
+    f = functools.partial(lsx.jax.loss, label_smoothing=eps, weight=w)
+    f = jax.jit(f, static_argnames=("reduction",)) if jit else f
+    active = np.asarray(y) != -100
+    yy = jnp.where(active, y, 0)
+    q = (1 - eps) * jax.nn.one_hot(yy, 5, dtype=x.dtype) + eps / 5
+    per = jnp.where(active, jnp.sum(w * q * (jax.nn.logsumexp(x, axis=-1)[:, None] - x), axis=-1), 0)
+    np.testing.assert_allclose(f(x, y, sample_weight=sw, reduction="none"), sw * per, rtol=1e-12)
+    np.testing.assert_allclose(f(x, y, sample_weight=sw, reduction="sum"), jnp.sum(sw * per), rtol=1e-12)
+    d = jnp.sum(jnp.where(active, sw * w[yy], 0))
+    mean = jnp.sum(sw * per) / d
+    np.testing.assert_allclose(f(x, y, sample_weight=sw), mean, rtol=1e-12)
+    # ∂mean/∂x = sw_i·(Σ w q·softmax − w∘q)/D;  ∂mean/∂sw_j = (ℓ_j − mean·w_{y_j})/D
+    gx, gsw = jax.grad(lambda x, sw: f(x, y, sample_weight=sw), argnums=(0, 1))(x, sw)
+    wq = w * q
+    row = jnp.sum(wq, axis=-1, keepdims=True) * jax.nn.softmax(x, axis=-1) - wq
+    np.testing.assert_allclose(gx, jnp.where(active[:, None], sw[:, None] * row / d, 0), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(gsw, jnp.where(active, (per - mean * w[yy]) / d, 0), rtol=1e-10, atol=1e-14)
+    # with a caller's denominator: ∂mean/∂sw_j = ℓ_j / denominator, ∂mean/∂denominator = −mean/denominator
+    den = jnp.asarray(20.0)
+    value, (gsw, gden) = jax.value_and_grad(lambda sw, den: f(x, y, sample_weight=sw, denominator=den), argnums=(0, 1))(
+        sw, den
+    )
+    np.testing.assert_allclose(value, jnp.sum(sw * per) / 20.0, rtol=1e-12)
+    np.testing.assert_allclose(gsw, per / 20.0, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(gden, -value / 20.0, rtol=1e-10)
+
+
+def test_sample_weight_probability_targets_and_vmap():
+    rng = np.random.default_rng(41)
+    x = jnp.asarray(rng.normal(size=(3, 4, 6)))
+    t = jnp.asarray(rng.dirichlet(np.ones(6), size=(3, 4)))
+    sw = jnp.asarray(rng.uniform(0, 2, size=(3, 4)))
+    f = functools.partial(lsx.jax.loss, label_smoothing=0.1)
+    per = jax.vmap(lambda x, t, sw: f(x, t, sample_weight=sw))(x, t, sw)
+    for i in range(3):
+        ref = spec.reference_loss(
+            np.asarray(x[i]), np.asarray(t[i]), label_smoothing=0.1, sample_weight=np.asarray(sw[i])
+        )
+        np.testing.assert_allclose(per[i], ref, rtol=1e-12)
+        # probability targets: D = Σ sample_weight
+        plain = f(x[i], t[i], reduction="none")
+        np.testing.assert_allclose(per[i], jnp.sum(sw[i] * plain) / jnp.sum(sw[i]), rtol=1e-12)
+
+
+_COMPOSED = [
+    dict(label_smoothing=0.1, softcap=5.0, sample_weight="r"),
+    dict(label_smoothing=0.2, spread="others", weight="r", sample_weight="r", reduction="sum"),
+    dict(label_smoothing=0.1, z_loss=0.01, normalize=True, softcap=2.0, sample_weight="r", reduction="none"),
+    dict(label_smoothing=0.3, weight="r", class_mask="m", softcap=3.0, sample_weight="r", denominator=7.0),
+    dict(convention="t5x", label_smoothing=0.1, reduction="mean", softcap=30.0, sample_weight="r", denominator=9.0),
+    dict(label_smoothing=0.1, spread="others", ignore_index=None, denominator=5.0, empty_mean="zero"),
+]
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("case", range(len(_COMPOSED)))
+def test_new_options_compose_with_the_others(kind, case):
+    rng = np.random.default_rng(case)
+    k = 6
+    x = rng.normal(scale=4.0, size=(3, 5, k))
+    mask = np.ones(k, bool)
+    mask[4] = False
+    opts = dict(_COMPOSED[case])
+    valid = mask if opts.get("class_mask") == "m" else np.ones(k, bool)
+    if kind == "index":
+        t = rng.choice(np.flatnonzero(valid), size=(3, 5))
+        if opts.get("ignore_index", -100) is not None and opts.get("convention") != "t5x":
+            t[0, 1] = t[2, 3] = -100
+    else:
+        t = np.where(valid, rng.dirichlet(np.ones(k), size=(3, 5)), 0.0)
+        t /= t.sum(-1, keepdims=True)
+    for name, value in list(opts.items()):
+        if value == "r":
+            opts[name] = rng.uniform(0.0, 2.0, size=(k,) if name == "weight" else (3, 5))
+        elif value == "m":
+            opts[name] = mask
+    expected = spec.reference_loss(x, t, **opts)
+    expected_grad = spec.reference_grad(x, t, **opts)
+    arrays = {
+        n: jnp.asarray(v) for n, v in opts.items() if n in ("weight", "class_mask", "sample_weight", "denominator")
+    }
+    static = {n: v for n, v in opts.items() if n not in arrays}
+    f = lambda x, arrays: lsx.jax.loss(x, jnp.asarray(t), **static, **arrays).sum()
+    for run in (jax.value_and_grad(f), jax.jit(jax.value_and_grad(f))):
+        value, grad = run(jnp.asarray(x), arrays)
+        np.testing.assert_allclose(value, np.sum(expected), rtol=1e-11)
+        np.testing.assert_allclose(grad, expected_grad, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("softcap", [None, 10.0])
+def test_gradient_accumulation_with_the_global_denominator(softcap):
+    rng = np.random.default_rng(43)
+    x = jnp.asarray(rng.normal(scale=3.0, size=(12, 7)))
+    y = jnp.asarray(rng.integers(0, 7, size=12)).at[jnp.asarray([1, 5, 6, 10])].set(-100)
+    sw = jnp.asarray(rng.uniform(0.5, 2.0, size=12))
+    opts = dict(label_smoothing=0.1, softcap=softcap)
+    big, big_grad = jax.value_and_grad(lambda x: lsx.jax.loss(x, y, sample_weight=sw, **opts))(x)
+    count = jnp.sum(jnp.where(y != -100, sw, 0))  # the global denominator, a device scalar
+    step = jax.jit(jax.value_and_grad(lambda x, y, sw, d: lsx.jax.loss(x, y, sample_weight=sw, denominator=d, **opts)))
+    total, grads = 0.0, []
+    for part in np.split(np.arange(12), 4):  # micro-batches of unequal ignored counts
+        value, grad = step(x[part], y[part], sw[part], count)
+        total, grads = total + value, grads + [grad]
+    np.testing.assert_allclose(total, big, rtol=1e-13)
+    np.testing.assert_allclose(jnp.concatenate(grads), big_grad, rtol=1e-12, atol=1e-16)
+
+
+@pytest.mark.parametrize("empty_mean", ["nan", "zero"])
+def test_zero_denominator_follows_empty_mean_with_zero_gradient(empty_mean):
+    x, y = _data((4,), 5)
+    for d in (0.0, jnp.asarray(0.0)):
+        for f in (lsx.jax.loss, jax.jit(lsx.jax.loss, static_argnames=("label_smoothing", "empty_mean"))):
+            value, grad = jax.value_and_grad(
+                lambda x, f=f, d=d: f(x, y, label_smoothing=0.1, denominator=d, empty_mean=empty_mean)
+            )(x)
+            assert np.isnan(value) if empty_mean == "nan" else value == 0
+            assert np.all(np.asarray(grad) == 0)
+
+
+def test_bad_softcap_sample_weight_and_denominator_values_raise():
+    x, y = _data((4,), 5)
+    for bad in (0.0, -1.0, np.nan, np.inf):
+        with pytest.raises(ValueError, match="softcap"):
+            lsx.jax.loss(x, y, softcap=bad)
+    with pytest.raises(TypeError, match="softcap"):
+        jax.jit(lambda x, c: lsx.jax.loss(x, y, softcap=c))(x, 1.0)
+    for bad in (-1.0, np.nan, np.inf):
+        sw = np.ones(4)
+        sw[2] = bad
+        with pytest.raises(ValueError, match=r"sample_weight\[\(2,\)\]"):
+            lsx.jax.loss(x, y, sample_weight=sw)
+        with pytest.raises(ValueError, match="sample_weight"):  # a NumPy array closed over by jit is concrete
+            jax.jit(lambda x, sw=sw: lsx.jax.loss(x, y, sample_weight=sw))(x)
+    with pytest.raises(ValueError, match=r"sample_weight must have the per-element loss's shape \(4,\)"):
+        lsx.jax.loss(x, y, sample_weight=jnp.ones((4, 1)))
+    with pytest.raises(TypeError, match="sample_weight"):
+        lsx.jax.loss(x, y, sample_weight=np.ones(4, bool))
+    for bad in (-1.0, np.nan, jnp.asarray(-2.0)):
+        with pytest.raises(ValueError, match="denominator"):
+            lsx.jax.loss(x, y, denominator=bad)
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.jax.loss(x, y, denominator=4.0, reduction="sum")
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.jax.loss(x, y, denominator=jnp.ones(2))
+
+
+def test_traced_bad_sample_weight_and_denominator_give_nan():
+    x, y = _data((4,), 5)
+    f = jax.jit(lambda x, sw, d: lsx.jax.loss(x, y, sample_weight=sw, denominator=d, reduction="mean"))
+    assert np.isfinite(f(x, jnp.ones(4), jnp.asarray(3.0)))
+    for bad in (-1.0, np.nan, np.inf):
+        value, grad = jax.value_and_grad(f)(x, jnp.ones(4).at[1].set(bad), jnp.asarray(3.0))
+        assert np.isnan(value) and np.all(np.isnan(grad[1]))
+        value, grad = jax.value_and_grad(f)(x, jnp.ones(4), jnp.asarray(bad))
+        assert np.isnan(value) and np.all(np.isnan(grad))
+    g = jax.jit(lambda x, sw: lsx.jax.loss(x, y, sample_weight=sw, reduction="none"))
+    value = g(x, jnp.ones(4).at[1].set(-1.0))
+    assert np.isnan(value[1]) and np.all(np.isfinite(np.asarray(value)[[0, 2, 3]]))
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_engine_entry_points_apply_softcap(kind):
+    # _forward and _per_element_bwd, which the fused-linear engine calls on chunks of logits, cap inside
+    from lsx.jax import _engine
+
+    rng = np.random.default_rng(47)
+    x = jnp.asarray(rng.normal(scale=5.0, size=(6, 5)))
+    t = jnp.asarray(rng.integers(0, 5, size=6)) if kind == "index" else jnp.asarray(rng.dirichlet(np.ones(5), size=6))
+    cfg = _engine.Config(
+        kind=kind, label_smoothing=0.1, spread="all", z_loss=0.0, normalize=False, ignore_index=-100,
+        reduction="none", empty_mean="nan", valid_count=5, compute="float64", softcap=4.0,
+    )  # fmt: skip
+    loss, lse = _engine._forward(cfg, x, t, None, None)
+    opts = dict(label_smoothing=0.1, softcap=4.0, reduction="none")
+    np.testing.assert_allclose(loss, spec.reference_loss(np.asarray(x), np.asarray(t), **opts), rtol=1e-12)
+    np.testing.assert_allclose(lse, jax.nn.logsumexp(4.0 * jnp.tanh(x / 4.0), axis=-1), rtol=1e-12)
+    cot = jnp.linspace(0.5, 2.0, 6)
+    grad = _engine._per_element_bwd(cfg, (x, t, None, None, lse), cot)[0]
+    expected = spec.reference_grad(np.asarray(x), np.asarray(t), cotangent=np.asarray(cot), **opts)
+    np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-14)
