@@ -18,6 +18,7 @@ import numpy as np
 
 from lsx import spec
 from lsx.jax import _engine as _jax_engine
+from lsx.jax import _parallel
 from lsx.jax._linear import linear_loss
 from lsx.spec import default
 
@@ -53,6 +54,7 @@ def loss(
     sample_weight: Any = None,
     denominator: Any = None,
     convention: str | None = None,
+    axis_name: Any = None,
 ) -> jax.Array:
     given = dict(
         label_smoothing=label_smoothing,
@@ -93,6 +95,8 @@ def loss(
         sample_weight_shape=None if opts.sample_weight is None else np.shape(opts.sample_weight),
     )
     k = layout.num_classes
+    if axis_name is not None:  # the class axis split over a shard_map mesh axis
+        return _parallel.sharded_loss(x, target, raw_target, kind, layout, opts, axis_name)
     # concrete per-element weights and denominators are checked with the caller's values; traced ones are
     # trusted (a negative or non-finite one gives NaN)
     if opts.sample_weight is not None and not _traced(opts.sample_weight):
@@ -210,6 +214,15 @@ _JAX_NOTES = """JAX:
     and class masks. Under ``jit``/``vmap`` they cannot be checked; an element whose label is out of range
     (or on a masked class) then has a NaN loss and a NaN gradient, never a silent finite number, and traced
     ``weight``/``class_mask`` values are trusted.
+
+    Vocabulary parallelism: inside ``jax.shard_map``, ``axis_name=`` names the mesh axis that splits the
+    class axis (equal slices in the axis's order). ``logits``, a probability ``target``, ``weight`` and
+    ``class_mask`` are this shard's slices; integer labels are the global ones, replicated over the axis;
+    ``sample_weight`` and ``denominator`` are replicated. Every option uses the global K and W; the shards
+    exchange one ``lax.pmax`` of the row maxima and one ``lax.psum`` of packed row statistics, never logits.
+    The loss is the unsharded one on every shard, and the backward pass needs no communication: each shard's
+    gradient is its slice of the unsharded gradient. Outside ``shard_map``, plain ``jax.jit`` over logits
+    sharded on the class axis with a ``NamedSharding`` needs no ``axis_name``: XLA partitions the same loss.
 
 """
 
