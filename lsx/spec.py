@@ -874,7 +874,9 @@ def reduce_total(reduction: str, total: Any, denominator: Any, empty_mean: str, 
     if reduction == "sum":
         return total
     empty = math.nan if empty_mean == "nan" else 0.0
-    if isinstance(denominator, numbers.Real) and isinstance(total, numbers.Real):
-        return total / denominator if denominator != 0 else empty
+    if isinstance(denominator, numbers.Real):
+        if isinstance(total, numbers.Real):
+            return total / denominator if denominator != 0 else empty
+        return total / denominator if denominator != 0 else empty + 0.0 * total
     nonzero = denominator != 0
     return where(nonzero, total / where(nonzero, denominator, 1.0 + 0.0 * denominator), empty + 0.0 * total)

@@ -129,7 +129,7 @@ def _cases() -> list[Case]:
         # every integer label dtype, with K beyond what the dtype holds and labels at the dtype's edges
         # (e.g. uint8 156 is −100 wrapped, 255 is −1 wrapped): nothing may wrap or be silently ignored
         *(
-            Case(f"labels-{dt}", (6, k), -1, "index", {"label_smoothing": 0.1, **extra}, label_dtype=dt,
+            Case(f"labels-{dt}-k{k}" + (f"-ignore{extra['ignore_index']}" if extra else ""), (6, k), -1, "index", {"label_smoothing": 0.1, **extra}, label_dtype=dt,
                  special_labels=edges, ignored_fraction=fraction, dtypes=("float64", "float32"))
             for dt, k, extra, edges, fraction in (
                 ("int8", 200, {}, (127, 0), 0.25),
