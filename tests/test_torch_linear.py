@@ -410,3 +410,45 @@ def test_meta_tensors():
     for reduction, shape in (("none", (4,)), ("mean", ())):
         out = lsx.torch.linear_loss(fake, w.to("meta"), y.to("meta"), reduction=reduction)
         assert out.shape == shape and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_plain_torch_engine(name, reduction, monkeypatch):
+    """Without the Numba kernel (as on accelerators): soft-capping, sample weights and the upstream gradient
+    are applied around the plain-torch engine; the same loss and gradients as the float64 reference."""
+    monkeypatch.setattr(_linear._torch_function, "_numba_engine", lambda: None)
+    kind, options = OPTIONS[name]
+    options = {key: value for key, value in options.items() if key not in ("convention", "denominator")}
+    hidden, w, b, y = _problem((13,), kind, seed=21, ignore=options.get("ignore_index"))
+    if "class_mask" in options:
+        y = y % 8 if kind == "index" else torch.where(_MASK, y, 0.0)
+    if options.get("sample_weight") is True:
+        options["sample_weight"] = torch.linspace(0.0, 2.0, 13, dtype=F64)
+    upstream = torch.linspace(-1.0, 1.0, 13, dtype=F64) if reduction == "none" else torch.tensor(0.7, dtype=F64)
+    value, grads = _run(lsx.torch.linear_loss, hidden, w, b, y, upstream, chunk_size=5, reduction=reduction, **options)
+    ref_options = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
+    ref_value, ref_grads = _reference(hidden, w, b, y, upstream, reduction=reduction, **ref_options)
+    _close(value, ref_value)
+    for grad, ref in zip(grads, ref_grads):
+        _close(grad, ref)
+
+
+def test_weight_gradient_is_handed_over_without_a_copy():
+    """With the graph released, the weight gradient computed in the forward pass becomes .grad itself."""
+    hidden, w, _, y = _problem((16,), "index", seed=0, dtype=torch.float32, v=300, h=8)
+    w.requires_grad_(True)
+    buffers = {}
+    original = _linear._forward_sum
+
+    def spy(*args):
+        result = original(*args)
+        buffers["w"] = result[3].data_ptr()
+        return result
+
+    _linear._forward_sum = spy
+    try:
+        lsx.torch.linear_loss(hidden, w, y, reduction="sum", chunk_size=4).backward()
+    finally:
+        _linear._forward_sum = original
+    assert w.grad.data_ptr() == buffers["w"]

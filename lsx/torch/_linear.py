@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -282,24 +282,83 @@ def _engine_options(label_smoothing, spread, ignore_index, z_loss, normalize) ->
     )
 
 
-def _chunk(h2, w, b, t2, weight, class_mask, opts, softcap, start, stop):
-    """(per-element loss, ∂Σloss/∂logits) of rows [start, stop), in the compute dtype."""
+class _Numba(NamedTuple):
+    """The Numba row kernel with the chunk-independent arguments, checked once for the whole call."""
+
+    kernel: Any
+    kind: str
+    opts: spec.Options
+    weight: np.ndarray | None
+    mask: np.ndarray | None
+    compute: type
+
+
+def _numba_for(h2, t2, weight, class_mask, opts, softcap) -> _Numba | None:
+    """The Numba kernel for CPU float32/float64 when it takes the call (in place, soft-capping in its sweep,
+    per-row gradient scales); None sends every chunk through ``_fused_impl`` (plain-torch engine)."""
+    if h2.device.type != "cpu" or _compute_dtype(h2.dtype) != h2.dtype or _torch_function._is_traced(h2):
+        return None
+    kernel = _torch_function._numba_engine()
+    if kernel is None or not {"out2", "sample_weight"} <= _torch_function._keywords(kernel):
+        return None
+    kind = "probs" if t2.is_floating_point() else "index"
+    k = weight.shape[0] if weight is not None else None
+    v = class_mask.shape[0] if class_mask is not None else k
+    mask_np = None if class_mask is None else spec.check_class_mask(class_mask.numpy(), v, opts)
+    weight_np = None if weight is None else spec.check_weight(weight.to(torch.float64).numpy(), weight.shape[0])
+    return _Numba(kernel, kind, dataclasses.replace(opts, softcap=softcap), weight_np, mask_np, _np_dtype(h2.dtype))
+
+
+def _np_dtype(dtype: torch.dtype) -> type:
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
+def _chunk(h2, w, b, t2, weight, class_mask, opts, softcap, start, stop, numba, row_scale, want_grad=True):
+    """(per-element loss, ∂Σ row_scale·loss/∂logits, the chunk's inputs) of rows [start, stop), in the compute
+    dtype; ``row_scale`` (rows,) or None."""
     hc = h2[start:stop].to(w.dtype)
     logits = hc @ w.T if b is None else torch.addmm(b, hc, w.T)
+    tc = t2[start:stop]
+    if numba is not None:  # in place: the logits' buffer becomes their gradient
+        x_np = logits.numpy()
+        t_np = tc.numpy() if numba.kind == "index" else tc.to(logits.dtype).contiguous().numpy()
+        scale_np = None if row_scale is None else row_scale.detach().to(torch.float64).numpy()
+        per_element, _, grad_np = numba.kernel(
+            x_np, t_np, numba.kind, numba.opts, numba.weight, numba.mask, numba.compute, want_grad,
+            out2=x_np if want_grad else None, sample_weight=scale_np,
+        )  # fmt: skip
+        grad = None
+        if want_grad:
+            grad = logits if np.shares_memory(grad_np, x_np) else torch.from_numpy(grad_np)
+        return torch.from_numpy(np.asarray(per_element)), grad, hc
     chain = None
     if softcap is not None:
         tanh = logits.div_(softcap).tanh_()
         logits = tanh * softcap
         chain = tanh.mul_(tanh).neg_().add_(1.0)  # 1 − tanh²(x/c), in the tanh buffer
-    loss, grad = _torch_function._fused_impl(logits, t2[start:stop], weight, class_mask, opts)
+    loss, grad = _torch_function._fused_impl(logits, tc, weight, class_mask, opts)
     del logits
     if chain is not None:
         grad = grad.mul_(chain)
+    if row_scale is not None:
+        grad = grad.mul_(row_scale.detach().unsqueeze(1))
     return loss, grad, hc
 
 
 def _compute_weights(w, b, compute):
     return w.detach().to(compute), None if b is None else b.detach().to(compute)
+
+
+def _check_labels(t2, v, opts, class_mask):
+    """The labels (or the probabilities' mass on removed classes), once for the whole call, on the CPU."""
+    if t2.device.type != "cpu" or _torch_function._is_traced(t2):
+        return
+    mask_np = None if class_mask is None else class_mask.numpy()
+    if t2.is_floating_point():
+        if mask_np is not None:
+            spec.check_probability_target_mask(t2.to(torch.float64).numpy(), -1, mask_np)
+    else:
+        _torch_function._check_labels(t2.numpy(), v, opts, mask_np)
 
 
 def _forward_sum(h2, w, b, t2, weight, class_mask, sw, scalars, rows, need_h, need_w, need_b):
@@ -308,20 +367,20 @@ def _forward_sum(h2, w, b, t2, weight, class_mask, sw, scalars, rows, need_h, ne
     opts = _engine_options(*numeric)
     n, v = h2.shape[0], w.shape[0]
     compute = _compute_dtype(h2.dtype)
+    _check_labels(t2, v, opts, class_mask)
+    numba = _numba_for(h2, t2, weight, class_mask, opts, softcap)
     wc, bc = _compute_weights(w, b, compute)
     h2 = h2.detach()
+    want_grad = need_h or need_w or need_b
     per_element = torch.empty(n, dtype=compute, device=h2.device)
     grad_h = torch.empty(h2.shape if need_h else (0,), dtype=compute, device=h2.device)
     grad_w = torch.zeros(wc.shape if need_w else (0,), dtype=compute, device=h2.device)
     grad_b = torch.zeros((v,) if need_b else (0,), dtype=compute, device=h2.device)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        loss, g, hc = _chunk(h2, wc, bc, t2, weight, class_mask, opts, softcap, start, stop)
+        scale = None if sw is None else sw[start:stop]
+        loss, g, hc = _chunk(h2, wc, bc, t2, weight, class_mask, opts, softcap, start, stop, numba, scale, want_grad)
         per_element[start:stop] = loss
-        if not (need_h or need_w or need_b):
-            continue
-        if sw is not None:
-            g = g.mul_(sw[start:stop].detach().unsqueeze(1))
         if need_h:
             torch.mm(g, wc, out=grad_h[start:stop])
         if need_w:
@@ -338,6 +397,7 @@ def _backward_none(upstream, h2, w, b, t2, weight, class_mask, scalars, rows, ne
     opts = _engine_options(*numeric)
     n, v = h2.shape[0], w.shape[0]
     compute = _compute_dtype(h2.dtype)
+    numba = _numba_for(h2, t2, weight, class_mask, opts, softcap)
     wc, bc = _compute_weights(w, b, compute)
     h2 = h2.detach()
     upstream = upstream.to(compute)
@@ -346,8 +406,7 @@ def _backward_none(upstream, h2, w, b, t2, weight, class_mask, scalars, rows, ne
     grad_b = torch.zeros((v,) if need_b else (0,), dtype=compute, device=h2.device)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        _, g, hc = _chunk(h2, wc, bc, t2, weight, class_mask, opts, softcap, start, stop)
-        g = g.mul_(upstream[start:stop].unsqueeze(1))
+        _, g, hc = _chunk(h2, wc, bc, t2, weight, class_mask, opts, softcap, start, stop, numba, upstream[start:stop])
         if need_h:
             torch.mm(g, wc, out=grad_h[start:stop])
         if need_w:
@@ -361,12 +420,16 @@ def _forward_none(h2, w, b, t2, weight, class_mask, scalars, rows):
     *numeric, softcap = scalars
     opts = _engine_options(*numeric)
     compute = _compute_dtype(h2.dtype)
+    _check_labels(t2, w.shape[0], opts, class_mask)
+    numba = _numba_for(h2, t2, weight, class_mask, opts, softcap)
     wc, bc = _compute_weights(w, b, compute)
     h2 = h2.detach()
-    per_element = torch.empty(h2.shape[0], dtype=compute, device=h2.device)
-    for start in range(0, h2.shape[0], rows):
-        stop = min(h2.shape[0], start + rows)
-        per_element[start:stop] = _chunk(h2, wc, bc, t2, weight, class_mask, opts, softcap, start, stop)[0]
+    n = h2.shape[0]
+    per_element = torch.empty(n, dtype=compute, device=h2.device)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        chunk = _chunk(h2, wc, bc, t2, weight, class_mask, opts, softcap, start, stop, numba, None, numba is None)
+        per_element[start:stop] = chunk[0]
     return per_element
 
 
@@ -415,26 +478,41 @@ def _sum_setup_context(ctx, inputs, output) -> None:
     _, per_element, grad_h, grad_w, grad_b = output
     ctx.mark_non_differentiable(per_element, grad_h, grad_w, grad_b)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(per_element, grad_h, grad_w, grad_b)
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, None if inputs[2] is None else inputs[2].dtype)
     ctx.has_sw = inputs[6] is not None
+    ctx.held = None
+    if torch.compiler.is_compiling() or any(map(_torch_function._is_traced, output)):
+        ctx.save_for_backward(per_element, grad_h, grad_w, grad_b)
+    else:
+        # held outside save_for_backward, so that a backward which releases the graph can hand the buffers
+        # over as the gradients (AccumulateGrad then keeps them as .grad: no weight-sized copy)
+        ctx.held = [per_element, grad_h, grad_w, grad_b]
 
 
 def _sum_backward(ctx, grad_total, *_unused):
-    per_element, grad_h, grad_w, grad_b = ctx.saved_tensors
+    held, ctx.held = ctx.held, None
+    keep = held is not None and _torch_function._graph_kept()
+    if keep:
+        ctx.held = held
+    per_element, grad_h, grad_w, grad_b = ctx.saved_tensors if held is None else held
+    del held
     outputs: list[Any] = [None] * 17
     if grad_total is None:
         return tuple(outputs)
     scale = grad_total.to(per_element.dtype)
     traced = torch.compiler.is_compiling() or any(map(_torch_function._is_traced, (scale, per_element)))
-    in_place = not traced and not _torch_function._graph_kept() and not torch.is_grad_enabled()
+    in_place = not traced and not keep and not torch.is_grad_enabled()
     unit = in_place and scale.device.type == "cpu" and float(scale) == 1.0
-    for index, (grad, dtype) in enumerate(zip((grad_h, grad_w, grad_b), ctx.dtypes)):
+    grads = [grad_h, grad_w, grad_b]
+    del grad_h, grad_w, grad_b
+    for index, dtype in enumerate(ctx.dtypes):
+        grad, grads[index] = grads[index], None
         if dtype is None or not ctx.needs_input_grad[index]:
             continue
         if not unit:
             grad = grad.mul_(scale) if in_place else grad * scale
         outputs[index] = grad.to(dtype)
+        del grad
     if ctx.has_sw and ctx.needs_input_grad[6]:
         outputs[6] = per_element * scale
     return tuple(outputs)
