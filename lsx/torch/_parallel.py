@@ -1,0 +1,482 @@
+"""Vocabulary-parallel label-smoothed cross-entropy on ``torch.distributed`` (``process_group=``).
+
+The class axis is split over the group's ranks in rank order: ``input`` holds this rank's slice of the
+classes (slices may be uneven; a rank may hold none), ``target`` holds the global labels (or this rank's
+slice of the probabilities), ``weight`` and ``class_mask`` this rank's slices. The result is the
+single-device loss, with the global class count K and the global weight total W in the smoothing.
+
+Only per-row statistics travel, never logits: two collectives per call, both all-gathers.
+
+1. A header of a few numbers per rank: its class count, valid class count and weight total (the global K, W
+   and the slice offsets follow, in rank order), and what every rank must agree on (element count, dtypes,
+   target kind, a checksum of the labels, the options) or an error code when this rank rejected its input.
+   Its size depends only on the group's size, so ranks whose batches or dtypes disagree get a ``ValueError``
+   (on every rank) before any collective whose size depends on the batch, never a hang.
+2. Six float64 statistics per row (48 bytes), each taken relative to this rank's own row maximum m_r over
+   its valid classes: m_r, Σ exp(x − m_r), the target's x_y − m_r and w_y with an ownership flag (from the
+   rank that owns the target class, 0 elsewhere), Σ w (x − m_r); for probabilities Σ w q, Σ w q (x − m_r)
+   and Σ w·xlogx(q). Every rank merges them in rank order with the global maximum m (``spec.merge_max`` /
+   ``spec.reshift``: sums of exponentials scale by exp(m_r − m), shifted sums add their weight total
+   times m_r − m), so every rank holds the same global statistics bit for bit.
+
+Each rank then applies ``spec.label_row`` / ``spec.probability_row`` to those statistics, so the loss is
+bitwise identical on every rank, and writes its slice of the gradient ``(coef · p − w∘q) · scale`` in the
+forward pass; the backward pass scales it by the upstream gradient and needs no communication.
+
+Value checks (labels in [0, K), weight finite and >= 0, class_mask, probability mass on a masked class) run
+on CPU tensors, and their outcome travels with the collectives, so bad input raises ``ValueError`` on every
+rank (the rank holding the bad value names it, the others name that rank). On accelerators the header is
+read on the host once per call (one synchronisation); value checks are skipped there and a bad label gives
+NaN, as on a single device.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lsx import spec
+from lsx.torch import _engine
+
+__all__ = ["cross_entropy"]
+
+_DTYPE_CODES = {
+    dtype: code
+    for code, dtype in enumerate(
+        (
+            torch.float64,
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+            torch.int8,
+            torch.int16,
+            torch.int32,
+            torch.int64,
+            torch.uint8,
+            getattr(torch, "uint16", None),
+            getattr(torch, "uint32", None),
+            getattr(torch, "uint64", None),
+        ),
+        start=1,
+    )
+    if dtype is not None
+}
+
+#: error codes exchanged in the header
+_ERRORS = {1: "weight", 2: "class_mask", 3: "target", 4: "sample_weight or denominator", 5: "input's shapes or types"}
+#: the header's columns
+_ERROR, _ELEMENTS, _X_DTYPE, _T_DTYPE, _KIND, _CLASSES, _VALID, _WEIGHT, _SUM1, _SUM2, _OPTIONS = range(11)
+_HEADER = 11
+#: what every rank must agree on, with the error's wording
+_AGREE = (
+    (_ELEMENTS, "element count (batch shape)"),
+    (_X_DTYPE, "logits dtype"),
+    (_T_DTYPE, "target dtype"),
+    (_KIND, "target kind (labels or probabilities)"),
+    (_OPTIONS, "options"),
+    (_SUM1, "labels (their checksum)"),
+    (_SUM2, "labels (their checksum)"),
+)
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    opts: spec.Options,
+    axis: int | None,
+    weight: Any,
+    class_mask: Any,
+    group: Any,
+) -> torch.Tensor:
+    """The loss of this rank's class slice ``logits`` against ``target`` over the group ``group``."""
+    if not isinstance(opts, spec.Options):
+        raise NotImplementedError("process_group is not supported under torch.compile; call the loss eagerly")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group needs an initialised torch.distributed (dist.init_process_group)")
+    call = _Call(group, opts)
+    try:  # every local failure travels in the header, so that the other ranks raise too
+        call.prepare(logits, target, axis, weight, class_mask)
+    except (ValueError, TypeError) as error:
+        call.fail(error, 5)
+    call.exchange_header(logits)
+    if call.x2.requires_grad and torch.is_grad_enabled():
+        value = _ParallelFused.apply(call.x2, call)
+    else:
+        value, _ = call.run(call.x2.detach())
+    return value.reshape(call.lead_shape) if opts.reduction == "none" else value
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of dtype {value.dtype}"
+    return type(value).__name__
+
+
+def _as_tensor(value: Any, name: str, device: torch.device) -> torch.Tensor | None:
+    if value is None:
+        return None
+    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    if name == "weight" and (tensor.dtype == torch.bool or tensor.is_complex()):
+        raise TypeError(f"weight must be a real tensor, got dtype {tensor.dtype}")
+    if name == "class_mask" and tensor.dtype != torch.bool:
+        raise TypeError(f"class_mask must be a boolean tensor, got dtype {tensor.dtype}")
+    return tensor.detach().to(device=device)
+
+
+def _options_code(opts: spec.Options) -> float:
+    scalars = (
+        opts.label_smoothing,
+        opts.spread,
+        opts.ignore_index,
+        opts.z_loss,
+        opts.normalize,
+        opts.reduction,
+        opts.empty_mean,
+        opts.softcap,
+        opts.sample_weight is None,
+        opts.denominator is None,
+    )
+    return float(zlib.crc32(repr(scalars).encode()))
+
+
+def _gather(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """All-gather ``tensor`` (float64) from every rank, stacked in rank order on its device."""
+    device = tensor.device
+    if str(dist.get_backend(group)) == "gloo":
+        tensor = tensor.cpu()
+    tensor = tensor.contiguous()
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, tensor, group=group)
+    return torch.stack(gathered).to(device)
+
+
+class _Call:
+    """One call: its local preparation, the two collectives and the arithmetic (see the module docstring)."""
+
+    def __init__(self, group: Any, opts: spec.Options) -> None:
+        self.group = group
+        self.opts = opts
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.error: Exception | None = None
+        self.error_code = 0
+        self.x2 = self.t2 = self.weight = self.mask = self.sample_weight = None
+        self.kind = "index"
+        self.lead_shape: Any = ()
+
+    def fail(self, error: Exception, code: int) -> None:
+        if self.error is None:
+            self.error, self.error_code = error, code
+
+    # ---- local preparation (no communication) ------------------------------------------------------
+    def prepare(self, logits, target, axis, weight, class_mask) -> None:
+        opts = self.opts
+        if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got {_describe(logits)}")
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"target must be a tensor, got {_describe(target)}")
+        kind = spec.target_kind(target.dtype)
+        if kind == "probs" and target.requires_grad and torch.is_grad_enabled():
+            raise ValueError("lsx.torch.loss does not differentiate the target probabilities; pass target.detach()")
+        if axis is None:
+            axis = 1 if logits.dim() >= 2 else 0
+        shape, target_shape = tuple(logits.shape), tuple(target.shape)
+        ndim = len(shape)
+        if ndim == 0:
+            raise ValueError("logits must have a class axis, got a scalar")
+        if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
+            raise ValueError(f"axis must be an int in [{-ndim}, {ndim}) for logits of shape {shape}, got {axis!r}")
+        axis %= ndim
+        k = shape[axis]
+        expected = shape[:axis] + shape[axis + 1 :] if kind == "index" else shape
+        if target_shape != expected:
+            what = "integer labels" if kind == "index" else "probabilities"
+            raise ValueError(f"target of {what} must have shape {expected} (this rank's slice), got {target_shape}")
+        weight = _as_tensor(weight, "weight", logits.device)
+        class_mask = _as_tensor(class_mask, "class_mask", logits.device)
+        for name, tensor in (("weight", weight), ("class_mask", class_mask)):
+            if tensor is not None and tuple(tensor.shape) != (k,):
+                raise ValueError(
+                    f"{name} must have shape ({k},) (this rank's slice of the classes), got {tuple(tensor.shape)}"
+                )
+        elements = spec.element_shape(shape, axis)
+        if opts.sample_weight is not None and tuple(np.shape(opts.sample_weight)) != elements:
+            raise ValueError(
+                f"sample_weight must have the per-element loss's shape {elements}, "
+                f"got {tuple(np.shape(opts.sample_weight))}"
+            )
+        if ndim == 2 and axis == 1:
+            x2, t2, self.lead_shape = logits, target, shape[:1]
+        else:
+            moved = logits.movedim(axis, -1)
+            self.lead_shape = moved.shape[:-1]
+            x2 = moved.reshape(-1, k)
+            t2 = target.reshape(-1) if kind == "index" else target.movedim(axis, -1).reshape(-1, k)
+        self.x2, self.t2, self.kind, self.weight, self.mask = x2, t2, kind, weight, class_mask
+        if opts.sample_weight is not None:
+            self.sample_weight = torch.as_tensor(opts.sample_weight, device=logits.device).reshape(-1)
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Value checks of this rank's slices (CPU tensors only); failures are recorded, not raised."""
+        opts = self.opts
+        weight, mask, t2 = self.weight, self.mask, self.t2
+        try:
+            if weight is not None and weight.device.type == "cpu":
+                spec.check_weight(weight.to(torch.float64).numpy(), weight.shape[0])
+        except (ValueError, TypeError) as error:
+            return self.fail(error, 1)
+        try:
+            if self.sample_weight is not None and self.sample_weight.device.type == "cpu":
+                spec.check_sample_weight(self.sample_weight.double().numpy(), tuple(self.sample_weight.shape))
+            if opts.denominator is not None:
+                spec.check_denominator(torch.as_tensor(opts.denominator).detach().cpu().numpy())
+        except (ValueError, TypeError) as error:
+            return self.fail(error, 4)
+        if self.kind == "probs" and mask is not None and t2.device.type == "cpu":
+            try:
+                spec.check_probability_target_mask(t2.detach().to(torch.float64).numpy(), -1, mask.cpu().numpy())
+            except ValueError as error:
+                return self.fail(error, 3)
+        return None
+
+    # ---- collective 1: the header ----------------------------------------------------------------
+    def exchange_header(self, logits: Any) -> None:
+        opts = self.opts
+        device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
+        header = torch.zeros(_HEADER, dtype=torch.float64, device=device)
+        header[_ERROR] = float(self.error_code)
+        header[_OPTIONS] = _options_code(opts)
+        x2, t2 = self.x2, self.t2
+        if x2 is not None:
+            n, k = x2.shape
+            header[_ELEMENTS] = float(n)
+            header[_X_DTYPE] = float(_DTYPE_CODES.get(x2.dtype, 0))
+            header[_T_DTYPE] = float(_DTYPE_CODES.get(t2.dtype, 0))
+            header[_KIND] = 1.0 if self.kind == "index" else 2.0
+            header[_CLASSES] = float(k)
+            mask, w = self.mask, self.weight
+            valid = torch.full((), float(k), dtype=torch.float64, device=device) if mask is None else mask.sum()
+            header[_VALID] = valid
+            if w is None:
+                header[_WEIGHT] = valid
+            else:
+                header[_WEIGHT] = (w.double() if mask is None else w.double().masked_fill(~mask, 0)).sum()
+            if self.kind == "index" and n:
+                labels, _ = _engine._labels_as_int64(t2)
+                as_float = labels.to(torch.float64)
+                header[_SUM1] = as_float.sum()
+                header[_SUM2] = (as_float * (torch.arange(n, device=device, dtype=torch.float64) % 251 + 1)).sum()
+        rows = _gather(header, self.group).cpu().tolist()
+        if self.error is not None:
+            raise self.error
+        for rank, row in enumerate(rows):
+            if row[_ERROR]:
+                raise ValueError(
+                    f"rank {rank} of the process group rejected its {_ERRORS.get(int(row[_ERROR]), 'input')} "
+                    "(see the error raised there); no rank computed the loss"
+                )
+        for column, name in _AGREE:
+            values = [row[column] for row in rows]
+            if len(set(values)) > 1:
+                shown = f": {[int(v) for v in values]} in rank order" if column == _ELEMENTS else ""
+                raise ValueError(
+                    f"the ranks of the process group disagree on the {name}{shown}; every rank must pass the same "
+                    "batch, labels and options, with its own slice of the classes"
+                )
+        counts = [int(row[_CLASSES]) for row in rows]
+        self.offset = sum(counts[: self.rank])
+        self.total_classes = sum(counts)
+        self.weight_totals = [row[_WEIGHT] for row in rows]
+        valid = sum(row[_VALID] for row in rows)  # rank order: the same on every rank
+        global_weight = sum(self.weight_totals)
+        opts = self.opts
+        if self.kind == "index" and self.t2.device.type == "cpu":
+            spec.check_labels(self.t2.numpy(), self.total_classes, opts)  # the same labels on every rank
+        spec._check_class_count(int(valid), opts)
+        self.coefficients = spec.RowCoefficients.of(
+            opts, int(valid), int(valid) if self.weight is None else global_weight
+        )
+
+    # ---- collective 2: the per-row statistics, and the arithmetic ---------------------------------
+    def run(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss in x2's dtype, this rank's slice of the reduced loss's gradient)."""
+        opts, kind, coefficients = self.opts, self.kind, self.coefficients
+        n, k = x2.shape
+        device = x2.device
+        compute = torch.float64 if x2.dtype == torch.float64 else torch.float32
+        mask = self.mask
+        w = None if self.weight is None else self.weight.to(compute)
+        if w is not None and mask is not None:
+            w = w.masked_fill(~mask, 0)
+        smoothing = opts.label_smoothing != 0
+        zeros = torch.zeros(n, dtype=compute, device=device)
+
+        x = x2.to(compute)
+        chain = None
+        if opts.softcap is not None:
+            tanh = torch.tanh(x / opts.softcap)
+            x = opts.softcap * tanh
+            chain = 1.0 - tanh * tanh
+        x_soft = x if mask is None else x.masked_fill(~mask, -math.inf)
+        raw_max = x_soft.amax(dim=1) if k else torch.full((n,), -math.inf, dtype=compute, device=device)
+        local_max = torch.where(torch.isfinite(raw_max), raw_max, 0.0)
+        g = torch.exp(x_soft - local_max.unsqueeze(1))
+        shifted = x - local_max.unsqueeze(1)
+
+        if kind == "index":
+            labels, too_big = _engine._labels_as_int64(self.t2.to(device))
+            active = torch.ones(n, dtype=torch.bool, device=device)
+            if opts.ignore_index is not None:
+                active = labels != opts.ignore_index
+            invalid = (labels < 0) | (labels >= self.total_classes)
+            if too_big is not None:
+                active = active | too_big
+                invalid = invalid | too_big
+            invalid = invalid & active
+            local = labels - self.offset
+            owns = active & ~invalid & (local >= 0) & (local < k)
+            y_local = torch.where(owns, local, torch.zeros_like(local))
+            x_y, w_y, owned = zeros, zeros, owns.to(compute)
+            if k:
+                x_y = torch.where(owns, shifted.gather(1, y_local.unsqueeze(1)).squeeze(1), 0.0)
+                w_y = torch.where(owns, torch.ones_like(zeros) if w is None else w[y_local], zeros)
+                if mask is not None:  # a label on a masked class: flagged (2), NaN where it cannot raise
+                    on_masked = owns & ~mask[y_local]
+                    x_y = torch.where(on_masked, math.nan, x_y)
+                    owned = torch.where(on_masked, 2.0, owned)
+            weighted_sum = zeros
+            if smoothing and k:
+                linear_shifted = shifted
+                if mask is not None or w is not None:
+                    linear = torch.ones(k, dtype=torch.bool, device=device) if mask is None else mask
+                    if w is not None:
+                        linear = linear & (w != 0)
+                    linear_shifted = shifted.masked_fill(~linear, 0)
+                weighted_sum = linear_shifted.sum(dim=1) if w is None else linear_shifted @ w
+            columns = [raw_max, g.sum(dim=1), x_y, w_y, weighted_sum, owned]
+        else:
+            q = coefficients.a * self.t2.to(device=device, dtype=compute) + coefficients.b
+            if mask is not None:
+                q = q.masked_fill(~mask, 0)
+            wq = q if w is None else q * w
+            contributes = wq != 0
+            entropy = zeros
+            if opts.normalize:
+                h = spec.xlogx(q, where=torch.where, log=torch.log)
+                h = h if w is None else h * w
+                entropy = torch.where(contributes, h, torch.zeros_like(h)).sum(dim=1)
+            weighted = torch.where(contributes, wq * shifted, torch.zeros_like(x)).sum(dim=1)
+            columns = [raw_max, g.sum(dim=1), wq.sum(dim=1), weighted, entropy, zeros]
+        stats = _gather(torch.stack([c.to(torch.float64) for c in columns]), self.group)  # (P, 6, N)
+
+        # ---- merge in rank order (spec.merge_max / spec.reshift): the same bits on every rank --------
+        raws = stats[:, 0]
+        top = raws.amax(dim=0)
+        m = torch.where(torch.isfinite(top), top, 0.0)
+        # a rank without a finite valid logit in the row has only zeros and −inf in its shifted sums
+        delta = torch.where(torch.isfinite(raws), raws - m, 0.0)
+        factor = torch.exp(delta)
+        sum_exp = (stats[:, 1] * factor).sum(dim=0)
+        sum_exp = torch.where(top == math.inf, math.nan, sum_exp)
+        log_sum_exp = sum_exp.log()
+        if kind == "index":
+            if self.t2.device.type == "cpu":
+                flagged = (stats[:, 5] == 2).any(dim=0)
+                if bool(flagged.any()):
+                    label = int(labels[flagged][0])
+                    raise ValueError(f"target has label {label}, a class that class_mask marks as absent")
+            owner_shift = torch.where(stats[:, 5] != 0, delta, 0.0).sum(dim=0)
+            x_y_global = stats[:, 2].sum(dim=0) + owner_shift
+            w_y_global = stats[:, 3].sum(dim=0)
+            weighted_sum_global = 0.0
+            if smoothing:
+                totals = torch.tensor(self.weight_totals, dtype=torch.float64, device=device).unsqueeze(1)
+                weighted_sum_global = (stats[:, 4] + torch.where(totals != 0, totals * delta, 0.0)).sum(dim=0)
+            loss, coef = spec.label_row(
+                coefficients,
+                log_sum_exp=log_sum_exp,
+                row_max=m,
+                w_y=w_y_global,
+                x_y=x_y_global,
+                weighted_sum=weighted_sum_global,
+                where=torch.where,
+                log=torch.log,
+            )
+        else:
+            mass = stats[:, 2]
+            loss, coef = spec.probability_row(
+                coefficients,
+                log_sum_exp=log_sum_exp,
+                row_max=m,
+                target_mass=mass.sum(dim=0),
+                weighted_sum=(stats[:, 3] + torch.where(mass != 0, mass * delta, 0.0)).sum(dim=0),
+                weighted_xlogx=stats[:, 4].sum(dim=0),
+            )
+        sw = None if self.sample_weight is None else self.sample_weight.to(torch.float64)
+        if opts.denominator is not None:
+            denominator: Any = torch.as_tensor(opts.denominator, dtype=torch.float64, device=device).reshape(())
+        elif kind == "index":
+            w_y_active = torch.where(active, w_y_global, 0.0)
+            denominator = (w_y_active if sw is None else w_y_active * sw).sum()
+        else:
+            denominator = torch.full((), float(n), dtype=torch.float64, device=device) if sw is None else sw.sum()
+        scale = spec.reduction_scale(opts.reduction, denominator, where=torch.where)
+        row_scale = torch.full_like(m, scale) if isinstance(scale, float) else scale.expand_as(m)
+        if sw is not None:
+            loss = loss * sw
+            row_scale = row_scale * sw
+        if kind == "index":
+            row_scale = torch.where(active, row_scale, 0.0)
+            loss = torch.where(active, loss, 0.0).masked_fill(invalid, math.nan)
+
+        # ---- this rank's slice of the gradient: (coef · p − w∘q) · scale --------------------------
+        own_factor = factor[self.rank]
+        g.mul_((coef * row_scale * own_factor / sum_exp).to(compute).unsqueeze(1))
+        row_scale_c = row_scale.to(compute)
+        if kind == "index":
+            if smoothing and k:
+                b_row = coefficients.b * (torch.ones(k, dtype=compute, device=device) if w is None else w)
+                if mask is not None:
+                    b_row = b_row.masked_fill(~mask, 0)
+                g.addcmul_(row_scale_c.unsqueeze(1), b_row.unsqueeze(0), value=-1)
+            if k and coefficients.a != 0:
+                target_part = torch.where(owns, -coefficients.a * w_y * row_scale_c, 0.0)
+                g.scatter_add_(1, y_local.unsqueeze(1), target_part.unsqueeze(1))
+            g.masked_fill_(~active.unsqueeze(1), 0)
+            g.masked_fill_(invalid.unsqueeze(1), math.nan)
+        else:
+            g.addcmul_(row_scale_c.unsqueeze(1), wq, value=-1)
+            if mask is not None:  # probability mass on a masked class (the CPU raises for it before)
+                masked_mass = (self.t2.to(device=device, dtype=compute).masked_fill(mask, 0) != 0).any(dim=1)
+                g.masked_fill_(masked_mass.unsqueeze(1), math.nan)
+                loss = loss.masked_fill(masked_mass, math.nan)
+        if mask is not None:
+            g.masked_fill_(~mask, 0)
+        if chain is not None:
+            g.mul_(chain)
+        value = _engine.reduce(loss, denominator, opts, x2.dtype)
+        return value, g.to(x2.dtype)
+
+
+class _ParallelFused(torch.autograd.Function):
+    """The gradient is computed in the forward pass; the backward scales it (no communication)."""
+
+    @staticmethod
+    def forward(ctx, x2, call):
+        value, grad = call.run(x2.detach())
+        ctx.save_for_backward(grad)
+        ctx.per_element = call.opts.reduction == "none"
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        (grad,) = ctx.saved_tensors
+        scale = grad_value.to(grad.dtype)
+        scale = scale.reshape(-1, 1) if ctx.per_element else scale
+        return grad * scale, None

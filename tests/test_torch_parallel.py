@@ -1,0 +1,259 @@
+"""lsx.torch vocabulary-parallel loss (``process_group=``) on real gloo process groups over loopback.
+
+Each test spawns one group (2 or 3 processes) and runs many cases inside it: every rank builds the same
+global problem, takes its slice of the classes, and compares the parallel loss and gradient slice with the
+single-device ``lsx.torch.loss``; the loss must be bitwise identical across ranks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import zlib
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+mp = pytest.importorskip("torch.multiprocessing")
+
+if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover - depends on the build
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+F64 = torch.float64
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(worker, size: int, *args) -> None:
+    port = _free_port()
+    mp.spawn(_bootstrap, args=(size, port, worker, args), nprocs=size, join=True)
+
+
+def _bootstrap(rank: int, size: int, port: int, worker, args) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        worker(rank, size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The cases
+# --------------------------------------------------------------------------------------------------------
+def _problem(seed: int, n: int, k: int, kind: str, opts: dict, *, label_high: int | None = None):
+    """Global logits (N, K), target, weight and class_mask (the padded tail masked) for one case."""
+    import lsx.torch  # noqa: F401
+
+    gen = torch.Generator().manual_seed(seed)
+    x = 3 * torch.randn(n, k, generator=gen, dtype=F64)
+    pad = opts.pop("pad", 0)
+    mask = None
+    if pad:
+        mask = torch.ones(k, dtype=torch.bool)
+        mask[k - pad :] = False
+        x[:, k - pad :] = torch.where(torch.rand(n, pad, generator=gen) < 0.5, -torch.inf, 1e3)
+    weight = torch.rand(k, generator=gen, dtype=F64) + 0.1 if opts.pop("weighted", False) else None
+    if weight is not None and opts.pop("zero_weight", False):
+        weight[1] = 0.0
+        x[0, 1] = -torch.inf  # a class with w = 0 contributes nothing, even against −inf
+    valid = k - pad
+    if kind == "index":
+        high = valid if label_high is None else label_high
+        y = torch.randint(0, high, (n,), generator=gen)
+        if opts.get("ignore_index") is not None:
+            y = torch.where(torch.rand(n, generator=gen) < 0.3, torch.tensor(opts["ignore_index"]), y)
+        if opts.pop("all_ignored", False):
+            y = torch.full((n,), opts["ignore_index"])
+        y = y.to(opts.pop("label_dtype", torch.int64))
+    else:
+        opts.pop("label_dtype", None)
+        opts.pop("all_ignored", None)
+        logits = torch.randn(n, valid, generator=gen, dtype=F64)
+        y = torch.zeros(n, k, dtype=F64)
+        y[:, :valid] = torch.softmax(logits, dim=1)
+        if opts.pop("negative_mass", False):
+            y[0, 0] -= 0.25
+            y[0, 1] += 0.25
+    return x, y, weight, mask
+
+
+def _cases():
+    """(kind, options) for every spread × reduction × option combination the group runs."""
+    options = [
+        {},
+        {"label_smoothing": 0.1},
+        {"label_smoothing": 0.2, "weighted": True, "zero_weight": True},
+        {"label_smoothing": 0.1, "ignore_index": 2},
+        {"label_smoothing": 0.1, "z_loss": 1e-3},
+        {"label_smoothing": 0.3, "normalize": True, "weighted": True},
+        {"label_smoothing": 0.1, "pad": 3, "weighted": True},
+        {"label_smoothing": 1.0, "pad": 2, "z_loss": 1e-2, "normalize": True},
+        {"label_smoothing": 0.1, "label_dtype": torch.uint8, "ignore_index": 255},
+        {"label_smoothing": 0.1, "ignore_index": -100, "all_ignored": True, "empty_mean": "zero"},
+        {"label_smoothing": 0.1, "ignore_index": -100, "all_ignored": True},
+        {"label_smoothing": 0.1, "negative_mass": True, "normalize": False},
+    ]
+    for kind, spread, reduction, option in itertools.product(
+        ("index", "probs"), ("all", "others"), ("none", "sum", "mean"), options
+    ):
+        if kind == "probs" and ("ignore_index" in option or "all_ignored" in option or "label_dtype" in option):
+            continue
+        if kind == "index" and "negative_mass" in option:
+            continue
+        yield kind, dict(option, spread=spread, reduction=reduction)
+
+
+def _split(x, splits, rank, dim=1):
+    start = sum(splits[:rank])
+    return x.narrow(dim, start, splits[rank])
+
+
+def _check_case(rank, size, splits, kind, opts, seed, *, n=7, label_high=None):
+    import lsx.torch
+    from lsx import spec
+
+    opts = dict(opts)
+    k = sum(splits)
+    x, y, weight, mask = _problem(seed, n, k, kind, opts, label_high=label_high)
+    arrays = dict(weight=None if weight is None else weight.numpy(), class_mask=None if mask is None else mask.numpy())
+    reference = torch.from_numpy(spec.reference_loss(x.numpy(), y.numpy(), axis=1, **arrays, **opts))
+    cotangent = torch.rand(reference.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=F64)
+    reference_grad = spec.reference_grad(x.numpy(), y.numpy(), axis=1, cotangent=cotangent.numpy(), **arrays, **opts)
+    full = x.clone().requires_grad_(True)
+    single = lsx.torch.loss(full, y, weight, class_mask=mask, **opts)
+    (single_grad,) = torch.autograd.grad(single, full, cotangent)
+
+    part = _split(x, splits, rank).clone().requires_grad_(True)
+    target = y if kind == "index" else _split(y, splits, rank)
+    value = lsx.torch.loss(
+        part,
+        target,
+        None if weight is None else _split(weight, splits, rank, 0),
+        class_mask=None if mask is None else _split(mask, splits, rank, 0),
+        process_group=dist.group.WORLD,
+        **opts,
+    )
+    (grad,) = torch.autograd.grad(value, part, cotangent)
+    where = f"case {kind} {opts} on rank {rank} of {splits}"
+    for name, loss, full_grad in (
+        ("the single-device lsx.torch.loss", single.detach(), single_grad),
+        ("the float64 reference", reference, torch.from_numpy(reference_grad)),
+    ):
+        torch.testing.assert_close(
+            value.detach(),
+            loss,
+            rtol=1e-12,
+            atol=1e-12,
+            equal_nan=True,
+            msg=lambda m, name=name: f"{where} vs {name}: {m}",
+        )
+        torch.testing.assert_close(
+            grad,
+            _split(full_grad, splits, rank),
+            rtol=1e-12,
+            atol=1e-12,
+            equal_nan=True,
+            msg=lambda m, name=name: f"{where} vs {name}: {m}",
+        )
+    # the loss is bitwise identical on every rank
+    bits = value.detach().reshape(-1).view(torch.int64)
+    gathered = [torch.empty_like(bits) for _ in range(size)]
+    dist.all_gather(gathered, bits)
+    assert all(torch.equal(other, gathered[0]) for other in gathered), f"loss differs across ranks: {where}"
+
+
+def _parity_worker(rank, size, splits, label_high):
+    for index, (kind, opts) in enumerate(_cases()):
+        seed = zlib.crc32(f"{splits}-{index}".encode())
+        _check_case(rank, size, splits, kind, opts, seed, label_high=label_high)
+
+
+@pytest.mark.parametrize(
+    "splits, label_high",
+    [
+        # 2 ranks, uneven; rank 1 holds no target class; its tail is padding masked with class_mask
+        pytest.param((4, 7), 4, id="2-ranks-uneven"),
+        # 3 ranks, the middle one holds no class at all
+        pytest.param((5, 0, 6), None, id="3-ranks-one-empty"),
+    ],
+)
+def test_parallel_equals_single_device(splits, label_high):
+    _spawn(_parity_worker, len(splits), splits, label_high)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad input: an error on every rank, never a hang; the group stays usable afterwards
+# --------------------------------------------------------------------------------------------------------
+def _raises(match, fn):
+    with pytest.raises(ValueError, match=match):
+        fn()
+
+
+def _bad_input_worker(rank, size):
+    import lsx.torch
+
+    group = dist.group.WORLD
+    splits = (3, 2, 4)[:size]
+    k = sum(splits)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, k, generator=gen, dtype=F64)
+    y = torch.randint(0, k, (6,), generator=gen)
+    part = _split(x, splits, rank)
+
+    def run(logits=part, target=y, weight=None, **options):
+        return lsx.torch.loss(logits, target, weight, process_group=group, label_smoothing=0.1, **options)
+
+    # labels that differ across ranks
+    other = y.clone()
+    other[0] = (other[0] + 1) % k
+    _raises("disagree on the labels", lambda: run(target=other if rank == 1 else y))
+    # an out-of-range label (beyond the global K, inside the local one on no rank): named on every rank
+    bad = y.clone()
+    bad[2] = k
+    _raises(f"target has label {k}, which is outside \\[0, {k}\\)", lambda: run(target=bad))
+    # a batch shape that differs on one rank
+    _raises(
+        "disagree on the element count",
+        lambda: run(logits=part[:5] if rank == 1 else part[:4], target=y[:4] if rank != 1 else y[:5]),
+    )
+    # a dtype that differs on one rank
+    _raises("disagree on the logits dtype", lambda: run(logits=part.float() if rank == 0 else part))
+    # a bad weight on one rank only: that rank names it, the others say which rank
+    weight = torch.ones(splits[rank], dtype=F64)
+    if rank == size - 1:
+        weight[0] = -1.0
+    message = "weight must be finite and >= 0" if rank == size - 1 else f"rank {size - 1} .* rejected its weight"
+    _raises(message, lambda: run(weight=weight))
+    # options that differ across ranks
+    _raises("disagree on the options", lambda: run(z_loss=1e-3 if rank == 0 else 0.0))
+    # a shape error on one rank (its weight has the wrong length)
+    wrong = torch.ones(splits[rank] + (rank == 0), dtype=F64)
+    message = "weight must have shape" if rank == 0 else "rank 0 .* rejected its input's shapes"
+    _raises(message, lambda: run(weight=wrong))
+    # a class_mask that leaves no class anywhere
+    _raises("at least one valid class", lambda: run(class_mask=torch.zeros(splits[rank], dtype=torch.bool)))
+    # a label on a class masked on its owner rank
+    mask = torch.ones(splits[rank], dtype=torch.bool)
+    owner = next(r for r in range(size) if sum(splits[:r]) <= int(y[0]) < sum(splits[: r + 1]))
+    if rank == owner:
+        mask[int(y[0]) - sum(splits[:rank])] = False
+    _raises(f"target has label {int(y[0])}, a class that class_mask marks as absent", lambda: run(class_mask=mask))
+    # the group is still usable: a good call after all of that gives the single-device loss
+    expected = lsx.torch.loss(x, y, label_smoothing=0.1)
+    torch.testing.assert_close(run(), expected, rtol=1e-12, atol=1e-12)
+    # CrossEntropyLoss takes the group too
+    criterion = lsx.torch.CrossEntropyLoss(label_smoothing=0.1, process_group=group)
+    torch.testing.assert_close(criterion(part, y), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_input_raises_on_every_rank():
+    _spawn(_bad_input_worker, 3)
