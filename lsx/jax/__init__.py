@@ -204,16 +204,18 @@ def _traced(value: Any) -> bool:
 _JAX_NOTES = """JAX:
     ``loss`` is pure and works under ``jax.jit``, ``jax.vmap``, ``jax.grad`` and ``jax.value_and_grad``.
     Options are static (Python values): jit it as ``jax.jit(functools.partial(loss, label_smoothing=0.1))``
-    or ``jax.jit(loss, static_argnames=("label_smoothing", ...))``. ``weight`` and ``class_mask`` may be
-    traced arrays. The gradient is a ``jax.custom_vjp`` in closed form, computed from the saved log-sum-exp
+    or ``jax.jit(loss, static_argnames=("label_smoothing", ...))``; ``softcap`` is static too. ``weight``,
+    ``class_mask``, ``sample_weight`` and ``denominator`` may be traced arrays, and JAX differentiates the loss
+    with respect to ``sample_weight`` and ``denominator`` as well. The gradient is a ``jax.custom_vjp`` in closed form, computed from the saved log-sum-exp
     (residuals: logits, target and one scalar per element), and integer labels are never expanded to a
     one-hot tensor. float16/bfloat16 logits are accumulated in float32; loss and gradient keep the logits'
     dtype.
 
-    Values are checked when they are concrete: out-of-range labels raise ``ValueError``, as do bad weights
-    and class masks. Under ``jit``/``vmap`` they cannot be checked; an element whose label is out of range
-    (or on a masked class) then has a NaN loss and a NaN gradient, never a silent finite number, and traced
-    ``weight``/``class_mask`` values are trusted.
+    Values are checked when they are concrete: out-of-range labels raise ``ValueError``, as do bad weights,
+    sample weights, denominators and class masks. Under ``jit``/``vmap`` they cannot be checked; an element
+    whose label is out of range (or on a masked class) then has a NaN loss and a NaN gradient, never a silent
+    finite number, as has an element with a negative or non-finite traced ``sample_weight`` (a negative traced
+    ``denominator`` or ``weight`` makes everything NaN); a traced ``class_mask`` is trusted.
 
     Vocabulary parallelism: inside ``jax.shard_map``, ``axis_name=`` names the mesh axis that splits the
     class axis (equal slices in the axis's order). ``logits``, a probability ``target``, ``weight`` and
