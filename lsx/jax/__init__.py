@@ -206,9 +206,9 @@ _JAX_NOTES = """JAX:
     Options are static (Python values): jit it as ``jax.jit(functools.partial(loss, label_smoothing=0.1))``
     or ``jax.jit(loss, static_argnames=("label_smoothing", ...))``; ``softcap`` is static too. ``weight``,
     ``class_mask``, ``sample_weight`` and ``denominator`` may be traced arrays, and JAX differentiates the loss
-    with respect to ``sample_weight`` and ``denominator`` as well. The gradient is a ``jax.custom_vjp`` in closed form, computed from the saved log-sum-exp
-    (residuals: logits, target and one scalar per element), and integer labels are never expanded to a
-    one-hot tensor. float16/bfloat16 logits are accumulated in float32; loss and gradient keep the logits'
+    with respect to ``sample_weight`` and ``denominator`` as well. The gradient is a ``jax.custom_vjp`` in
+    closed form, computed from the saved log-sum-exp (residuals: logits, target and one scalar per element),
+    and integer labels are never expanded to a one-hot tensor. float16/bfloat16 logits are accumulated in float32; loss and gradient keep the logits'
     dtype.
 
     Values are checked when they are concrete: out-of-range labels raise ``ValueError``, as do bad weights,
