@@ -208,8 +208,8 @@ _JAX_NOTES = """JAX:
     ``class_mask``, ``sample_weight`` and ``denominator`` may be traced arrays, and JAX differentiates the loss
     with respect to ``sample_weight`` and ``denominator`` as well. The gradient is a ``jax.custom_vjp`` in
     closed form, computed from the saved log-sum-exp (residuals: logits, target and one scalar per element),
-    and integer labels are never expanded to a one-hot tensor. float16/bfloat16 logits are accumulated in float32; loss and gradient keep the logits'
-    dtype.
+    and integer labels are never expanded to a one-hot tensor. float16/bfloat16 logits are accumulated in
+    float32; loss and gradient keep the logits' dtype.
 
     Values are checked when they are concrete: out-of-range labels raise ``ValueError``, as do bad weights,
     sample weights, denominators and class masks. Under ``jit``/``vmap`` they cannot be checked; an element
