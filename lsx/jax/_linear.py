@@ -8,11 +8,12 @@ logits-sized array outlives its chunk.
 
 Two ``custom_vjp`` functions, one per reduction kind:
 
-- ``"sum"``/``"mean"``: :func:`_weighted_total` returns Σ_i sw_i·ℓ_i. Its forward rule (used only when
-  something is differentiated) computes the gradients for a unit upstream in the same sweep as the loss,
-  for exactly the inputs being differentiated, so the logits are computed once; its backward rule scales
-  them by the upstream scalar. Residuals: the gradients (shaped like the inputs) and, when ``sample_weight``
-  is differentiated, the per-element losses.
+- ``"sum"``/``"mean"``: :func:`_reduced` returns Σ_i sw_i·ℓ_i (÷ D for the mean, D an input). Its forward
+  rule (used only when something is differentiated) computes the gradients for a unit upstream in the same
+  sweep as the loss, for exactly the inputs being differentiated, so the logits are computed once; its
+  backward rule scales them by the upstream scalar (a constant 1 under ``value_and_grad``, which XLA folds
+  away, so the kernel's gradient is accumulated straight into the output). Residuals: the gradients (shaped
+  like the inputs) and, when ``sample_weight`` is differentiated, the per-element losses.
 - ``"none"``: :func:`_per_element` returns ℓ_i; its forward rule keeps the log-sum-exp of each row (residuals
   O(N·H + N): hidden, kernel, bias, target and L), and its backward rule sweeps the chunks again with the
   caller's per-element cotangent, recomputing each chunk's logits.
@@ -42,6 +43,8 @@ __all__ = ["linear_loss"]
 
 #: rows per chunk when ``chunk_size`` is None: about this many logits per chunk
 CHUNK_ELEMENTS = 2**22
+#: the kernel's gradient is accumulated in column blocks of about this many elements
+KERNEL_BLOCK_ELEMENTS = 2**21
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,8 @@ def _chunk_losses(plan: _Plan, h, kernel, bias, target, weight, mask):
     return _engine._forward(plan.engine, z, target, weight, mask)
 
 
-def _chunk_grads(plan: _Plan, wants, h, kernel, bias, target, weight, mask, g, lse):
-    """(loss or None, dh, dkernel, dbias, dweight, dtarget) of Σ_i g_i·ℓ_i over one chunk of rows.
+def _chunk_grads(plan: _Plan, wants, h, kernel, bias, target, weight, mask, g, lse, dk_total):
+    """(loss or None, dh, dkernel_total + dkernel, dbias, dweight, dtarget) of Σ_i g_i·ℓ_i over one chunk.
 
     ``lse`` is the saved log-sum-exp, or None to compute it (and the loss) here. Entries of ``wants``
     (hidden, kernel, bias, weight, target) that are False come back as None."""
@@ -88,9 +91,22 @@ def _chunk_grads(plan: _Plan, wants, h, kernel, bias, target, weight, mask, g, l
     compute = plan.engine.compute
     dz_in = dz.astype(plan.dtype)  # the matmuls run in the inputs' dtype, as the materialised path's
     dh = jnp.dot(dz_in, kernel.T, preferred_element_type=compute) if want_h else None
-    dk = jnp.dot(h.T, dz_in, preferred_element_type=compute) if want_k else None
+    dk = _accumulate_kernel_grad(dk_total, h, dz_in, compute) if want_k else None
     db = jnp.sum(dz, axis=0) if want_b else None
     return loss, dh, dk, db, (w_bar if want_w else None), (t_bar if want_t else None)
+
+
+def _accumulate_kernel_grad(total, h, dz, compute):
+    """``total + h.T @ dz``, in column blocks of about :data:`KERNEL_BLOCK_ELEMENTS` updated in place, so
+    that no second (H, V) buffer holds the chunk's product before it is added."""
+    hidden_size, v = total.shape
+    blocks = -(-hidden_size * v // KERNEL_BLOCK_ELEMENTS)
+    width = -(-v // blocks)
+    for start in range(0, v, width):
+        stop = min(v, start + width)
+        part = jnp.dot(h.T, dz[:, start:stop], preferred_element_type=compute)
+        total = lax.dynamic_update_slice(total, total[:, start:stop] + part, (0, start))
+    return total
 
 
 def _over_chunks(chunk: int, body, carry, rows):
@@ -127,8 +143,8 @@ def _sweep(plan: _Plan, wants, h, kernel, bias, target, weight, mask, g, lse):
 
     def body(carry, rows):
         h_c, t_c, g_c, lse_c = rows
-        loss, dh, dk, db, dw, dt = _chunk_grads(plan, wants, h_c, kernel, bias, t_c, weight, mask, g_c, lse_c)
-        return (_add(carry[0], dk), _add(carry[1], db), _add(carry[2], dw)), (loss, dh, dt)
+        loss, dh, dk, db, dw, dt = _chunk_grads(plan, wants, h_c, kernel, bias, t_c, weight, mask, g_c, lse_c, carry[0])
+        return (dk, _add(carry[1], db), _add(carry[2], dw)), (loss, dh, dt)
 
     (dk, db, dw), (loss, dh, dt) = _over_chunks(plan.chunk, body, carry, (h, target, g, lse))
     return (
@@ -183,38 +199,47 @@ _per_element.defvjp(_per_element_fwd, _per_element_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# reduction="sum"/"mean": Σ sw·ℓ, gradients taken in the forward sweep
+# reduction="sum"/"mean": Σ sw·ℓ (÷ D), gradients taken in the forward sweep
 # ----------------------------------------------------------------------------------------------------------
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _weighted_total(plan: _Plan, h, kernel, bias, target, weight, mask, sample_weight):
+def _reduced(plan: _Plan, h, kernel, bias, target, weight, mask, sample_weight, denominator):
     loss = _losses(plan, h, kernel, bias, target, weight, mask)[0]
-    return jnp.sum(loss if sample_weight is None else loss * sample_weight)
+    total = jnp.sum(loss if sample_weight is None else loss * sample_weight)
+    return _divide(plan, total, denominator)
 
 
-def _weighted_total_fwd(plan: _Plan, h, kernel, bias, target, weight, mask, sample_weight):
-    values = [None if p is None else p.value for p in (h, kernel, bias, target, weight, mask, sample_weight)]
-    hv, kv, bv, tv, wv, mv, swv = values
+def _divide(plan: _Plan, total, denominator):
+    if denominator is None:
+        return total
+    return spec.reduce_total("mean", total, denominator, plan.engine.empty_mean, where=jnp.where)
+
+
+def _reduced_fwd(plan: _Plan, h, kernel, bias, target, weight, mask, sample_weight, denominator):
+    primals = (h, kernel, bias, target, weight, mask, sample_weight, denominator)
+    hv, kv, bv, tv, wv, mv, swv, dv = (None if p is None else p.value for p in primals)
     wants = _wants(plan, *map(_perturbed, (h, kernel, bias, target, weight)))
+    # the gradients for a unit upstream: each element's cotangent is sw_i / D (0 when D = 0), so the
+    # upstream of value_and_grad (a constant 1) leaves them as they are, with no extra pass over them
+    scale = 1.0 if dv is None else spec.reduction_scale("mean", dv, where=jnp.where)
     g = jnp.ones(hv.shape[:1], plan.engine.compute) if swv is None else swv
     if any(wants):
-        loss, dh, dk, db, dw, dt = _sweep(plan, wants, hv, kv, bv, tv, wv, mv, g, None)
+        loss, dh, dk, db, dw, dt = _sweep(plan, wants, hv, kv, bv, tv, wv, mv, g * scale, None)
     else:
         loss, _ = _losses(plan, hv, kv, bv, tv, wv, mv)
         dh = dk = db = dw = dt = None
     total = jnp.sum(loss if swv is None else loss * swv)
-    keep_loss = loss if sample_weight is not None and sample_weight.perturbed else None
-    return total, (dh, dk, db, dt, dw, keep_loss)
+    dsw = loss * scale if _perturbed(sample_weight) else None
+    # ∂(total / D)/∂D = −total / D², 0 for D = 0 (the empty mean is a constant)
+    dd = None if dv is None else jnp.where(dv != 0, -total * scale * scale, 0.0)
+    return _divide(plan, total, dv), (dh, dk, db, dt, dw, dsw, dd)
 
 
-def _weighted_total_bwd(plan: _Plan, residuals, cotangent):
-    *grads, loss = residuals
-    scaled = [None if d is None else (cotangent * d).astype(d.dtype) for d in grads]
-    dh, dk, db, dt, dw = scaled
-    dsw = None if loss is None else cotangent * loss
-    return dh, dk, db, dt, dw, None, dsw
+def _reduced_bwd(plan: _Plan, residuals, cotangent):
+    dh, dk, db, dt, dw, dsw, dd = (None if r is None else (cotangent * r).astype(r.dtype) for r in residuals)
+    return dh, dk, db, dt, dw, None, dsw, dd
 
 
-_weighted_total.defvjp(_weighted_total_fwd, _weighted_total_bwd, symbolic_zeros=True)
+_reduced.defvjp(_reduced_fwd, _reduced_bwd, symbolic_zeros=True)
 
 
 @partial(jax.jit, static_argnums=(0,))
@@ -228,8 +253,8 @@ def _loss(plan: _Plan, h, kernel, bias, target, weight, mask, sample_weight, den
     if cfg.reduction == "none":
         per = _per_element(plan, h, kernel, bias, target, weight, mask)
         return (per if sw is None else per * sw).astype(plan.dtype)
-    total = _weighted_total(plan, h, kernel, bias, target, weight, mask, sw)
-    if cfg.reduction == "mean":
+    d = None
+    if cfg.reduction == "mean":  # D, differentiated by JAX with respect to sample_weight and weight
         if denominator is not None:
             d = jnp.asarray(denominator).astype(cfg.compute)
             d = jnp.where(jnp.isfinite(d) & (d >= 0), d, jnp.nan)  # a traced bad value gives NaN
@@ -240,8 +265,7 @@ def _loss(plan: _Plan, h, kernel, bias, target, weight, mask, sample_weight, den
             d = jnp.sum(counted if sw is None else jnp.where(active, counted * sw, 0), dtype=cfg.compute)
         else:
             d = jnp.asarray(h.shape[0], cfg.compute) if sw is None else jnp.sum(sw)
-        total = spec.reduce_total("mean", total, d, cfg.empty_mean, where=jnp.where)
-    return total.astype(plan.dtype)
+    return _reduced(plan, h, kernel, bias, target, weight, mask, sw, d).astype(plan.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
