@@ -42,6 +42,9 @@ def loss(
     class_mask: Any = None,
     reduction: spec.Reduction = default("mean"),
     empty_mean: spec.EmptyMean = default("nan"),
+    softcap: float | None = None,
+    sample_weight: Any = None,
+    denominator: Any = None,
     convention: str | None = None,
 ) -> tf.Tensor:
     opts = spec.resolve_options(
@@ -55,6 +58,9 @@ def loss(
         class_mask=class_mask,
         reduction=reduction,
         empty_mean=empty_mean,
+        softcap=softcap,
+        sample_weight=sample_weight,
+        denominator=denominator,
     )
     x = tf.convert_to_tensor(logits)
     t = tf.convert_to_tensor(target)
@@ -75,6 +81,7 @@ def loss(
         axis=axis,
         weight_shape=None if opts.weight is None else tuple(_shape(opts.weight)),
         class_mask_shape=None if opts.class_mask is None else tuple(np.shape(_static(opts.class_mask, "class_mask"))),
+        sample_weight_shape=None if opts.sample_weight is None else tuple(_shape(opts.sample_weight)),
     )
     k = layout.num_classes
     compute = tf.float64 if x.dtype == tf.float64 else tf.float32
@@ -93,6 +100,21 @@ def loss(
         w = tf.cast(opts.weight, compute)
     else:
         w = tf.constant(spec.check_weight(weight_value, k), compute)
+
+    # per-element weights and a caller's denominator: known values are checked, traced ones trusted; tensors
+    # (and tf.Variables) get their gradients
+    sw = None
+    if opts.sample_weight is not None:
+        sw_value = tf.get_static_value(tf.convert_to_tensor(opts.sample_weight))
+        if sw_value is not None:
+            spec.check_sample_weight(sw_value, spec.element_shape(tuple(x.shape), layout.axis))
+        sw = tf.cast(opts.sample_weight, compute)
+    d = None
+    if opts.denominator is not None:
+        d_value = tf.get_static_value(tf.convert_to_tensor(opts.denominator))
+        if d_value is not None:
+            spec.check_denominator(d_value)
+        d = tf.cast(opts.denominator, compute)
 
     target_value = tf.get_static_value(t)
     if target_value is not None:
@@ -119,8 +141,17 @@ def loss(
         compute=compute,
         check_weight=w is not None and weight_value is None,
         check_target_mask=kind == "probs" and mask is not None and target_value is None,
+        softcap=opts.softcap,
     )
-    value = _engine.reduced_loss(x2, t2, plan, w, weight_is_input=weight_is_tensor)
+    value = _engine.reduced_loss(
+        x2,
+        t2,
+        plan,
+        w,
+        weight_is_input=weight_is_tensor,
+        sample_weight=None if sw is None else tf.reshape(sw, [-1]),
+        denominator=d,
+    )
     if opts.reduction == "none":
         value = tf.reshape(value, lead_shape)
     return tf.cast(value, x.dtype)

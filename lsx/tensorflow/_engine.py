@@ -36,6 +36,7 @@ class Plan:
     compute: tf.DType  # accumulation dtype
     check_weight: bool  # the weight's values are unknown (traced): invalid ones give NaN
     check_target_mask: bool  # probability targets whose values are unknown, with a class mask
+    softcap: float | None = None  # the logits become c·tanh(x/c) first
 
 
 def _where_for(dtype: tf.DType):
@@ -71,11 +72,22 @@ def labels(target: tf.Tensor, plan: Plan) -> tuple[tf.Tensor, tf.Tensor, tf.Tens
     return active, label, bad
 
 
-def reduced_loss(x2: tf.Tensor, t2: tf.Tensor, plan: Plan, weight: Any, *, weight_is_input: bool) -> tf.Tensor:
+def reduced_loss(
+    x2: tf.Tensor,
+    t2: tf.Tensor,
+    plan: Plan,
+    weight: Any,
+    *,
+    weight_is_input: bool,
+    sample_weight: tf.Tensor | None = None,
+    denominator: tf.Tensor | None = None,
+) -> tf.Tensor:
     """The loss (per element for ``reduction="none"``, else a scalar) in the compute dtype.
 
     ``x2``: (N, K) logits; ``t2``: (N,) labels or (N, K) probabilities; ``weight``: None or a (K,) tensor in
-    the compute dtype, differentiated (its gradient returned alongside the logits') when ``weight_is_input``.
+    the compute dtype, differentiated (its gradient returned alongside the logits') when ``weight_is_input``;
+    ``sample_weight``: None or (N,) per-element weights and ``denominator``: None or a 0-d caller's mean
+    denominator, both in the compute dtype and both differentiated.
     """
     opts = plan.options
     compute = plan.compute
@@ -101,8 +113,12 @@ def reduced_loss(x2: tf.Tensor, t2: tf.Tensor, plan: Plan, weight: Any, *, weigh
             return None if mask_t is None else tf.cast(mask_t, compute)
         return w if mask_t is None else tf.where(mask_t, w, tf.zeros_like(w))
 
-    def forward(logits, w):
+    def forward(logits, w, sw, d):
         x = tf.cast(logits, compute)
+        tanh = None
+        if plan.softcap is not None:  # c·tanh(x/c) before anything else: ±inf become ±c
+            tanh = tf.tanh(x / plan.softcap)
+            x = plan.softcap * tanh
         w_eff = effective_weight(w)
         x_soft = x if mask_t is None else tf.where(mask_t, x, tf.constant(-np.inf, compute))
         row_max = tf.reduce_max(x_soft, axis=-1)
@@ -141,7 +157,8 @@ def reduced_loss(x2: tf.Tensor, t2: tf.Tensor, plan: Plan, weight: Any, *, weigh
             per_element = tf.where(active, per_element, tf.zeros_like(per_element))
             per_element = tf.where(bad, nan, per_element)
             wq = None
-            denominator = tf.reduce_sum(tf.where(active, w_y, tf.zeros_like(w_y)))
+            counted = tf.where(active, w_y, tf.zeros_like(w_y))  # each element's share of the local D
+            local = tf.reduce_sum(counted if sw is None else counted * sw)
         else:
             q = a * target_probs + b
             if mask_t is not None:
@@ -163,11 +180,16 @@ def reduced_loss(x2: tf.Tensor, t2: tf.Tensor, plan: Plan, weight: Any, *, weigh
             )
             if bad is not None:
                 per_element = tf.where(bad, nan, per_element)
-            denominator = tf.cast(tf.shape(x)[0], compute)
+            counted = None
+            local = tf.cast(tf.shape(x)[0], compute) if sw is None else tf.reduce_sum(sw)
         if plan.check_weight:  # a traced weight with a negative or non-finite entry: NaN, never a number
             invalid = tf.reduce_any(~(w >= 0) | ~tf.math.is_finite(w))
             per_element = tf.where(invalid, nan, per_element)
 
+        unweighted = per_element
+        if sw is not None:
+            per_element = per_element * sw
+        denominator = local if d is None else d
         if opts.reduction == "none":
             value = per_element
         else:
@@ -189,11 +211,15 @@ def reduced_loss(x2: tf.Tensor, t2: tf.Tensor, plan: Plan, weight: Any, *, weigh
             denominator=denominator,
             value=value,
             per_element=per_element,
+            unweighted=unweighted,
+            counted=counted,
+            tanh=tanh,
         )
         return value, saved
 
     def row_scale(upstream, saved):
-        """Per-row factor: the upstream gradient times the reduction's (0 on ignored rows, NaN on bad ones)."""
+        """Per-row factor: the upstream gradient times the reduction's (0 on ignored rows, NaN on bad ones),
+        without the sample weight."""
         scale = tf.cast(upstream, compute)
         if opts.reduction != "none":
             scale = scale * spec.reduction_scale(opts.reduction, saved["denominator"], where=where)
@@ -220,7 +246,24 @@ def reduced_loss(x2: tf.Tensor, t2: tf.Tensor, plan: Plan, weight: Any, *, weigh
             g -= saved["wq"] * scale[:, None]
         if mask_t is not None:
             g = tf.where(mask_t, g, tf.zeros_like(g))
+        if saved["tanh"] is not None:  # the chain rule through c·tanh(x/c)
+            g *= 1 - saved["tanh"] * saved["tanh"]
         return g
+
+    def sample_weight_grad(scale, saved):
+        """∂value/∂sw_i = scale_i·(ℓ_i − [local mean]·mean·w_{y_i}), ℓ_i the unweighted per-element loss."""
+        out = scale * saved["unweighted"]
+        if opts.reduction == "mean" and denominator is None:  # the local D = Σ sw·w_y (Σ sw) moves with sw
+            d, value = saved["denominator"], saved["value"]
+            mean = tf.where(d != 0, value, tf.zeros_like(value))
+            out -= scale * mean * (1.0 if saved["counted"] is None else saved["counted"])
+        return out
+
+    def denominator_grad(upstream, saved):
+        """∂(Σ loss / d)/∂d = −mean/d (0 where d = 0, as the rest of an empty mean's gradient)."""
+        d, value = saved["denominator"], saved["value"]
+        safe = tf.where(d != 0, d, tf.ones_like(d))
+        return tf.where(d != 0, -tf.cast(upstream, compute) * value / safe, tf.zeros_like(d))
 
     def weight_grad(scale, saved):
         """∂value/∂w_c: Σ_i scale_i ∂loss_i/∂w_c, and for the mean with labels the denominator's share."""
@@ -234,7 +277,8 @@ def reduced_loss(x2: tf.Tensor, t2: tf.Tensor, plan: Plan, weight: Any, *, weigh
                 on_label = on_label + opts.z_loss * lse * lse
             if opts.normalize:
                 on_label = on_label + (spec.xlogx(a + b) - spec.xlogx(b))
-            if opts.reduction == "mean":  # D = Σ w_y: each counted element takes the mean off w_y's gradient
+            if opts.reduction == "mean" and denominator is None:
+                # the local D = Σ sw·w_y: each counted element takes the mean off w_y's gradient
                 d = saved["denominator"]
                 on_label = on_label - tf.where(d != 0, saved["value"], tf.zeros_like(saved["value"]))
             on_label = tf.where(active, scale * on_label, tf.zeros_like(on_label))
@@ -257,27 +301,35 @@ def reduced_loss(x2: tf.Tensor, t2: tf.Tensor, plan: Plan, weight: Any, *, weigh
             bar = tf.where(mask_t, bar, tf.zeros_like(bar))
         return bar
 
-    if weight is not None and weight_is_input:
-
-        @tf.custom_gradient
-        def with_weight(logits, w):
-            value, saved = forward(logits, w)
-
-            def grad(upstream):
-                scale = row_scale(upstream, saved)
-                return tf.cast(logits_grad(scale, saved), logits.dtype), weight_grad(scale, saved)
-
-            return value, grad
-
-        return with_weight(x2, weight)
+    weight_input = weight is not None and weight_is_input
+    inputs = [x2]
+    if weight_input:
+        inputs.append(weight)
+    if sample_weight is not None:
+        inputs.append(sample_weight)
+    if denominator is not None:
+        inputs.append(denominator)
 
     @tf.custom_gradient
-    def logits_only(logits):
-        value, saved = forward(logits, weight)
+    def differentiated(logits, *extras):
+        extras = list(extras)
+        w = extras.pop(0) if weight_input else weight
+        sw = extras.pop(0) if sample_weight is not None else None
+        d = extras.pop(0) if denominator is not None else None
+        value, saved = forward(logits, w, sw, d)
 
         def grad(upstream):
-            return tf.cast(logits_grad(row_scale(upstream, saved), saved), logits.dtype)
+            scale = row_scale(upstream, saved)
+            weighted_scale = scale if sw is None else scale * sw
+            grads = [tf.cast(logits_grad(weighted_scale, saved), logits.dtype)]
+            if weight_input:
+                grads.append(weight_grad(weighted_scale, saved))
+            if sw is not None:
+                grads.append(sample_weight_grad(scale, saved))
+            if d is not None:
+                grads.append(denominator_grad(upstream, saved))
+            return tuple(grads)
 
         return value, grad
 
-    return logits_only(x2)
+    return differentiated(*inputs)
