@@ -32,6 +32,7 @@ NaN, as on a single device.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from typing import Any
@@ -92,12 +93,25 @@ def cross_entropy(
     weight: Any,
     class_mask: Any,
     group: Any,
+    *,
+    sample_weight: Any = None,
+    denominator: Any = None,
 ) -> torch.Tensor:
-    """The loss of this rank's class slice ``logits`` against ``target`` over the group ``group``."""
+    """The loss of this rank's class slice ``logits`` against ``target`` over the group ``group``.
+
+    ``sample_weight`` (per element, the same on every rank) and ``denominator`` override ``opts``' own; neither
+    is differentiated here.
+    """
     if not isinstance(opts, spec.Options):
         raise NotImplementedError("process_group is not supported under torch.compile; call the loss eagerly")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("process_group needs an initialised torch.distributed (dist.init_process_group)")
+    if sample_weight is not None or denominator is not None:
+        opts = dataclasses.replace(
+            opts,
+            sample_weight=opts.sample_weight if sample_weight is None else sample_weight,
+            denominator=opts.denominator if denominator is None else denominator,
+        )
     call = _Call(group, opts)
     try:  # every local failure travels in the header, so that the other ranks raise too
         call.prepare(logits, target, axis, weight, class_mask)
@@ -204,6 +218,15 @@ class _Call:
                 raise ValueError(
                     f"{name} must have shape ({k},) (this rank's slice of the classes), got {tuple(tensor.shape)}"
                 )
+        if opts.denominator is not None:
+            if opts.reduction != "mean":
+                raise ValueError(f'denominator is only for reduction="mean", got reduction={opts.reduction!r}')
+            if isinstance(opts.denominator, bool) or np.ndim(opts.denominator) != 0:
+                raise ValueError(f"denominator must be a number or a 0-d tensor, got {_describe(opts.denominator)}")
+        for name in ("sample_weight", "denominator"):
+            value = getattr(opts, name)
+            if isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
+                raise ValueError(f"{name} is not differentiated with process_group; pass {name}.detach()")
         elements = spec.element_shape(shape, axis)
         if opts.sample_weight is not None and tuple(np.shape(opts.sample_weight)) != elements:
             raise ValueError(
@@ -219,7 +242,7 @@ class _Call:
             t2 = target.reshape(-1) if kind == "index" else target.movedim(axis, -1).reshape(-1, k)
         self.x2, self.t2, self.kind, self.weight, self.mask = x2, t2, kind, weight, class_mask
         if opts.sample_weight is not None:
-            self.sample_weight = torch.as_tensor(opts.sample_weight, device=logits.device).reshape(-1)
+            self.sample_weight = torch.as_tensor(opts.sample_weight, device=logits.device).detach().reshape(-1)
         self._check_values()
 
     def _check_values(self) -> None:
@@ -234,8 +257,9 @@ class _Call:
         try:
             if self.sample_weight is not None and self.sample_weight.device.type == "cpu":
                 spec.check_sample_weight(self.sample_weight.double().numpy(), tuple(self.sample_weight.shape))
-            if opts.denominator is not None:
-                spec.check_denominator(torch.as_tensor(opts.denominator).detach().cpu().numpy())
+            den = opts.denominator
+            if den is not None and (not isinstance(den, torch.Tensor) or den.device.type == "cpu"):
+                spec.check_denominator(torch.as_tensor(den).detach().cpu().numpy())
         except (ValueError, TypeError) as error:
             return self.fail(error, 4)
         if self.kind == "probs" and mask is not None and t2.device.type == "cpu":
@@ -420,7 +444,7 @@ class _Call:
             )
         sw = None if self.sample_weight is None else self.sample_weight.to(torch.float64)
         if opts.denominator is not None:
-            denominator: Any = torch.as_tensor(opts.denominator, dtype=torch.float64, device=device).reshape(())
+            denominator: Any = torch.as_tensor(opts.denominator, device=device).detach().to(torch.float64).reshape(())
         elif kind == "index":
             w_y_active = torch.where(active, w_y_global, 0.0)
             denominator = (w_y_active if sw is None else w_y_active * sw).sum()
