@@ -385,3 +385,224 @@ def test_huge_float64_logits_and_plus_inf(jit):
     np.testing.assert_allclose(
         grad.numpy(), spec.reference_grad(logits, labels, label_smoothing=0.1, reduction="none"), atol=1e-12
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# softcap, sample_weight, denominator
+# --------------------------------------------------------------------------------------------------------
+def _run(mode, fn, *args):
+    """``fn(*args)`` eagerly, under ``tf.function`` or under XLA, the arguments as traced tensors."""
+    if mode == "eager":
+        return fn(*args)
+    return tf.function(fn, jit_compile=mode == "xla")(*args)
+
+
+MODES3 = ("eager", "function", "xla")
+
+
+@pytest.mark.parametrize("mode", MODES3)
+def test_softcap_matches_the_hand_written_formula(data, mode):
+    logits, labels, _ = data
+    labels = np.where(labels < 0, 0, labels)
+    c, eps, k = 1.5, 0.1, logits.shape[1]
+    capped = c * np.tanh(logits / c)
+    lse = np.log(np.exp(capped).sum(axis=1))
+    q = (1 - eps) * np.eye(k)[labels] + eps / k
+    expected = np.mean((q * (lse[:, None] - capped)).sum(axis=1))
+    p = np.exp(capped - lse[:, None])
+    expected_grad = (p - q) * (1 - np.tanh(logits / c) ** 2) / len(labels)
+
+    def f(x, y):
+        return _value_and_grad(x, y, label_smoothing=eps, softcap=c)
+
+    value, grad = _run(mode, f, tf.constant(logits), tf.constant(labels))
+    np.testing.assert_allclose(float(value), expected, rtol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), expected_grad, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", MODES3)
+def test_softcap_with_huge_and_minus_inf_logits_and_a_class_mask(mode):
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(5, 6))
+    logits[0, 1], logits[1, 2], logits[2, 3] = 1e30, -np.inf, np.inf  # +inf is capped to c: finite
+    logits[:, 5] = 1e30  # a padding lane at the cap must not leak mass
+    mask = np.array([True] * 5 + [False])
+    labels = np.array([0, 1, 2, 3, 4])
+    options = dict(label_smoothing=0.1, softcap=30.0, class_mask=mask, z_loss=1e-3)
+
+    def f(x, y):
+        return _value_and_grad(x, y, **options)
+
+    value, grad = _run(mode, f, tf.constant(logits), tf.constant(labels))
+    np.testing.assert_allclose(float(value), float(spec.reference_loss(logits, labels, **options)), rtol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), spec.reference_grad(logits, labels, **options), rtol=1e-9, atol=1e-15)
+    assert np.isfinite(float(value)) and np.all(grad.numpy()[:, 5] == 0)
+
+
+@pytest.mark.parametrize("mode", MODES3)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_sample_weight_formula_and_its_gradient(data, mode, reduction, kind):
+    logits, labels, weight = data
+    rng = np.random.default_rng(3)
+    sw_value = rng.uniform(0.0, 2.0, size=len(labels))
+    sw_value[4] = 0.0
+    if kind == "probs":
+        target = rng.dirichlet(np.ones(logits.shape[1]), size=len(labels))
+        options = dict(label_smoothing=0.1, normalize=True, weight=weight)
+    else:
+        target = labels
+        options = dict(label_smoothing=0.1, weight=weight, z_loss=1e-2)
+    plain = spec.reference_loss(logits, target, reduction="none", **options)
+    if kind == "index":
+        counted = np.where(labels == -100, 0.0, weight[np.where(labels < 0, 0, labels)])
+    else:
+        counted = np.ones(len(labels))
+    d = np.sum(sw_value * counted)
+    expected = {"none": plain * sw_value, "sum": np.sum(plain * sw_value), "mean": np.sum(plain * sw_value) / d}
+    sw_grad_expected = {"none": plain, "sum": plain, "mean": (plain - expected["mean"] * counted) / d}
+    sw = tf.Variable(sw_value)
+
+    def f(x, t):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = lsx.tensorflow.loss(x, t, sample_weight=sw, reduction=reduction, **options)
+            summed = tf.reduce_sum(value)
+        return value, tape.gradient(summed, [x, sw])
+
+    value, (grad, sw_grad) = _run(mode, f, tf.constant(logits), tf.constant(target))
+    np.testing.assert_allclose(value.numpy(), expected[reduction], rtol=1e-12)
+    np.testing.assert_allclose(sw_grad.numpy(), sw_grad_expected[reduction], rtol=1e-10, atol=1e-14)
+    ref_grad = spec.reference_grad(logits, target, sample_weight=sw_value, reduction=reduction, **options)
+    np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("with_denominator", [False, True])
+def test_sample_weight_gradient_matches_finite_differences(data, with_denominator):
+    logits, labels, weight = data
+    sw_value = np.random.default_rng(4).uniform(0.5, 2.0, size=len(labels))
+    options = dict(label_smoothing=0.2, spread="others", weight=weight, softcap=2.0, normalize=True)
+    if with_denominator:
+        options["denominator"] = 13.0
+
+    def value(sw):
+        return float(lsx.tensorflow.loss(logits, labels, sample_weight=sw, **options))
+
+    sw = tf.Variable(sw_value)
+    with tf.GradientTape() as tape:
+        out = lsx.tensorflow.loss(logits, labels, sample_weight=sw, **options)
+    grad = tape.gradient(out, sw).numpy()
+    h = 1e-6
+    numeric = [(value(sw_value + h * e) - value(sw_value - h * e)) / (2 * h) for e in np.eye(len(labels))]
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", MODES3)
+def test_denominator_formula_gradient_and_zero(data, mode):
+    logits, labels, _ = data
+    plain = spec.reference_loss(logits, labels, label_smoothing=0.1, reduction="none")
+
+    def f(x, y, d):
+        with tf.GradientTape() as tape:
+            tape.watch([x, d])
+            value = lsx.tensorflow.loss(x, y, label_smoothing=0.1, denominator=d)
+        return (value, *tape.gradient(value, [x, d]))
+
+    value, grad, d_grad = _run(mode, f, tf.constant(logits), tf.constant(labels), tf.constant(40.0, tf.float64))
+    np.testing.assert_allclose(float(value), plain.sum() / 40.0, rtol=1e-12)
+    np.testing.assert_allclose(float(d_grad), -plain.sum() / 40.0**2, rtol=1e-12)
+    local = spec.reference_grad(logits, labels, label_smoothing=0.1)
+    np.testing.assert_allclose(grad.numpy(), local * (len(labels) - 2) / 40.0, rtol=1e-10, atol=1e-15)
+    for empty_mean, expected in (("nan", np.nan), ("zero", 0.0)):
+
+        def g(x, y, d, empty_mean=empty_mean):
+            return _value_and_grad(x, y, label_smoothing=0.1, denominator=d, empty_mean=empty_mean)
+
+        value, grad = _run(mode, g, tf.constant(logits), tf.constant(labels), tf.constant(0.0, tf.float64))
+        np.testing.assert_equal(float(value), expected)
+        assert np.all(grad.numpy() == 0)
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_gradient_accumulation_with_the_global_denominator_equals_one_big_batch(mode):
+    rng = np.random.default_rng(9)
+    logits = rng.normal(size=(24, 9))
+    labels = rng.integers(0, 9, size=24)
+    labels[[1, 7, 8, 20]] = -100
+    sw = rng.uniform(0.0, 2.0, size=24)
+    weight = rng.uniform(0.5, 2.0, size=9)
+    options = dict(label_smoothing=0.1, weight=weight, z_loss=1e-3)
+    count = float(np.sum(np.where(labels == -100, 0.0, sw * weight[np.where(labels < 0, 0, labels)])))
+
+    def grad_of(x, y, s, d=None):
+        _, grad = _value_and_grad(x, y, sample_weight=s, denominator=d, **options)
+        return grad
+
+    if mode == "xla":
+        grad_of = tf.function(grad_of, jit_compile=True)
+    whole = grad_of(tf.constant(logits), tf.constant(labels), tf.constant(sw)).numpy()
+    parts = [
+        grad_of(tf.constant(logits[i : i + 8]), tf.constant(labels[i : i + 8]), tf.constant(sw[i : i + 8]), count)
+        for i in range(0, 24, 8)
+    ]
+    np.testing.assert_allclose(np.concatenate([p.numpy() for p in parts]), whole, rtol=1e-12, atol=1e-17)
+
+
+def _bound(fn, **options):
+    return lambda x, t: fn(x, t, **options)
+
+
+def test_spec2_options_compose_with_everything_against_the_reference():
+    rng = np.random.default_rng(12)
+    logits = rng.normal(scale=3.0, size=(3, 7, 4))  # class axis 1
+    labels = rng.integers(0, 5, size=(3, 4)).astype(np.uint8)
+    labels[0, 0] = 255
+    probs = rng.dirichlet(np.ones(7), size=(3, 4)).transpose(0, 2, 1)
+    probs[:, 5:] = 0
+    mask = np.array([True] * 5 + [False] * 2)
+    sw = rng.uniform(0.0, 2.0, size=(3, 4))
+    for target, extra in ((labels, dict(ignore_index=255)), (probs, dict(normalize=True))):
+        for reduction in ("none", "sum", "mean"):
+            for spread in ("all", "others"):
+                options = dict(
+                    label_smoothing=0.15,
+                    spread=spread,
+                    weight=rng.uniform(0.5, 2.0, size=7),
+                    z_loss=1e-2,
+                    class_mask=mask,
+                    softcap=4.0,
+                    sample_weight=sw,
+                    reduction=reduction,
+                    **extra,
+                )
+                if reduction == "mean":
+                    options["denominator"] = 5.5 if spread == "all" else None
+                for jit in (False, True):
+                    f = _bound(_value_and_grad, axis=1, **options)
+                    value, grad = (tf.function(f, jit_compile=True) if jit else f)(
+                        tf.constant(logits), tf.constant(target)
+                    )
+                    expected = spec.reference_loss(logits, target, axis=1, **options)
+                    np.testing.assert_allclose(value.numpy(), expected, rtol=1e-11)
+                    ref_grad = spec.reference_grad(logits, target, axis=1, **options)
+                    np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-9, atol=1e-14)
+
+
+def test_spec2_bad_values_raise_naming_the_option(data):
+    logits, labels, _ = data
+    n = len(labels)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap"):
+            lsx.tensorflow.loss(logits, labels, softcap=bad)
+    for sw in (np.full(n, -1.0), np.full(n, np.nan), np.ones(n + 1), tf.constant(np.full(n, np.inf))):
+        with pytest.raises(ValueError, match="sample_weight"):
+            lsx.tensorflow.loss(logits, labels, sample_weight=sw)
+    for d in (-1.0, float("inf"), tf.constant(-2.0)):
+        with pytest.raises(ValueError, match="denominator"):
+            lsx.tensorflow.loss(logits, labels, denominator=d)
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.tensorflow.loss(logits, labels, denominator=3.0, reduction="sum")
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.tensorflow.loss(logits, labels, denominator=np.ones(2))
+    with pytest.raises(TypeError):
+        lsx.tensorflow.loss(logits, labels, 0.1)  # keyword-only options

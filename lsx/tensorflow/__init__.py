@@ -108,13 +108,13 @@ def loss(
         sw_value = tf.get_static_value(tf.convert_to_tensor(opts.sample_weight))
         if sw_value is not None:
             spec.check_sample_weight(sw_value, spec.element_shape(tuple(x.shape), layout.axis))
-        sw = tf.cast(opts.sample_weight, compute)
+        sw = _as_compute(opts.sample_weight, compute)
     d = None
     if opts.denominator is not None:
         d_value = tf.get_static_value(tf.convert_to_tensor(opts.denominator))
         if d_value is not None:
             spec.check_denominator(d_value)
-        d = tf.cast(opts.denominator, compute)
+        d = _as_compute(opts.denominator, compute)
 
     target_value = tf.get_static_value(t)
     if target_value is not None:
@@ -188,6 +188,14 @@ def _static(value: Any, name: str) -> np.ndarray:
     if concrete is None:
         raise TypeError(f"{name} must be a concrete array (NumPy or an eager tensor), not a symbolic tensor")
     return np.asarray(concrete)
+
+
+def _as_compute(value: Any, compute: tf.DType) -> tf.Tensor:
+    """A tensor (or tf.Variable, read so that the tape sees it) cast to ``compute``; NumPy arrays and Python
+    numbers are converted at full precision (a Python float would otherwise pass through float32)."""
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        return tf.cast(value, compute)
+    return tf.constant(np.asarray(value, np.float64), compute)
 
 
 def _shape(value: Any) -> tuple[int | None, ...]:
