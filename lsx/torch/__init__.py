@@ -85,7 +85,8 @@ Args:
         of the classes (uneven slices and empty ones are fine), integer labels are the global ones. The loss is
         the single-device one (global class count in the smoothing), bitwise identical on every rank; each
         rank's gradient is its slice of the single-device gradient (the backward does not communicate). Two
-        collectives of per-row statistics per call (see :mod:`lsx.torch._parallel`); eager calls only.
+        small collectives per call, never of logits (see :mod:`lsx.torch._parallel`); eager calls only, and
+        ``sample_weight``/``denominator`` are not differentiated with a group.
 
 Returns:
     The loss in the input's dtype: a scalar, or the target's shape for ``reduction="none"``. Differentiable
