@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import zlib
 
@@ -862,3 +863,243 @@ def test_positive_infinite_logit_gives_nan(engine, dtype, eps):
     tol = 1e-12 if dtype == F64 else 1e-2
     torch.testing.assert_close(value, expected[0], rtol=tol, atol=tol, equal_nan=True)
     torch.testing.assert_close(grad, expected[1], rtol=tol, atol=tol, equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# softcap, sample_weight and denominator
+# --------------------------------------------------------------------------------------------------------
+def _spec2_data(shape=(6, 5), kind="index", seed=21, ignore=-100):
+    x, y = _data(shape, kind, seed, ignore=ignore)
+    lead = shape[:1] + shape[2:]
+    sw = torch.rand(lead, generator=torch.Generator().manual_seed(seed + 1), dtype=F64) * 2
+    return x, y, sw
+
+
+def test_softcap_sample_weight_and_denominator_follow_their_formulas(engine):
+    """Each option against a hand-written formula over F.cross_entropy, loss and gradients (w.r.t. the
+    logits, sample_weight and denominator)."""
+    x, y, sw = _spec2_data()
+    y[1] = -100
+    w = torch.linspace(0.5, 2.0, 5, dtype=F64)
+
+    # softcap: F.cross_entropy of c·tanh(x/c); autograd's chain rule
+    actual = _loss_and_grad(lsx.torch.loss, x, y, w, label_smoothing=0.1, softcap=1.5)
+    expected = _loss_and_grad(lambda x, *a, **k: F.cross_entropy(1.5 * torch.tanh(x / 1.5), *a, **k), x, y, w,
+                              label_smoothing=0.1)  # fmt: skip
+    _assert_close(actual[0], expected[0])
+    _assert_close(actual[1], expected[1])
+
+    # sample_weight: Σ sw·ℓ / Σ sw·w_y over the non-ignored elements; ∂/∂sw_j = (ℓ_j − mean·w_{y_j}) / D
+    per_element = F.cross_entropy(x, y, w, reduction="none", label_smoothing=0.1)
+    active = y != -100
+    w_y = torch.where(active, w[y.clamp(min=0)], 0.0)
+    d = (sw * w_y).sum()
+    mean = (sw * per_element).sum() / d
+    sw_leaf = sw.clone().requires_grad_(True)
+    x_leaf = x.clone().requires_grad_(True)
+    value = lsx.torch.loss(x_leaf, y, w, label_smoothing=0.1, sample_weight=sw_leaf)
+    gx, gsw = torch.autograd.grad(value, (x_leaf, sw_leaf))
+    _assert_close(value, mean)
+    _assert_close(gsw, (per_element - mean * w_y) / d)
+    _assert_close(gx, torch.func.grad(lambda x: (sw * F.cross_entropy(x, y, w, reduction="none",
+                                                                      label_smoothing=0.1)).sum() / d)(x))  # fmt: skip
+    # sum and none: ∂/∂sw_j = ℓ_j (times the upstream gradient)
+    for reduction, upstream in (("sum", torch.tensor(1.7, dtype=F64)), ("none", torch.rand(6, dtype=F64))):
+        value = lsx.torch.loss(x, y, w, label_smoothing=0.1, sample_weight=sw_leaf, reduction=reduction)
+        expected = sw * per_element if reduction == "none" else (sw * per_element).sum()
+        _assert_close(value, expected)
+        (gsw,) = torch.autograd.grad(value, sw_leaf, upstream)
+        _assert_close(gsw, per_element * upstream)
+
+    # denominator: Σ sw·ℓ / d; ∂/∂sw_j = ℓ_j / d; ∂/∂d = −mean/d; a tensor denominator and a number agree
+    den = torch.tensor(4.25, dtype=F64, requires_grad=True)
+    value = lsx.torch.loss(x, y, w, label_smoothing=0.1, sample_weight=sw_leaf, denominator=den)
+    _assert_close(value, (sw * per_element).sum() / 4.25)
+    _assert_close(lsx.torch.loss(x, y, w, label_smoothing=0.1, sample_weight=sw, denominator=4.25), value.detach())
+    gsw, gden = torch.autograd.grad(value, (sw_leaf, den))
+    _assert_close(gsw, per_element / 4.25)
+    _assert_close(gden, -value.detach() / 4.25)
+
+
+SPEC2_SETS = {
+    "softcap": dict(softcap=2.0, label_smoothing=0.1),
+    "softcap-mask": dict(softcap=1.0, label_smoothing=0.2, class_mask=[True, True, False, True, True]),
+    "sw-weight-ignore": dict(sample_weight=True, weight=[0.5, 1.0, 2.0, 0.0, 1.5], ignore_index=1),
+    "sw-others-z": dict(sample_weight=True, label_smoothing=0.2, spread="others", z_loss=0.01),
+    "sw-normalize": dict(sample_weight=True, label_smoothing=0.1, normalize=True, spread="others"),
+    "all-three": dict(softcap=3.0, sample_weight=True, denominator=7.5, label_smoothing=0.1, z_loss=1e-3),
+    "all-masked": dict(
+        softcap=1.5, sample_weight=True, class_mask=[True, False, True, True, True], label_smoothing=0.1
+    ),
+    "den-zero": dict(denominator=0.0, empty_mean="zero", label_smoothing=0.1),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("name", SPEC2_SETS)
+def test_spec2_options_composed_match_the_reference(engine, name, kind, reduction):
+    options = dict(SPEC2_SETS[name], reduction=reduction)
+    if "denominator" in options and reduction != "mean":
+        options.pop("denominator")
+    x, y, sw = _spec2_data((4, 5, 2), kind, zlib.crc32(name.encode()), ignore=options.get("ignore_index", -100))
+    if "class_mask" in options:
+        mask = np.array(options["class_mask"])
+        if kind == "index":
+            y = torch.where(torch.as_tensor(mask)[y.clamp(min=0)] | (y == -100), y, 0)
+        else:
+            y = y * torch.as_tensor(mask, dtype=F64)[None, :, None]
+    ref_options = {**options, "sample_weight": sw.numpy()} if options.get("sample_weight") else dict(options)
+    ours = {name: torch.tensor(value) if isinstance(value, list) else value for name, value in options.items()}
+    if options.get("sample_weight"):
+        ours["sample_weight"] = sw
+    upstream = torch.rand(4, 2, dtype=F64) + 0.5 if reduction == "none" else torch.tensor(1.3, dtype=F64)
+    value, grad = _loss_and_grad(lsx.torch.loss, x, y, grad_output=upstream, **ours)
+    x_np, y_np = x.numpy(), y.numpy()
+    _assert_close(value, torch.as_tensor(spec.reference_loss(x_np, y_np, axis=1, **ref_options)))
+    expected = spec.reference_grad(x_np, y_np, axis=1, cotangent=upstream.numpy(), **ref_options)
+    _assert_close(grad, torch.as_tensor(expected))
+    if options.get("sample_weight"):  # the sample weights' gradient against finite differences
+        f = lambda s: lsx.torch.loss(x, y, **{**ours, "sample_weight": s})
+        assert torch.autograd.gradcheck(f, (sw.clone().requires_grad_(True),))
+    # the logits' gradient against finite differences
+    assert torch.autograd.gradcheck(lambda x: lsx.torch.loss(x, y, **ours), (x.clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_softcap_with_huge_and_negative_infinite_logits_and_a_class_mask(engine, dtype):
+    x, y, _ = _spec2_data((4, 6))
+    x[0, 2], x[1, 3], x[2, 0], x[3, 5] = 1e30, -math.inf, -1e30, math.inf
+    x[:, 4] = 1e30  # a masked padding lane: no mass leaks after capping
+    mask = torch.tensor([True, True, True, True, False, True])
+    y = torch.tensor([2, 3, 1, 5])
+    options = dict(softcap=5.0, label_smoothing=0.1, class_mask=mask, reduction="none")
+    value, grad = _loss_and_grad(lsx.torch.loss, x.to(dtype), y, **options)
+    ref_options = {**options, "class_mask": mask.numpy()}
+    tol = 1e-12 if dtype == F64 else 2e-2
+    _assert_close(value.to(F64), torch.as_tensor(spec.reference_loss(x.numpy(), y.numpy(), axis=1, **ref_options)), tol)
+    expected = spec.reference_grad(x.numpy(), y.numpy(), axis=1, **ref_options)
+    _assert_close(grad.to(F64), torch.as_tensor(expected), tol)
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+    assert (grad[:, 4] == 0).all()
+
+
+def test_gradient_accumulation_with_a_global_denominator_equals_one_big_batch(engine):
+    x, y, sw = _spec2_data((12, 7), "index", 31)
+    y[::4] = -100
+    w = torch.linspace(0.5, 1.5, 7, dtype=F64)
+    options = dict(label_smoothing=0.1, softcap=4.0, z_loss=1e-3)
+    big = x.clone().requires_grad_(True)
+    lsx.torch.loss(big, y, w, sample_weight=sw, **options).backward()
+    count = (sw * torch.where(y != -100, w[y.clamp(min=0)], 0.0)).sum()
+    accumulated = x.clone().requires_grad_(True)
+    total = 0.0
+    for rows in (slice(0, 5), slice(5, 9), slice(9, 12)):
+        part = lsx.torch.loss(accumulated[rows], y[rows], w, sample_weight=sw[rows], denominator=count, **options)
+        part.backward()
+        total = total + part.detach()
+    _assert_close(accumulated.grad, big.grad, 1e-15)
+    _assert_close(total, lsx.torch.loss(x, y, w, sample_weight=sw, **options), 1e-14)
+
+
+def test_bad_spec2_values_raise_naming_the_option():
+    x, y, sw = _spec2_data()
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="softcap"):
+            lsx.torch.loss(x, y, softcap=bad)
+    with pytest.raises(ValueError, match="softcap"):
+        lsx.torch.CrossEntropyLoss(softcap=-2.0)
+    for bad in (-0.5, math.nan, math.inf):
+        weights = sw.clone()
+        weights[3] = bad
+        with pytest.raises(ValueError, match=r"sample_weight\[\(3,\)\]"):
+            lsx.torch.loss(x, y, sample_weight=weights)
+    with pytest.raises(ValueError, match="sample_weight must have the per-element loss's shape"):
+        lsx.torch.loss(x, y, sample_weight=sw[:4])
+    with pytest.raises(TypeError, match="sample_weight"):
+        lsx.torch.loss(x, y, sample_weight=sw > 0.5)
+    for bad in (-1.0, math.nan, torch.tensor(-2.0)):
+        with pytest.raises(ValueError, match="denominator"):
+            lsx.torch.loss(x, y, denominator=bad)
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.torch.loss(x, y, denominator=torch.ones(2))
+    with pytest.raises(ValueError, match='denominator is only for reduction="mean"'):
+        lsx.torch.loss(x, y, reduction="sum", denominator=3.0)
+    # a traced negative sample weight is trusted (no host read under compile); the CPU op still checks it
+    compiled = torch.compile(lambda x, y, s: lsx.torch.loss(x, y, sample_weight=s), fullgraph=True, backend="aot_eager")
+    weights = sw.clone()
+    weights[0] = -1.0
+    with pytest.raises(ValueError, match="sample_weight"):
+        compiled(x, y, weights)
+
+
+def test_zero_denominator_follows_empty_mean_with_zero_gradients(engine):
+    x, y, sw = _spec2_data()
+    sw_leaf = sw.clone().requires_grad_(True)
+    for empty_mean, expected in (("nan", math.nan), ("zero", 0.0)):
+        den = torch.tensor(0.0, dtype=F64, requires_grad=True)
+        x_leaf = x.clone().requires_grad_(True)
+        value = lsx.torch.loss(x_leaf, y, sample_weight=sw_leaf, denominator=den, empty_mean=empty_mean)
+        assert value.item() == expected or (math.isnan(expected) and math.isnan(value.item()))
+        gx, gsw, gden = torch.autograd.grad(value, (x_leaf, sw_leaf, den))
+        assert (gx == 0).all() and (gsw == 0).all() and gden.item() == 0
+
+
+def test_spec2_under_compile_func_transforms_forward_ad_and_meta(engine):
+    """softcap changing between calls, sample_weight and denominator tensors (with their
+    gradients) under torch.compile; torch.func.grad/jvp/vmap and forward-mode AD w.r.t. sample_weight;
+    meta tensors (nothing read on the host)."""
+    torch._dynamo.reset()
+    x, y, sw = _spec2_data((6, 5), "index", 41)
+    y[2] = -100
+    den = torch.tensor(3.5, dtype=F64)
+
+    def step(x, y, s, d, c):
+        return lsx.torch.loss(x, y, label_smoothing=0.1, softcap=c, sample_weight=s, denominator=d)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for c in (1.0, 2.0, 3.0):
+        args = [t.clone().requires_grad_(True) for t in (x, sw, den)]
+        value = compiled(args[0], y, args[1], args[2], c)
+        grads = torch.autograd.grad(value, args)
+        plain = [t.clone().requires_grad_(True) for t in (x, sw, den)]
+        expected = step(plain[0], y, plain[1], plain[2], c)
+        _assert_close(value, expected)
+        for a, b in zip(grads, torch.autograd.grad(expected, plain)):
+            _assert_close(a, b)
+
+    def f(s):
+        return lsx.torch.loss(x, y, label_smoothing=0.1, softcap=2.0, sample_weight=s)
+
+    eager = sw.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(f(eager), eager)
+    _assert_close(torch.func.grad(f)(sw), expected)
+    ds = torch.rand(sw.shape, dtype=F64)
+    _, tangent = torch.func.jvp(f, (sw,), (ds,))
+    _assert_close(tangent, (expected * ds).sum())
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(sw, ds)
+        _assert_close(torch.autograd.forward_ad.unpack_dual(f(dual)).tangent, (expected * ds).sum())
+    batch = torch.stack([sw, sw * 2, sw + 1])
+    _assert_close(torch.func.vmap(torch.func.grad(f))(batch), torch.stack([torch.func.grad(f)(s) for s in batch]))
+    with pytest.raises(RuntimeError, match="first-order"):
+        torch.func.grad(lambda s: torch.func.grad(f)(s).sum())(sw)
+
+    meta_x = torch.empty(4, 6, device="meta", requires_grad=True)
+    meta_sw = torch.empty(4, device="meta", requires_grad=True)
+    meta_den = torch.empty((), device="meta")
+    value = lsx.torch.loss(meta_x, torch.empty(4, device="meta", dtype=torch.int64), softcap=3.0,
+                           sample_weight=meta_sw, denominator=meta_den)  # fmt: skip
+    gx, gsw = torch.autograd.grad(value, (meta_x, meta_sw))
+    assert value.shape == () and gx.shape == (4, 6) and gsw.shape == (4,) and gx.device.type == "meta"
+
+
+def test_module_takes_softcap_and_per_batch_sample_weight_and_denominator():
+    x, y, sw = _spec2_data()
+    criterion = lsx.torch.CrossEntropyLoss(label_smoothing=0.1, softcap=2.0)
+    assert "softcap=2.0" in repr(criterion)
+    expected = lsx.torch.loss(x, y, label_smoothing=0.1, softcap=2.0, sample_weight=sw, denominator=5.0)
+    _assert_close(criterion(x, y, sample_weight=sw, denominator=5.0), expected)
+    _assert_close(criterion(x, y), lsx.torch.loss(x, y, label_smoothing=0.1, softcap=2.0))
+    with pytest.raises(TypeError):
+        criterion(x, y, sw)  # keyword-only

@@ -41,6 +41,9 @@ def loss(
     normalize: bool = default(False),
     class_mask: Any = None,
     empty_mean: spec.EmptyMean = default("nan"),
+    softcap: float | None = None,
+    sample_weight: Any = None,
+    denominator: Any = None,
     convention: str | None = None,
     process_group: Any = None,
 ) -> torch.Tensor:
@@ -55,12 +58,15 @@ def loss(
         normalize=normalize,
         reduction=reduction,
         empty_mean=empty_mean,
+        softcap=softcap,
     )
     if process_group is not None:
         from lsx.torch import _parallel
 
-        return _parallel.cross_entropy(input, target, opts, axis, weight, class_mask, process_group)
-    return _torch_function.cross_entropy(input, target, opts, axis, weight, class_mask)
+        given = {"sample_weight": sample_weight, "denominator": denominator}
+        extra = {name: value for name, value in given.items() if value is not None}
+        return _parallel.cross_entropy(input, target, opts, axis, weight, class_mask, process_group, **extra)
+    return _torch_function.cross_entropy(input, target, opts, axis, weight, class_mask, sample_weight, denominator)
 
 
 loss.__doc__ = """Label-smoothed cross-entropy, a drop-in for ``torch.nn.functional.cross_entropy``.
@@ -80,6 +86,12 @@ Args:
         ``label_smoothing`` outside [0, 1] is an error). ``size_average``/``reduce`` are deprecated, as in torch.
     axis: the class dim; None (default) is torch's rule: 1, or 0 for a 1-D input.
     spread, z_loss, normalize, class_mask, empty_mean, convention: the lsx options (keyword-only).
+    softcap: c > 0 or None: the logits become c·tanh(x/c) first (the gradient gains 1 − tanh²(x/c)).
+    sample_weight: one weight >= 0 per element (the per-element loss's shape), or None: multiplies each
+        element's loss; the mean divides by Σ sample_weight·w_y. Differentiable when it requires grad.
+    denominator: ``reduction="mean"`` only: a number or 0-d tensor (kept on its device, never read on the
+        host there) dividing the summed loss instead of the local one; 0 follows ``empty_mean``.
+        Differentiable when it requires grad.
     process_group: a ``torch.distributed`` group over which the class axis is split (vocabulary-parallel),
         in rank order: ``input``, ``weight`` and ``class_mask`` (and probability targets) are this rank's slice
         of the classes (uneven slices and empty ones are fine), integer labels are the global ones. The loss is
@@ -90,7 +102,7 @@ Args:
 
 Returns:
     The loss in the input's dtype: a scalar, or the target's shape for ``reduction="none"``. Differentiable
-    once in ``input`` (no double backward; not in the target).
+    once in ``input``, ``sample_weight`` and ``denominator`` (no double backward; not in the target).
 
 Raises:
     ValueError: a label outside [0, C) other than ``ignore_index`` (CPU tensors; on accelerators the check
@@ -175,6 +187,7 @@ class CrossEntropyLoss(nn.Module):
         normalize: bool = default(False),
         class_mask: Any = None,
         empty_mean: spec.EmptyMean = default("nan"),
+        softcap: float | None = None,
         convention: str | None = None,
         process_group: Any = None,
     ) -> None:
@@ -191,6 +204,7 @@ class CrossEntropyLoss(nn.Module):
             normalize=normalize,
             reduction=reduction,
             empty_mean=empty_mean,
+            softcap=softcap,
         )
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight))
         self.register_buffer("class_mask", None if class_mask is None else torch.as_tensor(class_mask))
@@ -201,9 +215,14 @@ class CrossEntropyLoss(nn.Module):
         self.z_loss = opts.z_loss
         self.normalize = opts.normalize
         self.empty_mean = opts.empty_mean
+        self.softcap = opts.softcap
         self.process_group = process_group
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, *, sample_weight: Any = None, denominator: Any = None
+    ) -> torch.Tensor:
+        """The loss of ``input`` against ``target``; ``sample_weight`` and ``denominator`` (which change per
+        batch) as in :func:`loss`."""
         return loss(
             input,
             target,
@@ -216,6 +235,9 @@ class CrossEntropyLoss(nn.Module):
             normalize=self.normalize,
             class_mask=self.class_mask,
             empty_mean=self.empty_mean,
+            softcap=self.softcap,
+            sample_weight=sample_weight,
+            denominator=denominator,
             process_group=self.process_group,
         )
 
@@ -223,7 +245,13 @@ class CrossEntropyLoss(nn.Module):
         shown = [f"ignore_index={self.ignore_index}", f"reduction={self.reduction!r}"]
         if self.label_smoothing:
             shown.append(f"label_smoothing={self.label_smoothing}")
-        for name, plain in (("spread", "all"), ("z_loss", 0.0), ("normalize", False), ("empty_mean", "nan")):
+        for name, plain in (
+            ("spread", "all"),
+            ("z_loss", 0.0),
+            ("normalize", False),
+            ("empty_mean", "nan"),
+            ("softcap", None),
+        ):
             if getattr(self, name) != plain:
                 shown.append(f"{name}={getattr(self, name)!r}")
         return ", ".join(shown)

@@ -50,9 +50,16 @@ def run(
     weight: torch.Tensor | None,
     class_mask: torch.Tensor | None,
     grad: torch.Tensor,
+    sample_weight: torch.Tensor | None = None,
+    denominator: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Any]:
     """Fill ``grad`` (N, K) with the gradient of the reduced loss; return the per-element loss (N,) in the
-    compute dtype and the mean's denominator (a 0-d tensor on the logits' device).
+    compute dtype, unweighted by ``sample_weight``, and the mean's denominator (a 0-d tensor on the logits'
+    device).
+
+    ``opts.softcap`` replaces the logits by c·tanh(x/c) (in the compute dtype, chunk by chunk) and multiplies
+    the gradient by 1 − tanh²(x/c). ``sample_weight`` ((N,) or None) multiplies each row's gradient and
+    enters the mean's denominator Σ sample_weight·w_y; ``denominator`` (a 0-d tensor, or None) replaces it.
 
     Labels are not checked here (the caller does that on the CPU): an out-of-range label, or one on a class
     that ``class_mask`` removes, gives NaN for its element's loss and gradient row; so does probability mass
@@ -71,6 +78,7 @@ def run(
     total_weight = valid_count if w is None else w.sum()
     coefficients = spec.RowCoefficients.of(opts, valid_count, total_weight)
     smoothing = opts.label_smoothing != 0  # b = 0 exactly when ε = 0
+    sw = None if sample_weight is None else sample_weight.detach().to(device=device, dtype=compute).reshape(n)
 
     # classes that enter Σ_c w_c (x_c − m): valid and with w_c ≠ 0 (no 0·(−∞) from a removed class)
     linear = None
@@ -96,7 +104,8 @@ def run(
         invalid = invalid & active
         w_y = torch.ones(n, dtype=compute, device=device) if w is None else w[y]
         w_y = torch.where(active, w_y, torch.zeros_like(w_y))
-        denominator: Any = w_y.sum()
+        local = w_y if sw is None else w_y * sw
+        local_denominator: Any = local.sum()
         # the w∘q part of the gradient: b·w on every valid class, a·w_y on the target
         b_row = None
         if smoothing:
@@ -108,11 +117,16 @@ def run(
         active = None
         invalid = None
         w_y = None
-        denominator = torch.full((), n, dtype=compute, device=device)
+        local_denominator = torch.full((), n, dtype=compute, device=device) if sw is None else sw.sum()
         target = t2.detach().to(device)
         if mask is not None:  # mass on a removed class (the CPU raises for it before getting here)
             invalid = (target.to(compute).masked_fill(mask, 0) != 0).any(dim=1)
+    if denominator is None:
+        denominator = local_denominator
+    else:
+        denominator = denominator.detach().to(device=device, dtype=compute)
     scale = spec.reduction_scale(opts.reduction, denominator, where=torch.where)
+    softcap = opts.softcap
 
     per_element = torch.empty(n, dtype=compute, device=device)
     rows = max(1, CHUNK_ELEMENTS // max(k, 1)) if compute != x2.dtype else max(n, 1)
@@ -120,6 +134,11 @@ def run(
         stop = min(n, start + rows)
         x = x2[start:stop].to(compute)
         g = grad[start:stop] if compute == x2.dtype else torch.empty(x.shape, dtype=compute, device=device)
+        chain = None
+        if softcap is not None:  # x' = c·tanh(x/c) (±inf become ±c); the gradient gains 1 − tanh²(x/c)
+            tanh = torch.tanh(x / softcap)
+            x = tanh * softcap
+            chain = tanh.mul_(tanh).neg_().add_(1.0)
         x_soft = x if mask is None else x.masked_fill(~mask, -math.inf)
         raw_max = x_soft.amax(dim=1, keepdim=True)
         finite = torch.isfinite(raw_max)
@@ -175,6 +194,8 @@ def run(
         row_scale = torch.full_like(m, scale) if isinstance(scale, float) else scale.expand_as(m)
         if active is not None:
             row_scale = torch.where(active[start:stop], row_scale, torch.zeros_like(row_scale))
+        if sw is not None:
+            row_scale = row_scale * sw[start:stop]
         g.mul_((coef * row_scale / sum_exp).unsqueeze(1))
         if kind == "index":
             if b_row is not None:
@@ -191,6 +212,8 @@ def run(
             bad = invalid[start:stop]
             g.masked_fill_(bad.unsqueeze(1), math.nan)
             loss = loss.masked_fill(bad, math.nan)
+        if chain is not None:
+            g.mul_(chain)
         if mask is not None:
             g.masked_fill_(~mask, 0)
         per_element[start:stop] = loss

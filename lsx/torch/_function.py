@@ -28,6 +28,7 @@ label gives NaN for its element (and its gradient row) instead of an error.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, NamedTuple
@@ -43,7 +44,7 @@ __all__ = ["TracedOptions", "cross_entropy", "traced_options"]
 
 _OP_NAME = "lsx::fused_cross_entropy"
 #: the options that reach the op as (possibly symbolic) numbers under torch.compile
-_NUMERIC = ("label_smoothing", "z_loss", "ignore_index")
+_NUMERIC = ("label_smoothing", "z_loss", "ignore_index", "softcap")
 
 
 class TracedOptions(NamedTuple):
@@ -57,6 +58,7 @@ class TracedOptions(NamedTuple):
     label_smoothing: Any
     z_loss: Any
     ignore_index: Any
+    softcap: Any = None
 
 
 def traced_options(convention: str | None, given: dict[str, Any]) -> TracedOptions:
@@ -95,10 +97,11 @@ def _op_options(
     normalize: bool,
     reduction: str,
     empty_mean: str,
+    softcap: float | None = None,
 ) -> spec.Options:
     """The op's options from its arguments: the constant ones as given, the numeric ones named in
     ``explicit`` as given, the others from the convention (or the defaults)."""
-    numbers = dict(label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index)
+    numbers = dict(label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index, softcap=softcap)
     given = {name: numbers[name] for name in explicit.split(",") if name}
     return spec.resolve_options(
         convention, spread=spread, normalize=normalize, reduction=reduction, empty_mean=empty_mean, **given
@@ -112,10 +115,14 @@ def cross_entropy(
     axis: int | None,
     weight: Any,
     class_mask: Any,
+    sample_weight: Any = None,
+    denominator: Any = None,
 ) -> torch.Tensor:
-    """The loss of ``logits`` against ``target`` under ``opts``; differentiable in ``logits``.
+    """The loss of ``logits`` against ``target`` under ``opts``; differentiable in ``logits`` and in
+    ``sample_weight`` and ``denominator`` when they are tensors that require it.
 
-    ``weight`` and ``class_mask`` are tensors (or array-likes) checked here, by value on the CPU.
+    ``weight``, ``class_mask`` and ``sample_weight`` are tensors (or array-likes), ``denominator`` a number or
+    a 0-d tensor; all are checked by value on the CPU (when the op runs).
     """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got {_describe(logits)}")
@@ -130,6 +137,10 @@ def cross_entropy(
     class_mask = _as_tensor(class_mask, "class_mask", None)
     traced = isinstance(opts, TracedOptions)
     static = opts.static if traced else opts
+    if sample_weight is not None:
+        sample_weight = _as_weight_tensor(sample_weight, logits.device)
+    if denominator is not None:
+        denominator = _denominator_tensor(denominator, static.reduction, logits.device)
     layout = spec.check_layout(
         tuple(logits.shape),
         tuple(target.shape),
@@ -138,6 +149,7 @@ def cross_entropy(
         axis=axis,
         weight_shape=None if weight is None else tuple(weight.shape),
         class_mask_shape=None if class_mask is None else tuple(class_mask.shape),
+        sample_weight_shape=None if sample_weight is None else tuple(sample_weight.shape),
     )
     k = layout.num_classes
     if logits.dim() == 2 and layout.axis == 1:  # already (N, K): no views to make
@@ -147,15 +159,21 @@ def cross_entropy(
         lead_shape = moved.shape[:-1]
         x2 = moved.reshape(-1, k)
         t2 = target.reshape(-1) if kind == "index" else target.movedim(layout.axis, -1).reshape(-1, k)
-    route = "op" if traced else _route(x2, t2, weight, class_mask)
+    extra = (sample_weight, denominator)
+    route = "op" if traced else _route(x2, t2, weight, class_mask, *extra)
+    # which of sample_weight and denominator get a derivative (∂value/∂sample_weight is an N-sized output)
+    needs = (False, False)
+    if route != "direct":
+        forward = route == "transform" or forward_ad._current_level >= 0
+        needs = tuple(t is not None and (forward or t.requires_grad) for t in extra)  # type: ignore[assignment]
     if route == "function":
-        value = _EagerFused.apply(x2, t2, weight, class_mask, opts)
+        value = _EagerFused.apply(x2, t2, weight, class_mask, opts, *extra, needs)
     elif route == "transform":
-        value, _ = _Fused.apply(x2, t2, weight, class_mask, opts)
+        value, *_ = _Fused.apply(x2, t2, weight, class_mask, opts, *extra, needs)
     elif route == "direct":  # nothing to differentiate: no autograd bookkeeping
-        value, _ = _fused_impl(x2, t2, weight, class_mask, opts)
+        value, *_ = _fused_full(x2, t2, weight, class_mask, opts, *extra)
     elif traced:
-        value, _ = _fused(
+        value, *_ = _fused(
             x2,
             t2,
             weight,
@@ -169,9 +187,12 @@ def cross_entropy(
             static.empty_mean,
             opts.convention,
             opts.explicit,
+            *extra,
+            opts.softcap,
+            *needs,
         )
     else:
-        value, _ = _fused(
+        value, *_ = _fused(
             x2,
             t2,
             weight,
@@ -185,6 +206,9 @@ def cross_entropy(
             opts.empty_mean,
             None,
             ",".join(_NUMERIC),
+            *extra,
+            opts.softcap,
+            *needs,
         )
     return value.reshape(lead_shape) if static.reduction == "none" else value
 
@@ -220,9 +244,38 @@ def _route(x2: torch.Tensor, *others: torch.Tensor | None) -> str:
             return "op"
     if transformed or torch._C._are_functorch_transforms_active():
         return "transform"
-    if forward_ad._current_level >= 0 or (x2.requires_grad and torch.is_grad_enabled()):
+    differentiated = x2.requires_grad or any(t is not None and t.requires_grad for t in others)
+    if forward_ad._current_level >= 0 or (differentiated and torch.is_grad_enabled()):
         return "function"
     return "direct"
+
+
+def _as_weight_tensor(value: Any, device: torch.device) -> torch.Tensor:
+    """``sample_weight`` as a real tensor (kept differentiable)."""
+    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise TypeError(f"sample_weight must be a real tensor, got dtype {tensor.dtype}")
+    return tensor if tensor.device == device else tensor.to(device)
+
+
+def _denominator_tensor(value: Any, reduction: str, device: torch.device) -> torch.Tensor:
+    """``denominator`` as a 0-d tensor on the logits' device (a number is checked here, a tensor by value on
+    the CPU when the op runs; a device tensor is never read on the host)."""
+    if reduction != "mean":
+        raise ValueError(f'denominator is only for reduction="mean", got reduction={reduction!r}')
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(
+                f"denominator must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}"
+            )
+        if value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"denominator must be a real number or a 0-d real tensor, got dtype {value.dtype}")
+        return value if value.device == device else value.to(device)
+    if isinstance(value, bool) or np.ndim(value) != 0:
+        raise ValueError(f"denominator must be a number or a 0-d array, got {spec._describe_value(value)}")
+    if not isinstance(value, (torch.SymFloat, torch.SymInt)):
+        value = spec.check_denominator(value)
+    return torch.full((), value, dtype=torch.float64, device=device)
 
 
 def _describe(value: Any) -> str:
@@ -247,8 +300,25 @@ def _as_tensor(value: Any, name: str, device: torch.device | None) -> torch.Tens
 # --------------------------------------------------------------------------------------------------------
 # The body: (loss, gradient) in one call
 # --------------------------------------------------------------------------------------------------------
-def _fused_impl(x2, t2, weight, class_mask, opts: spec.Options) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_impl(
+    x2, t2, weight, class_mask, opts: spec.Options, sample_weight=None, denominator=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(the reduced loss, or per-element losses, in x2's dtype; the gradient buffer)."""
+    value, grad, _, _ = _fused_full(x2, t2, weight, class_mask, opts, sample_weight, denominator)
+    return value, grad
+
+
+def _fused_full(
+    x2, t2, weight, class_mask, opts: spec.Options, sample_weight=None, denominator=None, sw_grad=False, den_grad=False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(value, gradient, ∂value/∂sample_weight, ∂value/∂denominator).
+
+    ``sample_weight``: the per-element weights (the per-element loss's shape, N elements in row order) or
+    None; ``denominator``: a 0-d tensor or None. The two derivatives are computed only when asked
+    (``sw_grad``: shaped like ``sample_weight``; ``den_grad``: 0-d), else they are empty: for ``"none"`` and
+    ``"sum"`` ∂value/∂sw_j = ℓ_j; for the mean ℓ_j/d with a given denominator d, else (ℓ_j − mean·w_{y_j})/D,
+    and ∂mean/∂d = −mean/d (0 where the denominator is 0).
+    """
     kind = "probs" if t2.is_floating_point() else "index"
     k = x2.shape[1]
     on_cpu = x2.device.type == "cpu"
@@ -262,13 +332,67 @@ def _fused_impl(x2, t2, weight, class_mask, opts: spec.Options) -> tuple[torch.T
             _check_labels(t2.numpy(), k, opts, mask_np)
         elif mask_np is not None:
             spec.check_probability_target_mask(t2.to(torch.float64).numpy(), -1, mask_np)
+    sw_np = None
+    if sample_weight is not None and sample_weight.device.type == "cpu" and not _is_traced(sample_weight):
+        concrete = sample_weight.detach().to(torch.float64).numpy()
+        sw_np = spec.check_sample_weight(concrete, tuple(sample_weight.shape)).reshape(-1)
+    den_value = None
+    if denominator is not None and denominator.device.type == "cpu" and not _is_traced(denominator):
+        den_value = spec.check_denominator(denominator.detach().to(torch.float64).numpy())
 
+    compute = torch.float64 if x2.dtype == torch.float64 else torch.float32
     kernel = _numba_engine() if on_cpu and x2.dtype in (torch.float32, torch.float64) and x2.is_contiguous() else None
+    if kernel is not None and sample_weight is not None:
+        if sw_np is None or "sample_weight" not in _keywords(kernel):
+            kernel = None
+    if kernel is not None and denominator is not None and den_value is None:
+        kernel = None
     if kernel is not None:
-        return _run_numba(kernel, x2, t2, kind, opts, weight_np, mask_np)
-    grad = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-    per_element, denominator = _engine.run(x2, t2, kind, opts, weight, class_mask, grad)
-    return _engine.reduce(per_element, denominator, opts, x2.dtype), grad
+        kernel_opts = opts if den_value is None else dataclasses.replace(opts, denominator=den_value)
+        per_element_np, local, grad = _run_numba(kernel, x2, t2, kind, kernel_opts, weight_np, mask_np, sw_np)
+        if sample_weight is None and not den_grad:  # reduced in NumPy: cheaper than torch ops on scalars
+            return _reduce_numpy(per_element_np, local, opts), grad, _NOTHING, _NOTHING
+        per_element = torch.from_numpy(per_element_np)
+        d: Any = local
+    else:
+        grad = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+        per_element, d = _engine.run(x2, t2, kind, opts, weight, class_mask, grad, sample_weight, denominator)
+    sw = None if sample_weight is None else sample_weight.detach().to(device=x2.device, dtype=compute).reshape(-1)
+    weighted = per_element if sw is None else per_element * sw
+    value = _engine.reduce(weighted, d, opts, x2.dtype)
+    dsw, dden = _NOTHING, _NOTHING
+    if sw_grad or den_grad:
+        scale = spec.reduction_scale(opts.reduction, d, where=torch.where)
+        if sw_grad:
+            dsw = per_element if opts.reduction != "mean" else per_element * scale
+            if opts.reduction == "mean" and denominator is None:
+                # D = Σ sw·w_y over the non-ignored elements (Σ sw for probabilities) depends on sw too
+                total = weighted.sum()
+                dsw = dsw - (total * scale * scale) * _denominator_weights(t2, kind, weight, opts, compute)
+            dsw = dsw.reshape(sample_weight.shape).to(sample_weight.dtype)
+        if den_grad:
+            dden = (-(weighted.sum()) * scale * scale).to(denominator.dtype)
+    return value, grad, dsw, dden
+
+
+#: the placeholder for a derivative that was not asked for
+_NOTHING = torch.empty(0)
+
+
+def _denominator_weights(t2, kind, weight, opts, compute) -> torch.Tensor | float:
+    """What each element adds to the mean's D per unit of sample weight: w_y over the non-ignored elements
+    (0 for the ignored ones), 1 for probability targets."""
+    if kind == "probs":
+        return 1.0
+    labels, too_big = _engine._labels_as_int64(t2.detach())
+    active = torch.ones_like(labels, dtype=torch.bool) if opts.ignore_index is None else labels != opts.ignore_index
+    if too_big is not None:
+        active = active | too_big
+    if weight is None:
+        return active.to(compute)
+    k = weight.shape[0]
+    y = torch.where((labels >= 0) & (labels < k), labels, torch.zeros_like(labels))
+    return torch.where(active, weight.detach().to(device=labels.device, dtype=compute)[y], 0.0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -289,9 +413,14 @@ def _fused(
     empty_mean: str,
     convention: str | None,
     explicit: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    sample_weight: torch.Tensor | None,
+    denominator: torch.Tensor | None,
+    softcap: float | None,
+    sw_grad: bool,
+    den_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     opts = _op_options(
-        convention, explicit, label_smoothing, spread, ignore_index, z_loss, normalize, reduction, empty_mean
+        convention, explicit, label_smoothing, spread, ignore_index, z_loss, normalize, reduction, empty_mean, softcap
     )
     # the class count against the options (spread="others" needs two classes when ε > 0), now that the
     # numeric options are known
@@ -303,25 +432,34 @@ def _fused(
         axis=1,
         class_mask_shape=None if class_mask is None else tuple(class_mask.shape),
     )
-    return _fused_impl(x2, t2, weight, class_mask, opts)
+    value, grad, dsw, dden = _fused_full(
+        x2, t2, weight, class_mask, opts, sample_weight, denominator, sw_grad, den_grad
+    )
+    # custom-op outputs are fresh tensors
+    return value, grad, x2.new_empty((0,)) if dsw is _NOTHING else dsw, x2.new_empty((0,)) if dden is _NOTHING else dden
 
 
 @_fused.register_fake
-def _(x2, t2, weight, class_mask, label_smoothing, spread, ignore_index, z_loss, normalize, reduction, *_):
+def _(x2, t2, weight, class_mask, label_smoothing, spread, ignore_index, z_loss, normalize, reduction, *rest):
+    _, _, _, sample_weight, denominator, _, sw_grad, den_grad = rest
     value_shape = (x2.shape[0],) if reduction == "none" else ()
-    return x2.new_empty(value_shape), x2.new_empty(x2.shape)
+    dsw = sample_weight.new_empty(sample_weight.shape) if sw_grad else x2.new_empty((0,))
+    dden = denominator.new_empty(()) if den_grad else x2.new_empty((0,))
+    return x2.new_empty(value_shape), x2.new_empty(x2.shape), dsw, dden
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _, grad = output
-    ctx.mark_non_differentiable(grad)
+    _, grad, dsw, dden = output
+    ctx.mark_non_differentiable(grad, dsw, dden)
     ctx.set_materialize_grads(False)  # no logits-sized zeros for the (unused) gradient of ``grad``
-    ctx.save_for_backward(grad)
+    ctx.needs = (inputs[16], inputs[17])
+    ctx.save_for_backward(*_to_save(ctx.needs, grad, dsw, dden))
     ctx.per_element = inputs[9] == "none"
 
 
-def _op_backward(ctx, grad_value, _grad_of_grad):
-    return (_input_grad(ctx, grad_value),) + (None,) * 12
+def _op_backward(ctx, grad_value, *_):
+    x_grad, sw_grad, den_grad = _backward(ctx, grad_value)
+    return (x_grad,) + (None,) * 12 + (sw_grad, den_grad, None, None, None)
 
 
 _fused.register_autograd(_op_backward, setup_context=_setup_context)
@@ -334,75 +472,125 @@ class _Fused(torch.autograd.Function):
     """Same body and backward as the op, plus forward-mode AD and a vmap rule, for ``torch.func``."""
 
     @staticmethod
-    def forward(x2, t2, weight, class_mask, opts):
-        return _fused_impl(x2, t2, weight, class_mask, opts)
+    def forward(x2, t2, weight, class_mask, opts, sample_weight, denominator, needs):
+        return _fused_full(x2, t2, weight, class_mask, opts, sample_weight, denominator, *needs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, grad = output
-        ctx.mark_non_differentiable(grad)
+        _, grad, dsw, dden = output
+        ctx.mark_non_differentiable(grad, dsw, dden)
         ctx.set_materialize_grads(False)
+        ctx.needs = inputs[7]
+        saved = _to_save(ctx.needs, grad, dsw, dden)
         if torch._C._functorch.maybe_current_level() is None:
-            ctx.save_for_backward(grad)
-        else:  # under torch.func: the logits too, to tie a refused second derivative to them
-            ctx.save_for_backward(grad, inputs[0])
-        ctx.save_for_forward(grad)
+            ctx.save_for_backward(*saved)
+        else:  # under torch.func: the inputs too, to tie a refused second derivative to them
+            ctx.save_for_backward(*saved, inputs[0], inputs[5], inputs[6])
+        ctx.save_for_forward(*saved)
         ctx.per_element = inputs[4].reduction == "none"
 
     @staticmethod
-    def backward(ctx, grad_value, _grad_of_grad):
-        return _input_grad(ctx, grad_value), None, None, None, None
+    def backward(ctx, grad_value, *_):
+        x_grad, sw_grad, den_grad = _backward(ctx, grad_value)
+        return x_grad, None, None, None, None, sw_grad, den_grad, None
 
     @staticmethod
-    def jvp(ctx, x_tangent, *_):
-        """The loss's tangent: Σ_c grad_c · dx_c per element (the gradient already carries the mean's 1/D)."""
-        (grad,) = ctx.saved_tensors
-        if x_tangent is None:
-            return None, None
-        product = grad * x_tangent.to(grad.dtype)
-        tangent = product.sum(dim=1) if ctx.per_element else product.sum()
-        return tangent, None
+    def jvp(ctx, x_tangent, _t, _w, _m, _o, sw_tangent=None, den_tangent=None, *_):
+        """The loss's tangent: Σ_c grad_c · dx_c per element (the gradient already carries the mean's 1/D),
+        plus ∂value/∂sample_weight · d(sample_weight) and ∂value/∂denominator · d(denominator)."""
+        grad, dsw, dden, _ = _unsaved(ctx)
+        parts = []
+        if x_tangent is not None:
+            product = grad * x_tangent.to(grad.dtype)
+            parts.append(product.sum(dim=1) if ctx.per_element else product.sum())
+        if sw_tangent is not None and ctx.needs[0]:
+            product = (dsw * sw_tangent.to(dsw.dtype)).reshape(-1)
+            parts.append(product if ctx.per_element else product.sum())
+        if den_tangent is not None and ctx.needs[1]:
+            parts.append(dden * den_tangent.to(dden.dtype))
+        if not parts:
+            return None, None, None, None
+        tangent = parts[0].to(grad.dtype)
+        for part in parts[1:]:
+            tangent = tangent + part.to(grad.dtype)
+        return tangent, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x2, t2, weight, class_mask, opts):
+    def vmap(info, in_dims, x2, t2, weight, class_mask, opts, sample_weight, denominator, needs):
         """One call per batch entry (each has its own reduction), stacked."""
-        values, grads = [], []
+        outputs = []
+        tensors = (x2, t2, weight, class_mask, sample_weight, denominator)
+        dims = in_dims[:4] + in_dims[5:7]
         for index in range(info.batch_size):
             picked = [
                 tensor if dim is None or tensor is None else tensor.select(dim, index)
-                for tensor, dim in zip((x2, t2, weight, class_mask), in_dims[:4])
+                for tensor, dim in zip(tensors, dims)
             ]
-            value, grad = _Fused.apply(*picked, opts)
-            values.append(value)
-            grads.append(grad)
-        return (torch.stack(values), torch.stack(grads)), (0, 0)
+            outputs.append(_Fused.apply(*picked[:4], opts, *picked[4:], needs))
+        return tuple(torch.stack(column) for column in zip(*outputs)), (0, 0, 0, 0)
 
 
 class _EagerFused(torch.autograd.Function):
     """:class:`_Fused` for plain tensors: the same body, backward and tangent, at a lower per-call cost."""
 
     @staticmethod
-    def forward(ctx, x2, t2, weight, class_mask, opts):
-        value, grad = _fused_impl(x2, t2, weight, class_mask, opts)
+    def forward(ctx, x2, t2, weight, class_mask, opts, sample_weight, denominator, needs):
+        value, grad, dsw, dden = _fused_full(x2, t2, weight, class_mask, opts, sample_weight, denominator, *needs)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad)
+        ctx.needs = needs
+        saved = _to_save(needs, grad, dsw, dden)
+        ctx.save_for_backward(*saved)
         if forward_ad._current_level >= 0:
-            ctx.save_for_forward(grad)
+            ctx.save_for_forward(*saved)
         ctx.per_element = opts.reduction == "none"
         return value
 
     @staticmethod
     def backward(ctx, grad_value):
-        return _input_grad(ctx, grad_value), None, None, None, None
+        x_grad, sw_grad, den_grad = _backward(ctx, grad_value)
+        return x_grad, None, None, None, None, sw_grad, den_grad, None
 
     @staticmethod
-    def jvp(ctx, x_tangent, *_):
-        return _Fused.jvp(ctx, x_tangent)[0]
+    def jvp(ctx, *tangents):
+        return _Fused.jvp(ctx, *tangents)[0]
 
 
-def _input_grad(ctx, grad_value: torch.Tensor | None) -> torch.Tensor | None:
+def _to_save(needs, grad, dsw, dden) -> tuple[torch.Tensor, ...]:
+    """The tensors a backward needs: the gradient, and the derivatives for sample_weight and denominator
+    only when they were asked for."""
+    return (grad,) + ((dsw,) if needs[0] else ()) + ((dden,) if needs[1] else ())
+
+
+def _unsaved(ctx) -> tuple[Any, Any, Any, list]:
+    """(gradient, ∂value/∂sample_weight or None, ∂value/∂denominator or None, the inputs saved under torch.func)."""
+    grad, *rest = ctx.saved_tensors
+    dsw = rest.pop(0) if ctx.needs[0] else None
+    dden = rest.pop(0) if ctx.needs[1] else None
+    return grad, dsw, dden, rest
+
+
+def _backward(ctx, grad_value: torch.Tensor | None) -> tuple[Any, Any, Any]:
+    """(∂/∂logits, ∂/∂sample_weight, ∂/∂denominator) of the upstream gradient times the value."""
+    grad, dsw, dden, inputs = _unsaved(ctx)
+    x_grad = _input_grad(ctx, grad_value, grad, inputs[0] if inputs else None)
+    sw_grad = den_grad = None
+    if grad_value is None:
+        return x_grad, None, None
+    tie = bool(inputs) and torch.is_grad_enabled()  # torch.func's create_graph: refuse a second derivative
+    if ctx.needs[0]:
+        upstream = grad_value.to(dsw.dtype)
+        sw_grad = dsw * (upstream.reshape(dsw.shape) if ctx.per_element else upstream)
+        if tie:
+            sw_grad = _FirstOrderOnly.apply(sw_grad, inputs[1])
+    if ctx.needs[1]:
+        den_grad = dden * grad_value.to(dden.dtype)
+        if tie:
+            den_grad = _FirstOrderOnly.apply(den_grad, inputs[2])
+    return x_grad, sw_grad, den_grad
+
+
+def _input_grad(ctx, grad_value: torch.Tensor | None, grad: torch.Tensor, logits: Any = None) -> torch.Tensor | None:
     """The logits' gradient: the saved one times the upstream gradient."""
-    grad, *logits = ctx.saved_tensors
     if grad_value is None:
         return None
     traced = torch.compiler.is_compiling() or _is_traced(grad) or _is_traced(grad_value)
@@ -415,9 +603,9 @@ def _input_grad(ctx, grad_value: torch.Tensor | None) -> torch.Tensor | None:
     scale = scale.reshape(-1, 1) if ctx.per_element else scale
     if traced or _graph_kept():
         product = grad * scale
-        if logits and torch.is_grad_enabled():
+        if logits is not None and torch.is_grad_enabled():
             # torch.func differentiates with create_graph: a second derivative must fail, not come out zero
-            return _FirstOrderOnly.apply(product, logits[0])
+            return _FirstOrderOnly.apply(product, logits)
         return product
     # The graph is released after this call: reuse the saved buffer as the result (no copy), so that
     # fwd+bwd holds a single logits-sized buffer. On the CPU, skip the pass for the usual loss.backward();
@@ -524,7 +712,8 @@ def _keywords(kernel) -> frozenset[str]:
     return known
 
 
-def _run_numba(kernel, x2, t2, kind, opts, weight_np, mask_np):
+def _run_numba(kernel, x2, t2, kind, opts, weight_np, mask_np, sw_np=None):
+    """(per-element losses as a NumPy array in the compute dtype, the mean's denominator, the gradient)."""
     compute = np.float64 if x2.dtype == torch.float64 else np.float32
     x_np = x2.detach().numpy()
     t_np = t2.numpy() if kind == "index" else t2.detach().to(x2.dtype).contiguous().numpy()
@@ -537,17 +726,24 @@ def _run_numba(kernel, x2, t2, kind, opts, weight_np, mask_np):
         grad = torch.from_numpy(extra["out2"])
     if "scale_mean" in keywords:  # fold the mean's 1/D into the gradient pass
         extra["scale_mean"] = True
+    if sw_np is not None:
+        extra["sample_weight"] = sw_np
     per_element, denominator, grad_np = kernel(x_np, t_np, kind, opts, weight_np, mask_np, compute, True, **extra)
     if grad is None or not np.shares_memory(grad_np, extra["out2"]):
         grad = torch.from_numpy(np.ascontiguousarray(grad_np, dtype=compute))
     if opts.reduction == "mean" and "scale_mean" not in extra:
         grad.mul_(1.0 / denominator if denominator != 0 else 0.0)
-    # reduced in NumPy, as lsx.numpy does: a few torch ops on scalars would cost more than the kernel
-    per_element = np.asarray(per_element, dtype=compute)
+    return np.asarray(per_element, dtype=compute), denominator, grad
+
+
+def _reduce_numpy(per_element: np.ndarray, denominator: float, opts: spec.Options) -> torch.Tensor:
+    """The reduced loss from the kernel's per-element losses, in NumPy as lsx.numpy does (a few torch ops on
+    scalars would cost more than the kernel on small inputs)."""
+    compute = per_element.dtype.type
     if opts.reduction == "none":
-        return torch.from_numpy(per_element), grad
+        return torch.from_numpy(per_element)
     total = per_element.sum(dtype=compute)
     if opts.reduction == "mean":
         empty = compute(np.nan if opts.empty_mean == "nan" else 0.0)
         total = total / compute(denominator) if denominator != 0 else empty
-    return torch.from_numpy(np.asarray(total, dtype=compute)), grad
+    return torch.from_numpy(np.asarray(total, dtype=compute))

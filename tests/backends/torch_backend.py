@@ -37,7 +37,7 @@ def run(logits, target, options, *, axis, dtype, mode):
     t = torch.tensor(np.asarray(target))
     assert t.dtype == getattr(torch, np.asarray(target).dtype.name), (t.dtype, np.asarray(target).dtype)
     options = {
-        name: torch.tensor(np.asarray(value)) if name in ("weight", "class_mask") else value
+        name: torch.tensor(np.asarray(value)) if name in ("weight", "class_mask", "sample_weight") else value
         for name, value in options.items()
     }
     fn = _call if mode == "eager" else _compiled_call()
