@@ -420,3 +420,200 @@ def test_bad_labels_raise_when_known_and_give_nan_when_traced_on_every_backend(b
         [sys.executable, "-c", BAD_LABEL_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and f"{backend} ok" in result.stdout, result.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------------------
+# softcap, sample_weight, denominator: the functional loss (lsx's meaning) and the classes (Keras's
+# sample_weight call argument; softcap and denominator as constructor keywords)
+# --------------------------------------------------------------------------------------------------------
+def _grads(fn, *args):
+    """(value, gradients of sum(value) w.r.t. every argument) with the active backend's autodiff."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        args = [tf.constant(a) for a in args]
+        with tf.GradientTape() as tape:
+            tape.watch(args)
+            value = fn(*args)
+            total = tf.reduce_sum(value)
+        return value, tape.gradient(total, args)
+    if backend == "jax":
+        import jax
+
+        value = fn(*args)
+        return value, jax.grad(lambda *a: fn(*a).sum(), argnums=tuple(range(len(args))))(*args)
+    import torch
+
+    args = [torch.tensor(a, requires_grad=True) for a in args]
+    value = fn(*args)
+    return value, torch.autograd.grad(value.sum(), args)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_functional_sample_weight_softcap_and_gradients_against_formula(data, reduction, kind):
+    logits, probs, labels, sample_weight = (np.asarray(a, np.float64) if a.dtype.kind == "f" else a for a in data)
+    labels = labels.copy()
+    labels[5] = -100
+    weight = np.linspace(0.5, 2.0, K)
+    target = labels if kind == "index" else probs
+    options = dict(label_smoothing=0.1, weight=weight, softcap=2.5, z_loss=1e-2, reduction=reduction)
+    plain = spec.reference_loss(logits, target, **{**options, "reduction": "none"})
+    counted = np.where(labels == -100, 0.0, weight[np.where(labels < 0, 0, labels)]) if kind == "index" else np.ones(12)
+    d = np.sum(sample_weight * counted)
+    mean = np.sum(plain * sample_weight) / d
+    expected = {"none": plain * sample_weight, "sum": np.sum(plain * sample_weight), "mean": mean}[reduction]
+    expected_sw_grad = {"none": plain, "sum": plain, "mean": (plain - mean * counted) / d}[reduction]
+
+    value, (grad, sw_grad) = _grads(
+        lambda x, sw: lsx.keras.loss(x, target, sample_weight=sw, **options), logits, sample_weight
+    )
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(value), expected, rtol=1e-12)
+    ref_grad = spec.reference_grad(logits, target, sample_weight=sample_weight, **options)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(grad), ref_grad, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(sw_grad), expected_sw_grad, rtol=1e-9, atol=1e-14)
+
+
+def test_functional_denominator_zero_and_gradient_accumulation(data):
+    logits, _, labels, sample_weight = data
+    logits, sample_weight = logits.astype(np.float64), sample_weight.astype(np.float64)
+    labels = labels.copy()
+    labels[[1, 6]] = -100
+    options = dict(label_smoothing=0.1, z_loss=1e-3, softcap=3.0)
+    count = float(np.sum(np.where(labels == -100, 0.0, sample_weight)))
+    _, (whole, _) = _grads(lambda x, sw: lsx.keras.loss(x, labels, sample_weight=sw, **options), logits, sample_weight)
+    parts = []
+    for i in range(0, 12, 4):
+        sl = slice(i, i + 4)
+        _, (part, _) = _grads(
+            lambda x, sw, sl=sl: lsx.keras.loss(x, labels[sl], sample_weight=sw, denominator=count, **options),
+            logits[sl],
+            sample_weight[sl],
+        )
+        parts.append(keras.ops.convert_to_numpy(part))
+    np.testing.assert_allclose(np.concatenate(parts), keras.ops.convert_to_numpy(whole), rtol=1e-12, atol=1e-17)
+    for empty_mean, expected in (("nan", np.nan), ("zero", 0.0)):
+        value, (grad,) = _grads(
+            lambda x, e=empty_mean: lsx.keras.loss(x, labels, denominator=0.0, empty_mean=e), logits
+        )
+        np.testing.assert_equal(float(keras.ops.convert_to_numpy(value)), expected)
+        assert np.all(keras.ops.convert_to_numpy(grad) == 0)
+    value = lsx.keras.loss(logits, labels, label_smoothing=0.1, denominator=40.0)
+    expected = spec.reference_loss(logits, labels, label_smoothing=0.1, reduction="sum") / 40.0
+    np.testing.assert_allclose(float(keras.ops.convert_to_numpy(value)), expected, rtol=1e-12)
+
+
+def test_functional_softcap_with_huge_and_minus_inf_logits_and_a_class_mask():
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(5, 6))
+    logits[0, 1], logits[1, 2], logits[2, 3] = 1e30, -np.inf, np.inf
+    logits[:, 5] = 1e30  # a padding lane at the cap must not leak mass
+    labels = np.arange(5)
+    options = dict(label_smoothing=0.1, softcap=30.0, class_mask=np.array([True] * 5 + [False]), z_loss=1e-3)
+    value, (grad,) = _grads(lambda x: lsx.keras.loss(x, labels, **options), logits)
+    np.testing.assert_allclose(float(keras.ops.convert_to_numpy(value)), spec.reference_loss(logits, labels, **options))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(grad), spec.reference_grad(logits, labels, **options), rtol=1e-9, atol=1e-15
+    )
+
+
+def test_functional_spec2_bad_values_raise_naming_the_option(data):
+    logits, _, labels, _ = data
+    with pytest.raises(ValueError, match="softcap"):
+        lsx.keras.loss(logits, labels, softcap=0.0)
+    for sw in (np.full(12, -1.0), np.full(12, np.nan), np.ones(13)):
+        with pytest.raises(ValueError, match="sample_weight"):
+            lsx.keras.loss(logits, labels, sample_weight=sw)
+    for d in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="denominator"):
+            lsx.keras.loss(logits, labels, denominator=d)
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.keras.loss(logits, labels, denominator=2.0, reduction="sum")
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "mean_with_sample_weight", "sum", "none"])
+def test_classes_softcap_and_denominator_keep_keras_sample_weight(data, reduction):
+    logits, probs, labels, sample_weight = (a.astype(np.float64) if a.dtype.kind == "f" else a for a in data)
+    labels = labels.copy()
+    labels[3] = -1
+    mask = labels != -1
+    plain = spec.reference_loss(logits, labels, label_smoothing=0.1, softcap=2.0, ignore_index=-1, reduction="none")
+    weighted = plain * sample_weight * mask
+    expected = {
+        "sum_over_batch_size": weighted.sum() / mask.sum(),  # Keras: the count of non-masked elements
+        "mean_with_sample_weight": weighted.sum() / np.sum(sample_weight * mask),
+        "sum": weighted.sum(),
+        "none": weighted,
+    }[reduction]
+    common = dict(from_logits=True, label_smoothing=0.1, softcap=2.0, ignore_class=-1, dtype="float64")
+    ours = lsx.keras.SparseCategoricalCrossentropy(reduction=reduction, **common)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(ours(labels, logits, sample_weight)), expected, rtol=1e-12)
+    if reduction in ("sum", "none"):
+        with pytest.raises(ValueError, match="denominator"):
+            lsx.keras.SparseCategoricalCrossentropy(reduction=reduction, denominator=7.0, **common)
+        return
+    with_d = lsx.keras.SparseCategoricalCrossentropy(reduction=reduction, denominator=7.0, **common)
+    np.testing.assert_allclose(float(with_d(labels, logits, sample_weight)), weighted.sum() / 7.0, rtol=1e-12)
+    zero = lsx.keras.SparseCategoricalCrossentropy(reduction=reduction, denominator=0.0, **common)
+    assert float(zero(labels, logits, sample_weight)) == 0.0  # Keras's empty_mean="zero"
+    dense = lsx.keras.CategoricalCrossentropy(
+        from_logits=True, softcap=2.0, denominator=5.0, reduction=reduction, dtype="float64"
+    )
+    expected_dense = np.sum(spec.reference_loss(logits, probs, softcap=2.0, reduction="none") * sample_weight) / 5.0
+    np.testing.assert_allclose(float(dense(probs, logits, sample_weight)), expected_dense, rtol=1e-12)
+    for loss in (with_d, dense):
+        config = loss.get_config()
+        assert config["softcap"] == 2.0 and config["denominator"] in (7.0, 5.0)
+        restored = keras.losses.deserialize(keras.losses.serialize(loss))
+        assert restored.get_config() == config and restored.denominator == loss.denominator
+
+
+def test_classes_spec2_bad_values():
+    with pytest.raises(ValueError, match="softcap needs logits"):
+        lsx.keras.SparseCategoricalCrossentropy(softcap=30.0)
+    with pytest.raises(ValueError, match="softcap"):
+        lsx.keras.SparseCategoricalCrossentropy(from_logits=True, softcap=-1.0)
+    for d in (-1.0, float("inf"), "3", np.ones(2)):
+        with pytest.raises(ValueError, match="denominator"):
+            lsx.keras.CategoricalCrossentropy(from_logits=True, denominator=d)
+
+
+SPEC2_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np, keras, lsx.keras
+    from lsx import spec
+    backend = keras.backend.backend()
+    rng = np.random.default_rng(0)
+    x = rng.normal(scale=3.0, size=(10, 5)).astype(np.float32)
+    y = rng.integers(0, 5, size=10)
+    sw = rng.uniform(0.0, 2.0, size=10).astype(np.float32)
+    opts = dict(label_smoothing=0.1, softcap=2.0, sample_weight=sw, denominator=6.0)
+    value = lsx.keras.loss(x, y, **opts)
+    np.testing.assert_allclose(float(value), float(spec.reference_loss(x, y, **opts)), rtol=2e-6)
+    if backend == "jax":
+        import jax
+        grad = jax.grad(lambda v: lsx.keras.loss(v, y, **opts))(x)
+        jitted = jax.jit(lambda v, s: lsx.keras.loss(v, y, label_smoothing=0.1, softcap=2.0, sample_weight=s))(x, sw)
+        expected = spec.reference_loss(x, y, label_smoothing=0.1, softcap=2.0, sample_weight=sw)
+        np.testing.assert_allclose(float(jitted), float(expected), rtol=2e-6)
+    else:
+        import torch
+        v = torch.tensor(x, requires_grad=True)
+        lsx.keras.loss(v, y, **opts).backward()
+        grad = v.grad
+    np.testing.assert_allclose(np.asarray(grad), spec.reference_grad(x, y, **opts), atol=2e-7)
+    ours = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.1, softcap=2.0, denominator=6.0)
+    expected = np.sum(spec.reference_loss(x, y, label_smoothing=0.1, softcap=2.0, reduction="none") * sw) / 6.0
+    np.testing.assert_allclose(float(ours(y, x, sw)), expected, rtol=2e-6)
+    print(backend, "ok")
+    """
+)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_spec2_options_on_the_other_keras_backends(backend):
+    pytest.importorskip(backend)
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", SPEC2_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and f"{backend} ok" in result.stdout, result.stderr[-3000:]

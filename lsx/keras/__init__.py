@@ -15,12 +15,13 @@ function (``model.fit``, ``jax.jit``) they make that element's loss and gradient
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 try:
     import keras
     from keras import ops
-    from keras.src.losses.loss import reduce_weighted_values
+    from keras.src.losses.loss import reduce_weighted_values, standardize_reduction
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("lsx.keras needs Keras 3: pip install 'lsx[keras]'") from error
 import numpy as np
@@ -31,6 +32,8 @@ from lsx.spec import default
 __all__ = ["CategoricalCrossentropy", "SparseCategoricalCrossentropy", "loss"]
 
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
+#: the Keras reductions that divide the sum (a caller's ``denominator`` replaces their divisor)
+_DENOMINATOR_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 #: a convention's reduction as Keras names it
 _KERAS_REDUCTIONS = {"mean": "sum_over_batch_size", "sum": "sum", "none": "none"}
 #: ``ignore_index`` not passed (``None`` is a value: no ignored label)
@@ -51,6 +54,9 @@ def loss(
     class_mask: Any = None,
     reduction: spec.Reduction = default("mean"),
     empty_mean: spec.EmptyMean = default("nan"),
+    softcap: float | None = None,
+    sample_weight: Any = None,
+    denominator: Any = None,
     convention: str | None = None,
 ) -> Any:
     opts = spec.resolve_options(
@@ -64,18 +70,35 @@ def loss(
         class_mask=class_mask,
         reduction=reduction,
         empty_mean=empty_mean,
+        softcap=softcap,
+        sample_weight=sample_weight,
+        denominator=denominator,
     )
     x = _tensor(logits)
     kind = spec.target_kind(_target_dtype(target))
     per_element, active, w_y = _per_element(x, target, opts, axis, True, kind)
+    compute = _dtype_name(per_element)
+    sw = None
+    if opts.sample_weight is not None:
+        sw_value = _concrete(opts.sample_weight)
+        if sw_value is not None:  # known values are checked; traced ones are trusted
+            spec.check_sample_weight(sw_value, tuple(per_element.shape))
+        sw = _as_compute(opts.sample_weight, compute)
+        per_element = per_element * sw
     if opts.reduction == "none":
         return ops.cast(per_element, x.dtype)
     total = ops.sum(per_element)
-    if active is not None:
-        denominator = ops.sum(ops.where(active, ops.ones_like(per_element) if w_y is None else w_y, 0))
+    if opts.denominator is not None:
+        d_value = _concrete(opts.denominator)
+        if d_value is not None:
+            spec.check_denominator(d_value)
+        denominator = _as_compute(opts.denominator, compute)
+    elif active is not None:
+        counted = ops.where(active, ops.ones_like(per_element) if w_y is None else w_y, 0)
+        denominator = ops.sum(counted if sw is None else counted * sw)
     else:
-        denominator = ops.cast(ops.size(per_element), per_element.dtype)
-    value = spec.reduce_total(opts.reduction, total, denominator, opts.empty_mean, where=_where(per_element.dtype))
+        denominator = ops.cast(ops.size(per_element), compute) if sw is None else ops.sum(sw)
+    value = spec.reduce_total(opts.reduction, total, denominator, opts.empty_mean, where=_where(compute))
     return ops.cast(value, x.dtype)
 
 
@@ -113,6 +136,8 @@ class _LsxLoss(keras.losses.Loss):
         class_mask,
         empty_mean,
         convention,
+        softcap=None,
+        denominator=None,
     ):
         if ignore_index is _UNSET:
             ignore = default(None) if ignore_class is None else ignore_class
@@ -136,7 +161,12 @@ class _LsxLoss(keras.losses.Loss):
             class_mask=class_mask,
             reduction=default("mean") if spec.is_default(reduction) else "mean",
             empty_mean=empty_mean,
+            softcap=softcap,
         )
+        if denominator is not None:
+            if isinstance(denominator, bool) or not isinstance(denominator, numbers.Real):
+                raise ValueError(f"denominator must be a number (it is part of the loss's config), got {denominator!r}")
+            denominator = spec.check_denominator(denominator)
         if spec.is_default(reduction) and convention is not None and "reduction" in spec.CONVENTIONS[convention]:
             reduction = _KERAS_REDUCTIONS[spec.CONVENTIONS[convention]["reduction"]]
         reduction = str(reduction) if isinstance(reduction, str) else reduction
@@ -144,6 +174,13 @@ class _LsxLoss(keras.losses.Loss):
         self._options = options
         if options.z_loss and not from_logits:
             raise ValueError("z_loss needs logits: pass from_logits=True")
+        if options.softcap is not None and not from_logits:
+            raise ValueError(f"softcap needs logits: pass from_logits=True (got softcap={options.softcap!r})")
+        if denominator is not None and standardize_reduction(reduction) not in _DENOMINATOR_REDUCTIONS:
+            raise ValueError(
+                f"denominator is only for the mean reductions {', '.join(map(repr, _DENOMINATOR_REDUCTIONS))}, "
+                f"got reduction={reduction!r}"
+            )
         if weight is not None:
             spec.check_weight(weight, weight.shape[0] if weight.ndim == 1 else -1)
         if class_mask is not None:
@@ -159,6 +196,8 @@ class _LsxLoss(keras.losses.Loss):
         self.class_mask = class_mask
         self.empty_mean = options.empty_mean
         self.convention = convention
+        self.softcap = options.softcap
+        self.denominator = denominator
 
     def call(self, y_true, y_pred):
         return self._losses(y_true, y_pred)[0]
@@ -185,6 +224,15 @@ class _LsxLoss(keras.losses.Loss):
                 mask = active
             if in_mask is not None:
                 mask = ops.cast(in_mask, "bool") if mask is None else ops.logical_and(mask, ops.cast(in_mask, "bool"))
+            if self.denominator is not None:
+                # Keras's weighting and masking, then the sum divided by the caller's denominator
+                weighted = reduce_weighted_values(
+                    losses, sample_weight=sample_weight, mask=mask, reduction="none", dtype=self.dtype
+                )
+                total = ops.sum(weighted)
+                return spec.reduce_total(
+                    "mean", total, self.denominator, self.empty_mean, where=_where(_dtype_name(total))
+                )
             result = reduce_weighted_values(
                 losses, sample_weight=sample_weight, mask=mask, reduction=self.reduction, dtype=self.dtype
             )
@@ -206,6 +254,8 @@ class _LsxLoss(keras.losses.Loss):
             class_mask=None if self.class_mask is None else self.class_mask.tolist(),
             empty_mean=self.empty_mean,
             convention=self.convention,
+            softcap=self.softcap,
+            denominator=self.denominator,
             dtype=self._dtype_policy.name,
         )
         return config
@@ -229,8 +279,20 @@ class SparseCategoricalCrossentropy(_LsxLoss):
         normalize: subtract the smoothed target's entropy (KL form, minimum 0).
         class_mask: boolean (K,) of the classes that exist; the others leave softmax and smoothing.
         empty_mean: ``"zero"`` (Keras) or ``"nan"`` for a mean over no element (everything ignored).
+        softcap: c > 0 or None: the logits become c·tanh(x/c) before anything else (Gemma 2's final-logit
+            soft-capping; needs ``from_logits=True``).
+        denominator: a number >= 0 or None, with the mean reductions (``"sum_over_batch_size"``, ``"mean"``,
+            ``"mean_with_sample_weight"``) only: the (sample-weighted, masked) sum is divided by it instead of
+            Keras's divisor, e.g. the global token count over gradient-accumulation steps; 0 follows
+            ``empty_mean``.
         convention: a preset from ``lsx.spec.CONVENTIONS``; options passed explicitly win. Its reduction maps
             onto Keras's: ``"mean"`` → ``"sum_over_batch_size"``, ``"sum"``, ``"none"``.
+
+    ``sample_weight`` stays the call argument of Keras's losses, with Keras's meaning (``loss(y_true, y_pred,
+    sample_weight)``, ``model.fit(..., sample_weight=...)``): each element's loss is multiplied by it and the
+    reduction follows Keras's rules (``"sum_over_batch_size"`` divides by the number of non-masked elements,
+    ``"mean_with_sample_weight"`` by Σ sample_weight), not lsx's Σ sample_weight·w_y. The functional
+    :func:`loss` takes lsx's ``sample_weight=`` keyword instead.
 
     Labels keep their integer dtype (Keras's own loss casts them to float). A label outside [0, K) other
     than ``ignore_class`` raises ``ValueError`` naming it when its value is known (eager calls,
@@ -267,6 +329,8 @@ class SparseCategoricalCrossentropy(_LsxLoss):
         normalize=default(False),
         class_mask=None,
         empty_mean=default("zero"),
+        softcap=None,
+        denominator=None,
         convention=None,
     ):
         super().__init__(
@@ -285,6 +349,8 @@ class SparseCategoricalCrossentropy(_LsxLoss):
             class_mask=class_mask,
             empty_mean=empty_mean,
             convention=convention,
+            softcap=softcap,
+            denominator=denominator,
         )
 
     def get_config(self):
@@ -299,7 +365,8 @@ class CategoricalCrossentropy(_LsxLoss):
     ``reduction="sum_over_batch_size"``); the smoothing uses the length of ``axis`` (Keras 3.15 takes the
     last dimension even when ``axis`` is another one). Extra keyword-only options as for
     :class:`SparseCategoricalCrossentropy` (``weight`` scales by Σ_c w_c q_c; ``ignore_index`` is accepted
-    and, as for every probability target, has no effect).
+    and, as for every probability target, has no effect; ``softcap`` and ``denominator`` are constructor
+    keywords). ``sample_weight`` is Keras's call argument with Keras's reduction rules, as there.
     """
 
     _kind = "probs"
@@ -320,6 +387,8 @@ class CategoricalCrossentropy(_LsxLoss):
         normalize=default(False),
         class_mask=None,
         empty_mean=default("zero"),
+        softcap=None,
+        denominator=None,
         convention=None,
     ):
         super().__init__(
@@ -338,6 +407,8 @@ class CategoricalCrossentropy(_LsxLoss):
             class_mask=class_mask,
             empty_mean=empty_mean,
             convention=convention,
+            softcap=softcap,
+            denominator=denominator,
         )
 
 
@@ -366,6 +437,14 @@ def _tensor(value: Any, dtype: Any = None) -> Any:
         if isinstance(value, tf.Variable):
             value = tf.convert_to_tensor(value)
     return ops.convert_to_tensor(value, dtype=dtype)
+
+
+def _as_compute(value: Any, compute: str) -> Any:
+    """A backend tensor cast to ``compute`` (so that autodiff reaches it); NumPy arrays and Python numbers are
+    converted at full precision (a Python float would otherwise pass through float32)."""
+    if hasattr(value, "dtype") and not isinstance(value, (np.ndarray, np.generic)):
+        return ops.cast(_tensor(value), compute)
+    return ops.convert_to_tensor(np.asarray(value, np.float64), dtype=compute)
 
 
 def _where(dtype: Any):
@@ -499,6 +578,7 @@ def _per_element(y_pred, target, opts, axis, from_logits, kind):
         axis=axis,
         weight_shape=None if opts.weight is None else np.shape(opts.weight),
         class_mask_shape=None if opts.class_mask is None else np.shape(opts.class_mask),
+        sample_weight_shape=None if opts.sample_weight is None else _shape(opts.sample_weight),
     )
     k = layout.num_classes
     mask = None if opts.class_mask is None else spec.check_class_mask(_numpy(opts.class_mask), k, opts)
@@ -506,6 +586,8 @@ def _per_element(y_pred, target, opts, axis, from_logits, kind):
     compute = "float64" if _dtype_name(x) == "float64" else "float32"
     where = _where(compute)
     x = ops.moveaxis(ops.cast(x, compute), layout.axis, -1)
+    if opts.softcap is not None:  # c·tanh(x/c) before anything else (±inf become ±c); autodiff does the chain rule
+        x = opts.softcap * ops.tanh(x / opts.softcap)
     valid_count = k if mask is None else int(mask.sum())
     if mask is not None:
         weight = np.where(mask, 1.0 if weight is None else weight, 0.0)

@@ -19,6 +19,9 @@ def run(logits, target, options, *, axis, dtype, mode):
     # the target stays a NumPy array in its own dtype: lsx.keras checks its values before any conversion
     # (Keras-on-JAX without x64 has no int64 and Keras-on-torch no uint64 tensors)
     t = target
+    options = dict(options)
+    if "sample_weight" in options:  # per-element weights as a backend tensor in the logits' dtype
+        options["sample_weight"] = keras.ops.convert_to_tensor(options["sample_weight"].astype(dtype))
 
     def total(x):
         value = lsx.keras.loss(x, t, axis=axis, **options)
