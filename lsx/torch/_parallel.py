@@ -351,7 +351,6 @@ class _Call:
         raw_max = x_soft.amax(dim=1) if k else torch.full((n,), -math.inf, dtype=compute, device=device)
         local_max = torch.where(torch.isfinite(raw_max), raw_max, 0.0)
         g = torch.exp(x_soft - local_max.unsqueeze(1))
-        shifted = x - local_max.unsqueeze(1)
 
         if kind == "index":
             labels, too_big = _engine._labels_as_int64(self.t2.to(device))
@@ -368,7 +367,7 @@ class _Call:
             y_local = torch.where(owns, local, torch.zeros_like(local))
             x_y, w_y, owned = zeros, zeros, owns.to(compute)
             if k:
-                x_y = torch.where(owns, shifted.gather(1, y_local.unsqueeze(1)).squeeze(1), 0.0)
+                x_y = torch.where(owns, x.gather(1, y_local.unsqueeze(1)).squeeze(1) - local_max, 0.0)
                 w_y = torch.where(owns, torch.ones_like(zeros) if w is None else w[y_local], zeros)
                 if mask is not None:  # a label on a masked class: flagged (2), NaN where it cannot raise
                     on_masked = owns & ~mask[y_local]
@@ -376,13 +375,17 @@ class _Call:
                     owned = torch.where(on_masked, 2.0, owned)
             weighted_sum = zeros
             if smoothing and k:
-                linear_shifted = shifted
+                # Σ_c w_c (x_c − m_r) as Σ_c w_c x_c − (Σ_c w_c)·m_r over the classes with w_c ≠ 0: no
+                # logits-sized x − m temporary
+                linear_x, linear_total = x, float(k)
                 if mask is not None or w is not None:
                     linear = torch.ones(k, dtype=torch.bool, device=device) if mask is None else mask
                     if w is not None:
                         linear = linear & (w != 0)
-                    linear_shifted = shifted.masked_fill(~linear, 0)
-                weighted_sum = linear_shifted.sum(dim=1) if w is None else linear_shifted @ w
+                    linear_x = x.masked_fill(~linear, 0)
+                    linear_total = linear.sum().to(compute) if w is None else w.masked_fill(~linear, 0).sum()
+                weighted = linear_x.sum(dim=1) if w is None else linear_x @ w
+                weighted_sum = weighted - linear_total * local_max
             columns = [raw_max, g.sum(dim=1), x_y, w_y, weighted_sum, owned]
         else:
             q = coefficients.a * self.t2.to(device=device, dtype=compute) + coefficients.b
@@ -395,6 +398,7 @@ class _Call:
                 h = spec.xlogx(q, where=torch.where, log=torch.log)
                 h = h if w is None else h * w
                 entropy = torch.where(contributes, h, torch.zeros_like(h)).sum(dim=1)
+            shifted = x - local_max.unsqueeze(1)
             weighted = torch.where(contributes, wq * shifted, torch.zeros_like(x)).sum(dim=1)
             columns = [raw_max, g.sum(dim=1), wq.sum(dim=1), weighted, entropy, zeros]
         stats = _gather(torch.stack([c.to(torch.float64) for c in columns]), self.group)  # (P, 6, N)
@@ -472,8 +476,11 @@ class _Call:
             if k and coefficients.a != 0:
                 target_part = torch.where(owns, -coefficients.a * w_y * row_scale_c, 0.0)
                 g.scatter_add_(1, y_local.unsqueeze(1), target_part.unsqueeze(1))
-            g.masked_fill_(~active.unsqueeze(1), 0)
-            g.masked_fill_(invalid.unsqueeze(1), math.nan)
+            on_cpu = device.type == "cpu"  # there, skip the logits-sized passes when no row needs them
+            if not on_cpu or not bool(active.all()):
+                g.masked_fill_(~active.unsqueeze(1), 0)
+            if not on_cpu or bool(invalid.any()):
+                g.masked_fill_(invalid.unsqueeze(1), math.nan)
         else:
             g.addcmul_(row_scale_c.unsqueeze(1), wq, value=-1)
             if mask is not None:  # probability mass on a masked class (the CPU raises for it before)
