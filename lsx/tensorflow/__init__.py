@@ -176,8 +176,10 @@ dtype are compared in int64; a uint64 label above 2**63 − 1 is out of range, n
 on a class that ``class_mask`` removes raises when the target is known and is NaN for that element when it is
 traced. ``class_mask`` must be a concrete array (it decides the number of classes K used by the smoothing).
 A ``weight`` given as a tensor or ``tf.Variable`` gets its gradient (``tape.gradient(loss, weight)``), eagerly
-and traced; a traced weight with a negative or non-finite entry makes the loss NaN. The class axis needs a
-static length.
+and traced; a traced weight with a negative or non-finite entry makes the loss NaN. ``sample_weight`` and
+``denominator`` are checked when their values are known and trusted when traced; as tensors or ``tf.Variable``
+they get their gradients too. ``softcap`` adds one tanh per element (the un-capped path is unchanged). The
+class axis needs a static length.
 """
 )
 
