@@ -179,8 +179,34 @@ def _parity_worker(rank, size, splits, label_high):
     dist.all_gather(gathered, bits)
     for other in gathered[1:]:
         assert torch.equal(other, gathered[0]), "the loss differs across ranks"
+    _layout_and_dtype_checks(rank, splits)
     if size == 3:  # the same group checks bad input (a spawn costs more than the cases)
         _bad_input_worker(rank, size)
+
+
+def _layout_and_dtype_checks(rank, splits):
+    """float32 logits with int16 labels, classes on dim 1 of (N, C, d), and a call without autograd."""
+    import lsx.torch
+
+    group = dist.group.WORLD
+    k = sum(splits)
+    gen = torch.Generator().manual_seed(11)
+    weight = torch.rand(k, generator=gen) + 0.5
+    x = 4 * torch.randn(6, k, 3, generator=gen)
+    y = torch.randint(0, k, (6, 3), generator=gen).to(torch.int16)
+    opts = dict(label_smoothing=0.1, spread="others", z_loss=1e-3)
+    full = x.clone().requires_grad_(True)
+    expected = lsx.torch.loss(full, y, weight, **opts)
+    expected.backward()
+    part = _split(x, splits, rank).clone().requires_grad_(True)
+    value = lsx.torch.loss(part, y, _split(weight, splits, rank, 0), process_group=group, **opts)
+    value.backward()
+    assert value.dtype == torch.float32 and part.grad.dtype == torch.float32
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(part.grad, _split(full.grad, splits, rank), rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        again = lsx.torch.loss(part, y, _split(weight, splits, rank, 0), process_group=group, **opts)
+    assert torch.equal(again, value.detach())
 
 
 @pytest.mark.parametrize(

@@ -115,7 +115,7 @@ def cross_entropy(
     call = _Call(group, opts)
     try:  # every local failure travels in the header, so that the other ranks raise too
         call.prepare(logits, target, axis, weight, class_mask)
-    except (ValueError, TypeError) as error:
+    except Exception as error:  # raised on this rank after the header, whatever it is
         call.fail(error, 5)
     call.exchange_header(logits)
     if call.x2.requires_grad and torch.is_grad_enabled():
@@ -238,8 +238,9 @@ class _Call:
         else:
             moved = logits.movedim(axis, -1)
             self.lead_shape = moved.shape[:-1]
-            x2 = moved.reshape(-1, k)
-            t2 = target.reshape(-1) if kind == "index" else target.movedim(axis, -1).reshape(-1, k)
+            n = math.prod(self.lead_shape)  # explicit: a rank without classes has no elements to infer from
+            x2 = moved.reshape(n, k)
+            t2 = target.reshape(n) if kind == "index" else target.movedim(axis, -1).reshape(n, k)
         self.x2, self.t2, self.kind, self.weight, self.mask = x2, t2, kind, weight, class_mask
         if opts.sample_weight is not None:
             self.sample_weight = torch.as_tensor(opts.sample_weight, device=logits.device).detach().reshape(-1)
