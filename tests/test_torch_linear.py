@@ -3,6 +3,7 @@ reference, torch's own F.linear_cross_entropy, torch.compile, low-precision inpu
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import numpy as np
@@ -457,3 +458,40 @@ def test_weight_gradient_is_handed_over_without_a_copy():
     finally:
         _linear._forward_sum = original
     assert w.grad.data_ptr() == buffers["w"]
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunks_share_one_logits_buffer(engine, reduction, monkeypatch):
+    """Every chunk's logits live in one buffer allocated once per call (with the Numba kernel their gradient
+    too, in place), forward and backward alike: no logits-sized allocation per chunk, so that the peak
+    resident memory stays at the gradients plus one chunk."""
+    hidden, w, b, y = _problem((13,), "index", seed=2)
+    hidden.requires_grad_(True)
+    w.requires_grad_(True)
+    seen: list[int] = []
+    if engine == "torch":
+        monkeypatch.setattr(_linear._torch_function, "_numba_engine", lambda: None)
+        original_impl = _linear._torch_function._fused_impl
+
+        def spy_impl(x2, *args, **kwargs):
+            seen.append(x2.data_ptr())
+            return original_impl(x2, *args, **kwargs)
+
+        monkeypatch.setattr(_linear._torch_function, "_fused_impl", spy_impl)
+    else:
+        kernel = _linear._torch_function._numba_engine()
+
+        @functools.wraps(kernel)
+        def spy_kernel(x, *args, **kwargs):
+            seen.append(x.ctypes.data)
+            return kernel(x, *args, **kwargs)
+
+        monkeypatch.setattr(_linear._torch_function, "_numba_engine", lambda: spy_kernel)
+    value = lsx.torch.linear_loss(hidden, w, y, linear_bias=b, reduction=reduction, chunk_size=3)
+    assert len(seen) == 5 and len(set(seen)) == 1, seen
+    seen.clear()
+    value.sum().backward()
+    if reduction == "none":  # the backward recomputes the chunks, in one buffer of its own
+        assert len(seen) == 5 and len(set(seen)) == 1, seen
+    _close(value, lsx.torch.loss(hidden.detach() @ w.detach().T + b, y, reduction=reduction))

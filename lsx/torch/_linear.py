@@ -61,6 +61,7 @@ def linear_loss(
     denominator: Any = None,
     convention: str | None = None,
     chunk_size: int | None = None,
+    process_group: Any = None,
 ) -> torch.Tensor:
     given: dict[str, Any] = dict(
         label_smoothing=label_smoothing,
@@ -77,6 +78,12 @@ def linear_loss(
     opts = spec.resolve_options(convention, **given)
     if chunk_size is None and options is not None:
         chunk_size = getattr(options, "batch_chunk_size", None)
+    if process_group is not None:
+        from lsx.torch import _parallel
+
+        return _parallel.linear_cross_entropy(
+            input, linear_weight, target, linear_bias, weight, class_mask, sample_weight, opts, process_group
+        )
     return _linear_loss(input, linear_weight, target, linear_bias, weight, class_mask, sample_weight, opts, chunk_size)
 
 
@@ -106,6 +113,13 @@ Args:
     chunk_size: rows per chunk. None (default) picks ``max(1, 2**22 // V)`` rows (a chunk of logits holds
         at most 2**22 elements, 16 MiB in float32, or one row when V > 2**22), then evens the chunks out:
         with ``n = ceil(N / rows)`` chunks, each holds ``ceil(N / n)`` rows. A positive int wins.
+    process_group: a ``torch.distributed`` group over which the vocabulary is split, in rank order:
+        ``linear_weight``/``linear_bias`` (and ``weight``, ``class_mask``, probability targets) are this rank's
+        rows (the tensor-parallel LM head); labels are global. Equal to the single-device loss (see
+        ``lsx.torch.loss``'s ``process_group``); ``linear_weight``'s gradient is this rank's rows, and
+        ``input``'s is the full gradient on every rank, already summed over the group (do not reduce it
+        again). This rank's (N, V/P) logits are formed unchunked; eager calls only; ``sample_weight`` is not
+        differentiated with a group.
 
 Returns:
     The loss in the input's dtype: a scalar, or ``input.shape[:-1]`` for ``reduction="none"``.
@@ -313,11 +327,22 @@ def _np_dtype(dtype: torch.dtype) -> type:
     return np.float64 if dtype == torch.float64 else np.float32
 
 
-def _chunk(h2, w, b, t2, weight, class_mask, opts, softcap, start, stop, numba, row_scale, want_grad=True):
+def _logits_buffer(rows, w) -> torch.Tensor:
+    """One (rows, V) buffer in the compute dtype for every chunk's logits (and, in place, their gradient)."""
+    return torch.empty((rows, w.shape[0]), dtype=w.dtype, device=w.device)
+
+
+def _chunk(h2, w, b, t2, weight, class_mask, opts, softcap, start, stop, numba, row_scale, buffer, want_grad=True):
     """(per-element loss, ∂Σ row_scale·loss/∂logits, the chunk's inputs) of rows [start, stop), in the compute
-    dtype; ``row_scale`` (rows,) or None."""
+    dtype; ``row_scale`` (rows,) or None. The logits are written into ``buffer``'s leading rows (shared by
+    every chunk of the call, so that no chunk allocates a logits-sized tensor); the gradient returned may
+    live there too, and is valid until the next chunk."""
     hc = h2[start:stop].to(w.dtype)
-    logits = hc @ w.T if b is None else torch.addmm(b, hc, w.T)
+    logits = buffer[: stop - start]
+    if b is None:
+        torch.mm(hc, w.T, out=logits)
+    else:
+        torch.addmm(b, hc, w.T, out=logits)
     tc = t2[start:stop]
     if numba is not None:  # in place: the logits' buffer becomes their gradient
         x_np = logits.numpy()
@@ -343,6 +368,17 @@ def _chunk(h2, w, b, t2, weight, class_mask, opts, softcap, start, stop, numba, 
     if row_scale is not None:
         grad = grad.mul_(row_scale.detach().unsqueeze(1))
     return loss, grad, hc
+
+
+def _push_back(g, hc, wc, grad_h_rows, grad_w, grad_b, need_b) -> None:
+    """The chunk's gradient through the projection, in place: ``grad_h_rows = g @ W``, ``grad_W += g.T @ h_c``,
+    ``grad_b += Σ_rows g`` (``grad_h_rows``/``grad_w`` None when not needed)."""
+    if grad_h_rows is not None:
+        torch.mm(g, wc, out=grad_h_rows)
+    if grad_w is not None:
+        grad_w.addmm_(g.T, hc)
+    if need_b:
+        grad_b.add_(g.sum(dim=0))
 
 
 def _compute_weights(w, b, compute):
@@ -376,17 +412,15 @@ def _forward_sum(h2, w, b, t2, weight, class_mask, sw, scalars, rows, need_h, ne
     grad_h = torch.empty(h2.shape if need_h else (0,), dtype=compute, device=h2.device)
     grad_w = torch.zeros(wc.shape if need_w else (0,), dtype=compute, device=h2.device)
     grad_b = torch.zeros((v,) if need_b else (0,), dtype=compute, device=h2.device)
+    buffer = _logits_buffer(rows, wc)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         scale = None if sw is None else sw[start:stop]
-        loss, g, hc = _chunk(h2, wc, bc, t2, weight, class_mask, opts, softcap, start, stop, numba, scale, want_grad)
+        args = (start, stop, numba, scale, buffer, want_grad)
+        loss, g, hc = _chunk(h2, wc, bc, t2, weight, class_mask, opts, softcap, *args)
         per_element[start:stop] = loss
-        if need_h:
-            torch.mm(g, wc, out=grad_h[start:stop])
-        if need_w:
-            grad_w.addmm_(g.T, hc)
-        if need_b:
-            grad_b.add_(g.sum(dim=0))
+        _push_back(g, hc, wc, grad_h[start:stop] if need_h else None, grad_w if need_w else None, grad_b, need_b)
+        del loss, g, hc
     weighted = per_element if sw is None else per_element * sw.detach()
     return weighted.sum(), per_element, grad_h, grad_w, grad_b
 
@@ -404,15 +438,13 @@ def _backward_none(upstream, h2, w, b, t2, weight, class_mask, scalars, rows, ne
     grad_h = torch.empty(h2.shape if need_h else (0,), dtype=compute, device=h2.device)
     grad_w = torch.zeros(wc.shape if need_w else (0,), dtype=compute, device=h2.device)
     grad_b = torch.zeros((v,) if need_b else (0,), dtype=compute, device=h2.device)
+    buffer = _logits_buffer(rows, wc)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        _, g, hc = _chunk(h2, wc, bc, t2, weight, class_mask, opts, softcap, start, stop, numba, upstream[start:stop])
-        if need_h:
-            torch.mm(g, wc, out=grad_h[start:stop])
-        if need_w:
-            grad_w.addmm_(g.T, hc)
-        if need_b:
-            grad_b.add_(g.sum(dim=0))
+        args = (start, stop, numba, upstream[start:stop], buffer)
+        _, g, hc = _chunk(h2, wc, bc, t2, weight, class_mask, opts, softcap, *args)
+        _push_back(g, hc, wc, grad_h[start:stop] if need_h else None, grad_w if need_w else None, grad_b, need_b)
+        del g, hc
     return grad_h, grad_w, grad_b
 
 
@@ -426,10 +458,14 @@ def _forward_none(h2, w, b, t2, weight, class_mask, scalars, rows):
     h2 = h2.detach()
     n = h2.shape[0]
     per_element = torch.empty(n, dtype=compute, device=h2.device)
+    buffer = _logits_buffer(rows, wc)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        chunk = _chunk(h2, wc, bc, t2, weight, class_mask, opts, softcap, start, stop, numba, None, numba is None)
+        chunk = _chunk(
+            h2, wc, bc, t2, weight, class_mask, opts, softcap, start, stop, numba, None, buffer, numba is None
+        )
         per_element[start:stop] = chunk[0]
+        del chunk
     return per_element
 
 
