@@ -180,6 +180,7 @@ def _parity_worker(rank, size, splits, label_high):
     for other in gathered[1:]:
         assert torch.equal(other, gathered[0]), "the loss differs across ranks"
     _layout_and_dtype_checks(rank, splits)
+    _linear_checks(rank, splits)
     if size == 3:  # the same group checks bad input (a spawn costs more than the cases)
         _bad_input_worker(rank, size)
 
@@ -207,6 +208,39 @@ def _layout_and_dtype_checks(rank, splits):
     with torch.no_grad():
         again = lsx.torch.loss(part, y, _split(weight, splits, rank, 0), process_group=group, **opts)
     assert torch.equal(again, value.detach())
+
+
+def _linear_checks(rank, splits):
+    """linear_loss with this rank's rows of the head: the loss, this rank's weight and bias gradient rows, and
+    the full input gradient on every rank (already summed over the group)."""
+    import lsx.torch
+
+    group = dist.group.WORLD
+    v = sum(splits)
+    gen = torch.Generator().manual_seed(13)
+    h = torch.randn(2, 3, 4, generator=gen, dtype=F64)
+    head = torch.randn(v, 4, generator=gen, dtype=F64)
+    bias = torch.randn(v, generator=gen, dtype=F64)
+    y = torch.randint(0, v, (2, 3), generator=gen)
+    for opts in (
+        dict(label_smoothing=0.1, spread="others", z_loss=1e-3, reduction="mean"),
+        dict(label_smoothing=0.2, softcap=2.0, reduction="none"),
+    ):
+        leaves = [t.clone().requires_grad_(True) for t in (h, head, bias)]
+        expected = lsx.torch.linear_loss(leaves[0], leaves[1], y, linear_bias=leaves[2], **opts)
+        cotangent = torch.rand(expected.shape, generator=gen, dtype=F64)
+        expected_grads = torch.autograd.grad(expected, leaves, cotangent)
+        mine = [
+            h.clone().requires_grad_(True),
+            _split(head, splits, rank, 0).clone().requires_grad_(True),
+            _split(bias, splits, rank, 0).clone().requires_grad_(True),
+        ]
+        value = lsx.torch.linear_loss(mine[0], mine[1], y, linear_bias=mine[2], process_group=group, **opts)
+        grads = torch.autograd.grad(value, mine, cotangent)
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grads[0], expected_grads[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grads[1], _split(expected_grads[1], splits, rank, 0), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grads[2], _split(expected_grads[2], splits, rank, 0), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(

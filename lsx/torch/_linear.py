@@ -282,8 +282,10 @@ def _denominator(t2, kind, weight, sw2, ignore_index, v, n, compute, device):
 # The chunked body
 # --------------------------------------------------------------------------------------------------------
 def _engine_options(label_smoothing, spread, ignore_index, z_loss, normalize) -> spec.Options:
-    """The engine's options: per-element losses (``reduction="none"``), soft-capping done here."""
-    return _torch_function._op_options(
+    """The engine's options: per-element losses (``reduction="none"``), no soft-capping: it is applied once,
+    by :func:`_chunk` around the plain-torch engine or inside the Numba kernel's sweep (``_numba_for``), never
+    by the engine as well."""
+    opts = _torch_function._op_options(
         None,
         "label_smoothing,z_loss,ignore_index",
         label_smoothing,
@@ -294,6 +296,7 @@ def _engine_options(label_smoothing, spread, ignore_index, z_loss, normalize) ->
         "none",
         "nan",
     )
+    return opts if opts.softcap is None else dataclasses.replace(opts, softcap=None)
 
 
 class _Numba(NamedTuple):

@@ -512,3 +512,43 @@ class _ParallelFused(torch.autograd.Function):
         scale = grad_value.to(grad.dtype)
         scale = scale.reshape(-1, 1) if ctx.per_element else scale
         return grad * scale, None
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over the group (each rank holds part of it)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        device = grad.device
+        reduced = grad.cpu() if str(dist.get_backend(ctx.group)) == "gloo" else grad
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=ctx.group)
+        return reduced.to(device), None
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    linear_bias: torch.Tensor | None,
+    weight: Any,
+    class_mask: Any,
+    sample_weight: Any,
+    opts: spec.Options,
+    group: Any,
+) -> torch.Tensor:
+    """``lsx.torch.linear_loss`` over a vocabulary split across ``group``: ``linear_weight`` (V_r, H) and
+    ``linear_bias`` (V_r,) are this rank's rows (the tensor-parallel LM head).
+
+    This rank's (N, V_r) logits are formed (not chunked) and go through :func:`cross_entropy`; the gradient of
+    ``input`` is summed over the group in the backward pass (one all-reduce of an (N, H) tensor), so every
+    rank receives the full, single-device gradient: callers must not reduce it again.
+    """
+    shared = _CopyToGroup.apply(input, group) if input.requires_grad and torch.is_grad_enabled() else input
+    logits = torch.nn.functional.linear(shared, linear_weight, linear_bias)
+    return cross_entropy(logits, target, opts, -1, weight, class_mask, group, sample_weight=sample_weight)
