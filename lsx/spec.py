@@ -32,6 +32,7 @@ __all__ = [
     "Layout",
     "Options",
     "RowCoefficients",
+    "check_class_count",
     "check_class_mask",
     "check_labels",
     "check_layout",
@@ -449,11 +450,13 @@ def check_layout(
                 f"sample_weight must have the per-element loss's shape {expected}, got {tuple(sample_weight_shape)}"
             )
     if class_mask_shape is None:
-        _check_class_count(num_classes, options)
+        check_class_count(num_classes, options)
     return Layout(axis=axis, num_classes=num_classes, kind=kind)
 
 
-def _check_class_count(valid_classes: int, options: Options) -> None:
+def check_class_count(valid_classes: int, options: Options) -> None:
+    """At least one valid class, and two for ``spread="others"`` with ε > 0 (K may be a global count, summed
+    over the slices of a class axis split across devices)."""
     if valid_classes < 1:
         raise ValueError("class_mask must leave at least one valid class, got none")
     if options.spread == "others" and valid_classes < 2 and options.label_smoothing > 0:
@@ -500,7 +503,7 @@ def check_class_mask(class_mask: Any, num_classes: int, options: Options) -> np.
         raise TypeError(f"class_mask must be a boolean array, got dtype {mask.dtype}")
     if mask.shape != (num_classes,):
         raise ValueError(f"class_mask must have shape ({num_classes},) (one entry per class), got {mask.shape}")
-    _check_class_count(int(mask.sum()), options)
+    check_class_count(int(mask.sum()), options)
     return mask
 
 

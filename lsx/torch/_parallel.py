@@ -323,7 +323,7 @@ class _Call:
         opts = self.opts
         if self.kind == "index" and self.t2.device.type == "cpu":
             spec.check_labels(self.t2.numpy(), self.total_classes, opts)  # the same labels on every rank
-        spec._check_class_count(int(valid), opts)
+        spec.check_class_count(int(valid), opts)
         self.coefficients = spec.RowCoefficients.of(
             opts, int(valid), int(valid) if self.weight is None else global_weight
         )
