@@ -24,7 +24,7 @@ def test_required_backends_are_installed(name):
 #: options of spec 2, and the backends whose loss takes them (the others do not take them yet: they raise
 #: TypeError for an unknown keyword, never a silent number)
 SPEC2_OPTIONS = {"softcap", "sample_weight", "denominator"}
-SPEC2_BACKENDS = {"numpy", "numpy-pure", "jax", "tensorflow", "keras"}
+SPEC2_BACKENDS = {"numpy", "numpy-pure", "jax", "tensorflow", "keras", "torch"}
 
 
 def _applies(name: str, case) -> bool:

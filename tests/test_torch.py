@@ -1103,3 +1103,21 @@ def test_module_takes_softcap_and_per_batch_sample_weight_and_denominator():
     _assert_close(criterion(x, y), lsx.torch.loss(x, y, label_smoothing=0.1, softcap=2.0))
     with pytest.raises(TypeError):
         criterion(x, y, sw)  # keyword-only
+
+
+def test_compile_with_a_python_number_denominator():
+    """A plain-number denominator is a trace-time constant, checked without NumPy (which dynamo cannot trace)."""
+    torch._dynamo.reset()
+    x, y, sw = _spec2_data()
+    compiled = torch.compile(
+        lambda x, y, s: lsx.torch.loss(x, y, label_smoothing=0.1, sample_weight=s, denominator=7.5),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    actual = _loss_and_grad(compiled, x, y, sw)
+    expected = _loss_and_grad(lsx.torch.loss, x, y, label_smoothing=0.1, sample_weight=sw, denominator=7.5)
+    _assert_close(actual[0], expected[0])
+    _assert_close(actual[1], expected[1])
+    bad = torch.compile(lambda x, y: lsx.torch.loss(x, y, denominator=-1.0), fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match="denominator"):
+        bad(x, y)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -271,11 +272,20 @@ def _denominator_tensor(value: Any, reduction: str, device: torch.device) -> tor
         if value.dtype == torch.bool or value.is_complex():
             raise ValueError(f"denominator must be a real number or a 0-d real tensor, got dtype {value.dtype}")
         return value if value.device == device else value.to(device)
-    if isinstance(value, bool) or np.ndim(value) != 0:
+    if isinstance(value, bool):
+        raise ValueError(f"denominator must be a number or a 0-d array, got {value!r}")
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):  # traced: trusted
+        return torch.full((), value, dtype=torch.float64, device=device)
+    if isinstance(value, (int, float)):  # plain arithmetic (NumPy does not trace under torch.compile)
+        number = float(value)
+        # under torch.compile the op checks it when it runs (an error raised while tracing would not be a
+        # ValueError under fullgraph=True)
+        if not torch.compiler.is_compiling() and (not math.isfinite(number) or number < 0):
+            raise ValueError(f"denominator must be finite and >= 0, got denominator={number!r}")
+        return torch.full((), number, dtype=torch.float64, device=device)
+    if np.ndim(value) != 0:
         raise ValueError(f"denominator must be a number or a 0-d array, got {spec._describe_value(value)}")
-    if not isinstance(value, (torch.SymFloat, torch.SymInt)):
-        value = spec.check_denominator(value)
-    return torch.full((), value, dtype=torch.float64, device=device)
+    return torch.full((), spec.check_denominator(value), dtype=torch.float64, device=device)
 
 
 def _describe(value: Any) -> str:
