@@ -21,16 +21,6 @@ def test_required_backends_are_installed(name):
         pytest.skip(f"{name} not installed")
 
 
-#: options of spec 2, and the backends whose loss takes them (the others do not take them yet: they raise
-#: TypeError for an unknown keyword, never a silent number)
-SPEC2_OPTIONS = {"softcap", "sample_weight", "denominator"}
-SPEC2_BACKENDS = {"numpy", "numpy-pure", "jax", "tensorflow", "keras", "torch"}
-
-
-def _applies(name: str, case) -> bool:
-    return name in SPEC2_BACKENDS or not SPEC2_OPTIONS & set(case.options)
-
-
 def _combinations():
     """Only the combinations that exist: each backend's own dtypes and modes, each case's dtypes. A skip then
     means something is missing (a framework not installed), never "does not apply"."""
@@ -40,7 +30,7 @@ def _combinations():
             if dtype not in driver.DTYPES:
                 continue
             for case in CASES:
-                if not case.applies_to(dtype) or not _applies(name, case):
+                if not case.applies_to(dtype):
                     continue
                 for mode in MODES:
                     if mode in driver.MODES:
