@@ -186,6 +186,15 @@ def main(argv: list[str] | None = None) -> None:
             f"| {label} | {row['time_s']:.2f} | {row['time_s'] / base_time:.2f} | {row['peak_extra_mib']:.0f} "
             f"| {row['peak_extra_mib'] / base_memory:.1%} | {row['loss']:.6f} |"
         )
+    from lsx.torch import _linear
+
+    grads_mib = (args.n + args.v) * args.h * 4 / 2**20
+    chunk_mib = _linear._rows_per_chunk(args.n, args.v, None) * args.v * 4 / 2**20
+    lines += [
+        "",
+        f"Floor for the fused methods: the gradients of h and W ({grads_mib:.0f} MiB) plus one chunk of logits "
+        f"({chunk_mib:.0f} MiB at the default chunk size), {grads_mib + chunk_mib:.0f} MiB.",
+    ]
     table = "\n".join(lines) + "\n"
     print(table)
     if not args.no_write:
