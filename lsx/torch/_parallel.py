@@ -328,71 +328,106 @@ class _Call:
             opts, int(valid), int(valid) if self.weight is None else global_weight
         )
 
-    # ---- collective 2: the per-row statistics, and the arithmetic ---------------------------------
-    def run(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the loss in x2's dtype, this rank's slice of the reduced loss's gradient)."""
-        opts, kind, coefficients = self.opts, self.kind, self.coefficients
-        n, k = x2.shape
-        device = x2.device
-        compute = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    # ---- the arithmetic, shared by the single call and the chunked (fused linear) one ----------------
+    def setup(self, dtype: torch.dtype, device: torch.device) -> None:
+        """What every row block of the call shares: the compute dtype, this rank's masked weights, the labels'
+        per-row facts (ownership, local index, w_y) for all N rows. No logits-sized tensor."""
+        opts, kind = self.opts, self.kind
+        n, k = self.x2.shape
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        self.compute, self.device, self.k = compute, device, k
         mask = self.mask
         w = None if self.weight is None else self.weight.to(compute)
         if w is not None and mask is not None:
             w = w.masked_fill(~mask, 0)
-        smoothing = opts.label_smoothing != 0
+        self.w = w
+        self.smoothing = opts.label_smoothing != 0
+        if kind != "index":
+            return
+        labels, too_big = _engine._labels_as_int64(self.t2.to(device))
+        active = torch.ones(n, dtype=torch.bool, device=device)
+        if opts.ignore_index is not None:
+            active = labels != opts.ignore_index
+        invalid = (labels < 0) | (labels >= self.total_classes)
+        if too_big is not None:
+            active = active | too_big
+            invalid = invalid | too_big
+        invalid = invalid & active
+        local = labels - self.offset
+        owns = active & ~invalid & (local >= 0) & (local < k)
         zeros = torch.zeros(n, dtype=compute, device=device)
+        self.labels, self.active, self.invalid, self.owns = labels, active, invalid, owns
+        self.y_local = torch.where(owns, local, torch.zeros_like(local))
+        self.w_y, self.owned, self.on_masked = zeros, owns.to(compute), None
+        if k:
+            self.w_y = torch.where(owns, torch.ones_like(zeros) if w is None else w[self.y_local], zeros)
+            if mask is not None:  # a label on a masked class: flagged (2), NaN where it cannot raise
+                self.on_masked = owns & ~mask[self.y_local]
+                self.owned = torch.where(self.on_masked, 2.0, self.owned)
+        # Σ_c w_c (x_c − m_r) as Σ_c w_c x_c − (Σ_c w_c)·m_r over the classes with w_c ≠ 0
+        self.linear, self.linear_total = None, float(k)
+        if self.smoothing and k and (mask is not None or w is not None):
+            linear = torch.ones(k, dtype=torch.bool, device=device) if mask is None else mask
+            if w is not None:
+                linear = linear & (w != 0)
+            self.linear = linear
+            self.linear_total = linear.sum().to(compute) if w is None else w.masked_fill(~linear, 0).sum()
 
-        x = x2.to(compute)
-        chain = None
-        if opts.softcap is not None:
-            tanh = torch.tanh(x / opts.softcap)
-            x = opts.softcap * tanh
-            chain = 1.0 - tanh * tanh
+    def soft_cap(self, x: torch.Tensor, *, in_place: bool, chain: bool) -> tuple[torch.Tensor, Any]:
+        """(c·tanh(x/c), 1 − tanh²(x/c) or None) for ``softcap=c``, (x, None) without; in ``x``'s storage when
+        ``in_place``."""
+        c = self.opts.softcap
+        if c is None:
+            return x, None
+        tanh = x.div_(c).tanh_() if in_place else torch.tanh(x / c)
+        factor = (1.0 - tanh * tanh) if chain else None
+        return (tanh.mul_(c) if in_place else c * tanh), factor
+
+    def exponentials(self, x: torch.Tensor, local_max: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+        """exp(x − m_r) over the valid classes (0 on masked ones), in ``x``'s storage when ``in_place``."""
+        mask = self.mask
+        if in_place:
+            if mask is not None:
+                x.masked_fill_(~mask, -math.inf)
+            return x.sub_(local_max.unsqueeze(1)).exp_()
+        x_soft = x if mask is None else x.masked_fill(~mask, -math.inf)
+        return torch.exp(x_soft - local_max.unsqueeze(1))
+
+    def target_weights(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, w∘q) of rows ``rows`` (probabilities; this rank's classes), in the compute dtype."""
+        q = self.coefficients.a * self.t2[rows].to(device=self.device, dtype=self.compute) + self.coefficients.b
+        if self.mask is not None:
+            q = q.masked_fill(~self.mask, 0)
+        return q, (q if self.w is None else q * self.w)
+
+    def statistics(self, x: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(this rank's six float64 statistics of rows ``rows``, shaped (6, rows); exp(x − m_r); w∘q or None),
+        from the (soft-capped) logits ``x`` of those rows in the compute dtype (not modified)."""
+        opts, compute, device, k = self.opts, self.compute, self.device, self.k
+        n = x.shape[0]
+        mask, w = self.mask, self.w
+        zeros = torch.zeros(n, dtype=compute, device=device)
         x_soft = x if mask is None else x.masked_fill(~mask, -math.inf)
         raw_max = x_soft.amax(dim=1) if k else torch.full((n,), -math.inf, dtype=compute, device=device)
+        del x_soft
         local_max = torch.where(torch.isfinite(raw_max), raw_max, 0.0)
-        g = torch.exp(x_soft - local_max.unsqueeze(1))
-
-        if kind == "index":
-            labels, too_big = _engine._labels_as_int64(self.t2.to(device))
-            active = torch.ones(n, dtype=torch.bool, device=device)
-            if opts.ignore_index is not None:
-                active = labels != opts.ignore_index
-            invalid = (labels < 0) | (labels >= self.total_classes)
-            if too_big is not None:
-                active = active | too_big
-                invalid = invalid | too_big
-            invalid = invalid & active
-            local = labels - self.offset
-            owns = active & ~invalid & (local >= 0) & (local < k)
-            y_local = torch.where(owns, local, torch.zeros_like(local))
-            x_y, w_y, owned = zeros, zeros, owns.to(compute)
+        g = self.exponentials(x, local_max, in_place=False)
+        wq = None
+        if self.kind == "index":
+            owns, y_local = self.owns[rows], self.y_local[rows]
+            x_y = zeros
             if k:
                 x_y = torch.where(owns, x.gather(1, y_local.unsqueeze(1)).squeeze(1) - local_max, 0.0)
-                w_y = torch.where(owns, torch.ones_like(zeros) if w is None else w[y_local], zeros)
-                if mask is not None:  # a label on a masked class: flagged (2), NaN where it cannot raise
-                    on_masked = owns & ~mask[y_local]
-                    x_y = torch.where(on_masked, math.nan, x_y)
-                    owned = torch.where(on_masked, 2.0, owned)
+                if self.on_masked is not None:
+                    x_y = torch.where(self.on_masked[rows], math.nan, x_y)
             weighted_sum = zeros
-            if smoothing and k:
-                # Σ_c w_c (x_c − m_r) as Σ_c w_c x_c − (Σ_c w_c)·m_r over the classes with w_c ≠ 0: no
-                # logits-sized x − m temporary
-                linear_x, linear_total = x, float(k)
-                if mask is not None or w is not None:
-                    linear = torch.ones(k, dtype=torch.bool, device=device) if mask is None else mask
-                    if w is not None:
-                        linear = linear & (w != 0)
-                    linear_x = x.masked_fill(~linear, 0)
-                    linear_total = linear.sum().to(compute) if w is None else w.masked_fill(~linear, 0).sum()
+            if self.smoothing and k:
+                linear_x = x if self.linear is None else x.masked_fill(~self.linear, 0)
                 weighted = linear_x.sum(dim=1) if w is None else linear_x @ w
-                weighted_sum = weighted - linear_total * local_max
-            columns = [raw_max, g.sum(dim=1), x_y, w_y, weighted_sum, owned]
+                weighted_sum = weighted - self.linear_total * local_max
+            columns = [raw_max, g.sum(dim=1), x_y, self.w_y[rows], weighted_sum, self.owned[rows]]
         else:
-            q = coefficients.a * self.t2.to(device=device, dtype=compute) + coefficients.b
-            if mask is not None:
-                q = q.masked_fill(~mask, 0)
-            wq = q if w is None else q * w
+            q, wq = self.target_weights(rows)
             contributes = wq != 0
             entropy = zeros
             if opts.normalize:
@@ -402,9 +437,13 @@ class _Call:
             shifted = x - local_max.unsqueeze(1)
             weighted = torch.where(contributes, wq * shifted, torch.zeros_like(x)).sum(dim=1)
             columns = [raw_max, g.sum(dim=1), wq.sum(dim=1), weighted, entropy, zeros]
-        stats = _gather(torch.stack([c.to(torch.float64) for c in columns]), self.group)  # (P, 6, N)
+        return torch.stack([c.to(torch.float64) for c in columns]), g, wq
 
-        # ---- merge in rank order (spec.merge_max / spec.reshift): the same bits on every rank --------
+    def merge(self, stats: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(the loss before the reduction, the per-row factors of the gradient) from every rank's statistics
+        (P, 6, N), merged in rank order (spec.merge_max / spec.reshift): the same bits on every rank."""
+        opts, kind, coefficients, device = self.opts, self.kind, self.coefficients, self.device
+        n = stats.shape[-1]
         raws = stats[:, 0]
         top = raws.amax(dim=0)
         m = torch.where(torch.isfinite(top), top, 0.0)
@@ -418,13 +457,13 @@ class _Call:
             if self.t2.device.type == "cpu":
                 flagged = (stats[:, 5] == 2).any(dim=0)
                 if bool(flagged.any()):
-                    label = int(labels[flagged][0])
+                    label = int(self.labels[flagged][0])
                     raise ValueError(f"target has label {label}, a class that class_mask marks as absent")
             owner_shift = torch.where(stats[:, 5] != 0, delta, 0.0).sum(dim=0)
             x_y_global = stats[:, 2].sum(dim=0) + owner_shift
             w_y_global = stats[:, 3].sum(dim=0)
             weighted_sum_global = 0.0
-            if smoothing:
+            if self.smoothing:
                 totals = torch.tensor(self.weight_totals, dtype=torch.float64, device=device).unsqueeze(1)
                 weighted_sum_global = (stats[:, 4] + torch.where(totals != 0, totals * delta, 0.0)).sum(dim=0)
             loss, coef = spec.label_row(
@@ -451,32 +490,47 @@ class _Call:
         if opts.denominator is not None:
             denominator: Any = torch.as_tensor(opts.denominator, device=device).detach().to(torch.float64).reshape(())
         elif kind == "index":
-            w_y_active = torch.where(active, w_y_global, 0.0)
+            w_y_active = torch.where(self.active, w_y_global, 0.0)
             denominator = (w_y_active if sw is None else w_y_active * sw).sum()
         else:
             denominator = torch.full((), float(n), dtype=torch.float64, device=device) if sw is None else sw.sum()
+        self.denominator = denominator
         scale = spec.reduction_scale(opts.reduction, denominator, where=torch.where)
         row_scale = torch.full_like(m, scale) if isinstance(scale, float) else scale.expand_as(m)
         if sw is not None:
             loss = loss * sw
             row_scale = row_scale * sw
         if kind == "index":
-            row_scale = torch.where(active, row_scale, 0.0)
-            loss = torch.where(active, loss, 0.0).masked_fill(invalid, math.nan)
+            row_scale = torch.where(self.active, row_scale, 0.0)
+            loss = torch.where(self.active, loss, 0.0).masked_fill(self.invalid, math.nan)
+        merged = dict(
+            coef=coef, row_scale=row_scale, own_factor=factor[self.rank], sum_exp=sum_exp, local_max=stats[self.rank, 0]
+        )
+        return loss, merged
 
-        # ---- this rank's slice of the gradient: (coef · p − w∘q) · scale --------------------------
-        own_factor = factor[self.rank]
+    def reduce(self, loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return _engine.reduce(loss, self.denominator, self.opts, dtype)
+
+    def gradient(self, g, chain, rows: slice, merged: dict[str, Any], wq: Any, upstream: Any = None) -> torch.Tensor:
+        """This rank's slice of the gradient of rows ``rows``, ``(coef · p − w∘q) · scale`` (× the soft-cap's
+        chain factor, × ``upstream``, per row or a scalar), written into ``g`` = exp(x − m_r) in place."""
+        coefficients, compute, device, k, mask = self.coefficients, self.compute, self.device, self.k, self.mask
+        row_scale = merged["row_scale"][rows]
+        if upstream is not None:
+            row_scale = row_scale * upstream
+        coef, own_factor, sum_exp = (merged[name][rows] for name in ("coef", "own_factor", "sum_exp"))
         g.mul_((coef * row_scale * own_factor / sum_exp).to(compute).unsqueeze(1))
         row_scale_c = row_scale.to(compute)
-        if kind == "index":
-            if smoothing and k:
-                b_row = coefficients.b * (torch.ones(k, dtype=compute, device=device) if w is None else w)
+        if self.kind == "index":
+            active, invalid = self.active[rows], self.invalid[rows]
+            if self.smoothing and k:
+                b_row = coefficients.b * (torch.ones(k, dtype=compute, device=device) if self.w is None else self.w)
                 if mask is not None:
                     b_row = b_row.masked_fill(~mask, 0)
                 g.addcmul_(row_scale_c.unsqueeze(1), b_row.unsqueeze(0), value=-1)
             if k and coefficients.a != 0:
-                target_part = torch.where(owns, -coefficients.a * w_y * row_scale_c, 0.0)
-                g.scatter_add_(1, y_local.unsqueeze(1), target_part.unsqueeze(1))
+                target_part = torch.where(self.owns[rows], -coefficients.a * self.w_y[rows] * row_scale_c, 0.0)
+                g.scatter_add_(1, self.y_local[rows].unsqueeze(1), target_part.unsqueeze(1))
             on_cpu = device.type == "cpu"  # there, skip the logits-sized passes when no row needs them
             if not on_cpu or not bool(active.all()):
                 g.masked_fill_(~active.unsqueeze(1), 0)
@@ -485,15 +539,33 @@ class _Call:
         else:
             g.addcmul_(row_scale_c.unsqueeze(1), wq, value=-1)
             if mask is not None:  # probability mass on a masked class (the CPU raises for it before)
-                masked_mass = (self.t2.to(device=device, dtype=compute).masked_fill(mask, 0) != 0).any(dim=1)
-                g.masked_fill_(masked_mass.unsqueeze(1), math.nan)
-                loss = loss.masked_fill(masked_mass, math.nan)
+                t = self.t2[rows].to(device=device, dtype=compute)
+                g.masked_fill_((t.masked_fill(mask, 0) != 0).any(dim=1).unsqueeze(1), math.nan)
         if mask is not None:
             g.masked_fill_(~mask, 0)
         if chain is not None:
             g.mul_(chain)
-        value = _engine.reduce(loss, denominator, opts, x2.dtype)
-        return value, g.to(x2.dtype)
+        return g
+
+    def masked_mass_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """NaN for the rows whose probabilities put mass on a class masked on this rank (accelerators)."""
+        if self.kind == "index" or self.mask is None or self.k == 0:
+            return loss
+        t = self.t2.to(device=self.device, dtype=self.compute)
+        return loss.masked_fill((t.masked_fill(self.mask, 0) != 0).any(dim=1), math.nan)
+
+    # ---- collective 2 for one call of ``loss``: every row at once ------------------------------------
+    def run(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss in x2's dtype, this rank's slice of the reduced loss's gradient)."""
+        self.setup(x2.dtype, x2.device)
+        every = slice(None)
+        x, chain = self.soft_cap(x2.to(self.compute), in_place=False, chain=True)
+        local, g, wq = self.statistics(x, every)
+        del x
+        loss, merged = self.merge(_gather(local, self.group))  # (P, 6, N)
+        loss = self.masked_mass_loss(loss)
+        value = self.reduce(loss, x2.dtype)
+        return value, self.gradient(g, chain, every, merged, wq).to(x2.dtype)
 
 
 class _ParallelFused(torch.autograd.Function):
