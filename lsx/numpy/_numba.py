@@ -49,6 +49,11 @@ _BLOCK = 2048  # partial sums in the compute dtype, accumulated across blocks in
 _LOOP_FLAGS = {"nsz", "arcp", "contract", "reassoc"}
 _MAX_FLAGS = {"nnan", "nsz", "reassoc"}
 _EXP_FLAGS = {"contract"}  # no reassociation: Cody–Waite needs its operations in order
+# float32 tanh(u) ≈ u·(1 + u²·P(u²)) / (1 + u²·Q(u²)) (coefficients of u^0, u^2, ...; a minimax fit of the
+# relative error on [0, 9], rounded to float32) and the smallest float32 where it reaches exactly 1
+_TANH32_P = (0.13383980095386505, 0.003498995676636696, 2.0661254893639125e-05, 1.3419812816550802e-08)
+_TANH32_Q = (0.4671730101108551, 0.025890205055475235, 0.0003291037573944777, 7.804725328242057e-07)
+_TANH32_CLAMP = 7.9969162940979
 
 if AVAILABLE:
 
@@ -289,57 +294,58 @@ if AVAILABLE:
 
         return left(cond, left, right), codegen
 
-    def _cap(v, c, inv_c):  # pragma: no cover - replaced by the overload below inside Numba
-        return c * math.tanh(v * inv_c)
+    def _tanh(u):  # pragma: no cover - replaced by the overload below inside Numba
+        return math.tanh(u)
 
-    @overload(_cap, inline="always")
-    def _cap_impl(v, c, inv_c):
-        """c·tanh(v/c) in ``v``'s dtype from the vectorisable :func:`_exp`: tanh|u| = (1 − e^{−2|u|}) /
-        (1 + e^{−2|u|}) above a threshold, and tanh's odd Taylor polynomial below it (no cancellation there):
-        float32 in float32 (|u| < 0.5, through u^15: truncation under 1e-8), float64 in float64 (|u| < 0.01,
-        through u^7: under 1e-15). ±inf give ±c and NaN stays NaN. Callers use ``error_model="numpy"`` (a
-        Python-style zero-division check would keep the loops from vectorising)."""
-        if v == types.float32:
+    @overload(_tanh, jit_options={"fastmath": _EXP_FLAGS, "error_model": "numpy"})
+    def _tanh_impl(u):
+        """tanh in ``u``'s dtype, vectorisable; its own function so that the scalar and the SIMD copies round alike.
 
-            def cap32(v, c, inv_c):
-                u = v * np.float32(inv_c)
-                au = abs(u)
-                e = _exp(np.float32(-2.0) * au)
-                large = (np.float32(1.0) - e) / (np.float32(1.0) + e)
-                u2 = au * au
-                p = np.float32(-929569.0 / 638512875.0)
-                p = p * u2 + np.float32(21844.0 / 6081075.0)
-                p = p * u2 + np.float32(-1382.0 / 155925.0)
-                p = p * u2 + np.float32(62.0 / 2835.0)
-                p = p * u2 + np.float32(-17.0 / 315.0)
-                p = p * u2 + np.float32(2.0 / 15.0)
-                p = p * u2 + np.float32(-1.0 / 3.0)
-                small = au + au * (u2 * p)
-                t = _select(au < np.float32(0.5), small, large)
-                t = _select(u >= np.float32(0.0), t, -t)
-                return np.float32(c) * t
+        float32: a rational minimax fit u·(1 + u²·P(u²)) / Q(u²) (P of degree 3, Q of degree 4, no exp) with u
+        clamped to ±_TANH32_CLAMP, where it gives exactly ±1 (relative error under 3e-7, ±inf give ±1, NaN stays
+        NaN, tiny and subnormal u give u). float64: tanh|u| = (1 − e^{−2|u|}) / (1 + e^{−2|u|}) from :func:`_exp`
+        above |u| = 0.01 and the odd Taylor polynomial through u^7 below (relative error under 1e-15). The
+        division needs ``error_model="numpy"`` (a Python-style zero-division check would keep loops scalar)."""
+        if u == types.float32:
 
-            return cap32
-        if v == types.float64:
+            def tanh32(u):
+                x = _select(u > np.float32(_TANH32_CLAMP), np.float32(_TANH32_CLAMP), u)
+                x = _select(x < np.float32(-_TANH32_CLAMP), np.float32(-_TANH32_CLAMP), x)
+                x2 = x * x
+                x3 = x2 * x
+                p = np.float32(_TANH32_P[3])
+                p = p * x2 + np.float32(_TANH32_P[2])
+                p = p * x2 + np.float32(_TANH32_P[1])
+                p = p * x2 + np.float32(_TANH32_P[0])
+                p = x3 * p + x
+                q = np.float32(_TANH32_Q[3])
+                q = q * x2 + np.float32(_TANH32_Q[2])
+                q = q * x2 + np.float32(_TANH32_Q[1])
+                q = q * x2 + np.float32(_TANH32_Q[0])
+                q = q * x2 + np.float32(1.0)
+                return p / q
 
-            def cap64(v, c, inv_c):
-                u = v * inv_c
+            return tanh32
+        if u == types.float64:
+
+            def tanh64(u):
                 au = abs(u)
                 e = _exp(-2.0 * au)
                 large = (1.0 - e) / (1.0 + e)
                 u2 = au * au
                 small = au * (1.0 - u2 * (1.0 / 3.0 - u2 * (2.0 / 15.0 - u2 * (17.0 / 315.0))))
                 t = _select(au < 0.01, small, large)
-                t = _select(u >= 0.0, t, -t)
-                return c * t
+                return _select(u >= 0.0, t, -t)
 
-            return cap64
+            return tanh64
         return None
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True, error_model="numpy")
     def _cap_scalar(v, c):
-        """:func:`_cap` for one value (the label's logit, the probability rows' first sweep)."""
-        return _cap(v, c, 1.0 / c)
+        """c·tanh(v/c) for one value (the label's logit, the row maximum, the probability rows' first sweep),
+        rounded as in the blocks below."""
+        inv_c = 1.0 / c
+        return _scalar_like(c, v) * _tanh(v * _scalar_like(inv_c, v))
 
     @numba.njit(fastmath=_MAX_FLAGS, cache=True, error_model="numpy")
     def _capped_row_max(xr, valid, has_mask, c, inv_c):
@@ -356,78 +362,96 @@ if AVAILABLE:
                 m = _maxnum(m, xr[j])
         return np.float64(_cap_scalar(m, c))
 
-    # Soft-capped blocks: each logit is capped as it is read; the stored copy is the capped logit (pass 3 reads
-    # it back, recomputes exp(x' − m) and applies the chain factor 1 − (x'/c)², in place too)
+    # Soft-capped pass 2: each logit x is capped as it is read (x' = c·t, t = tanh(x/c)); e = exp(x' − m) goes
+    # to the gradient row (over x itself in place) and the chain factor 1 − t² to a scratch row, so pass 3 is
+    # (coef·e − b·w)·(1 − t²) with no transcendental function
     @numba.njit(fastmath=_LOOP_FLAGS, inline="always", error_model="numpy")
-    def _block_cap_store(xs, ds, ws, vs, mt, c, inv_c):
+    def _block_cap_store(xs, es, ss, ws, vs, mt, c, inv_c):
         zero = mt - mt
+        one = zero + _scalar_like(1.0, mt)
         sum_e = zero
         sum_x = zero
         for j in range(xs.shape[0]):
-            v = _cap(xs[j], c, inv_c)
-            d = v - mt
-            sum_e += _exp(d) if vs[j] else zero
+            t = _tanh(xs[j] * inv_c)
+            d = c * t - mt
+            e = _exp(d) if vs[j] else zero
+            sum_e += e
             sum_x += ws[j] * d if ws[j] != zero else zero
-            ds[j] = v
+            es[j] = e
+            ss[j] = one - t * t
         return sum_e, sum_x
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True, error_model="numpy")
-    def _cap_pass(xr, dst, w, valid, m, c, mode):
-        """:func:`_exp_pass` on the capped logits; modes 1 and 2 store the capped logits (not exp) in ``dst``.
+    def _cap_pass(xr, dst, chain, w, valid, m, c, mode):
+        """:func:`_exp_pass` on the capped logits; modes 1 and 2 also store 1 − tanh²(x/c) in ``chain``.
 
-        Mode 0 stores them in a one-block scratch buffer: the same arithmetic as the other modes (a sum-only loop
-        would let LLVM fuse c·tanh − m into one rounding), so ``loss`` and ``loss_and_grad`` agree exactly."""
+        Mode 0 stores into a one-block scratch buffer: the same loop as the other modes, so ``loss`` and
+        ``loss_and_grad`` agree exactly."""
         k = xr.shape[0]
-        scratch = np.empty(min(k, _BLOCK) if mode == 0 else 0, xr.dtype)
+        scratch = np.empty(2 * min(k, _BLOCK) if mode == 0 else 0, xr.dtype)
         mt = _to_dtype_of(m, xr)
-        inv_c = 1.0 / c
+        ct = _to_dtype_of(c, xr)
+        inv_c = _to_dtype_of(1.0 / c, xr)
         sum_e = 0.0
         sum_x = 0.0
         for start in range(0, k, _BLOCK):
             stop = min(start + _BLOCK, k)
+            size = stop - start
+            ws = w[start:stop]
+            vs = valid[start:stop]
             if mode == 0:
                 block_e, block_x = _block_cap_store(
-                    xr[start:stop], scratch[: stop - start], w[start:stop], valid[start:stop], mt, c, inv_c
+                    xr[start:stop], scratch[:size], scratch[size : 2 * size], ws, vs, mt, ct, inv_c
                 )
             elif mode == 1:
                 block_e, block_x = _block_cap_store(
-                    xr[start:stop], dst[start:stop], w[start:stop], valid[start:stop], mt, c, inv_c
+                    xr[start:stop], dst[start:stop], chain[start:stop], ws, vs, mt, ct, inv_c
                 )
             else:
                 ds = dst[start:stop]
-                block_e, block_x = _block_cap_store(ds, ds, w[start:stop], valid[start:stop], mt, c, inv_c)
+                block_e, block_x = _block_cap_store(ds, ds, chain[start:stop], ws, vs, mt, ct, inv_c)
             sum_e += block_e
             sum_x += block_x
         return sum_e, sum_x
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True, error_model="numpy")
-    def _cap_grad(dst, w, valid, mt, coef, bs, inv_ct):
-        """Pass 3 under soft-capping: ``dst`` holds the capped logits x'; writes (coef·exp(x' − m) − bs·w)·(1 − (x'/c)²)
-        on the valid classes, 0 on the others."""
-        zero = mt - mt
-        one = zero + _scalar_like(1.0, mt)
+    def _cap_grad(dst, chain, w, valid, coef, bs):
+        """Pass 3 under soft-capping: ``dst`` holds exp(x' − m) (0 on the masked classes), ``chain`` 1 − t²;
+        writes (coef·exp(x' − m) − bs·w)·(1 − t²) on the valid classes, 0 on the others."""
+        zero = coef - coef
         for j in range(dst.shape[0]):
-            v = dst[j]
-            e = _exp(v - mt)
-            t = v * inv_ct
-            g = (e * coef - bs * w[j]) * (one - t * t)
+            g = (dst[j] * coef - bs * w[j]) * chain[j]
             dst[j] = g if valid[j] else zero
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True, error_model="numpy")
-    def _cap_prob_grad(dst, tr, w, valid, has_w, has_mask, mt, coef, st, at, bt, inv_ct):
-        zero = mt - mt
-        one = zero + _scalar_like(1.0, mt)
+    def _cap_prob_grad(dst, chain, tr, w, valid, has_w, has_mask, coef, st, at, bt):
+        zero = coef - coef
+        one = zero + _scalar_like(1.0, coef)
         for j in range(dst.shape[0]):
             ok = valid[j] if has_mask else True
             wq = (at * tr[j] + bt) * (w[j] if has_w else one)
-            v = dst[j]
-            t = v * inv_ct
-            g = (_exp(v - mt) * coef - st * wq) * (one - t * t)
+            g = (dst[j] * coef - st * wq) * chain[j]
             dst[j] = g if ok else zero
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
     def _index_row(
-        i, x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, sw, has_sw, want_grad, inplace, out, loss
+        i,
+        x,
+        y,
+        w,
+        valid,
+        has_w,
+        has_mask,
+        ignore_index,
+        has_ignore,
+        params,
+        sw,
+        has_sw,
+        want_grad,
+        inplace,
+        out,
+        loss,
+        chain,
     ):
         k = x.shape[1]
         a, b, total_w, z, h_target, h_other, normalize, scale = (
@@ -459,7 +483,7 @@ if AVAILABLE:
             x_y_t = _cap_scalar(xr[label], softcap)
             x_y = np.float64(x_y_t)
             m = _capped_row_max(xr, valid, has_mask, softcap, 1.0 / softcap)
-            sum_e, sum_x = _cap_pass(xr, dst, w, valid, m, softcap, mode)
+            sum_e, sum_x = _cap_pass(xr, dst, chain, w, valid, m, softcap, mode)
         else:
             x_y_t = xr[label]
             x_y = np.float64(x_y_t)
@@ -487,10 +511,8 @@ if AVAILABLE:
         coef = _to_dtype_of(scale * coef / sum_e, x)
         bs = _to_dtype_of(scale * b, x)
         if capped:
-            inv_ct = _to_dtype_of(1.0 / softcap, x)
-            _cap_grad(dst, w, valid, _to_dtype_of(m, x), coef, bs, inv_ct)
-            t_y = x_y_t * inv_ct
-            dst[label] -= _to_dtype_of(scale * a * w_y, x) * (_to_dtype_of(1.0, x) - t_y * t_y)
+            _cap_grad(dst, chain, w, valid, coef, bs)
+            dst[label] -= _to_dtype_of(scale * a * w_y, x) * chain[label]
             return
         if has_w:
             for c in range(k):
@@ -506,33 +528,55 @@ if AVAILABLE:
 
     @numba.njit(cache=True, parallel=True)
     def _index_rows(
-        x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, sw, has_sw, want_grad, inplace, out, loss
+        x,
+        y,
+        w,
+        valid,
+        has_w,
+        has_mask,
+        ignore_index,
+        has_ignore,
+        params,
+        sw,
+        has_sw,
+        want_grad,
+        inplace,
+        out,
+        loss,
+        chunks,
     ):
-        for i in prange(x.shape[0]):
-            _index_row(
-                i,
-                x,
-                y,
-                w,
-                valid,
-                has_w,
-                has_mask,
-                ignore_index,
-                has_ignore,
-                params,
-                sw,
-                has_sw,
-                want_grad,
-                inplace,
-                out,
-                loss,
-            )
+        """``chunks`` ranges of rows, a few per thread (each allocates soft-capping's scratch row once)."""
+        n, k = x.shape
+        chain_size = k if want_grad and params[8] != 0.0 else 0
+        for chunk in prange(chunks):
+            chain = np.empty(chain_size, x.dtype)  # soft-capping's per-row scratch, one per chunk of rows
+            for i in range(chunk * n // chunks, (chunk + 1) * n // chunks):
+                _index_row(
+                    i,
+                    x,
+                    y,
+                    w,
+                    valid,
+                    has_w,
+                    has_mask,
+                    ignore_index,
+                    has_ignore,
+                    params,
+                    sw,
+                    has_sw,
+                    want_grad,
+                    inplace,
+                    out,
+                    loss,
+                    chain,
+                )
 
     # the same loop without threads, for inputs too small to pay for starting them
     @numba.njit(cache=True)
     def _index_rows_serial(
         x, y, w, valid, has_w, has_mask, ignore_index, has_ignore, params, sw, has_sw, want_grad, inplace, out, loss
     ):
+        chain = np.empty(x.shape[1] if want_grad and params[8] != 0.0 else 0, x.dtype)
         for i in range(x.shape[0]):
             _index_row(
                 i,
@@ -551,10 +595,11 @@ if AVAILABLE:
                 inplace,
                 out,
                 loss,
+                chain,
             )
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
-    def _prob_row(i, x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss):
+    def _prob_row(i, x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss, chain):
         k = x.shape[1]
         a, b, z, normalize, scale = params[0], params[1], params[3], params[6] != 0.0, params[7]
         softcap = params[8]
@@ -586,7 +631,7 @@ if AVAILABLE:
                     entropy += (np.float64(w[c]) if has_w else 1.0) * q * math.log(q)
         mode = (2 if inplace else 1) if want_grad else 0
         if capped:
-            sum_e, _ = _cap_pass(xr, dst, w, valid, m, softcap, mode)
+            sum_e, _ = _cap_pass(xr, dst, chain, w, valid, m, softcap, mode)
         else:
             sum_e, _ = _exp_pass(xr, dst, w, valid, not has_w, m, mode)
         lse_shifted = math.log(sum_e)
@@ -602,7 +647,7 @@ if AVAILABLE:
         coef = _to_dtype_of(scale * coef / sum_e, x)
         st = _to_dtype_of(scale, x)
         if capped:
-            _cap_prob_grad(dst, tr, w, valid, has_w, has_mask, mt, coef, st, at, bt, _to_dtype_of(1.0 / softcap, x))
+            _cap_prob_grad(dst, chain, tr, w, valid, has_w, has_mask, coef, st, at, bt)
             return
         for c in range(k):
             ok = valid[c] if has_mask else True
@@ -610,14 +655,19 @@ if AVAILABLE:
             dst[c] = (dst[c] * coef - st * wq) if ok else zero
 
     @numba.njit(cache=True, parallel=True)
-    def _prob_rows(x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss):
-        for i in prange(x.shape[0]):
-            _prob_row(i, x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss)
+    def _prob_rows(x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss, chunks):
+        n, k = x.shape
+        chain_size = k if want_grad and params[8] != 0.0 else 0
+        for chunk in prange(chunks):
+            chain = np.empty(chain_size, x.dtype)
+            for i in range(chunk * n // chunks, (chunk + 1) * n // chunks):
+                _prob_row(i, x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss, chain)
 
     @numba.njit(cache=True)
     def _prob_rows_serial(x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss):
+        chain = np.empty(x.shape[1] if want_grad and params[8] != 0.0 else 0, x.dtype)
         for i in range(x.shape[0]):
-            _prob_row(i, x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss)
+            _prob_row(i, x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss, chain)
 
 
 def _xlogx(q: float) -> float:
@@ -720,7 +770,7 @@ def forward_backward(
     small = n * k < _PARALLEL_MIN_ELEMENTS
     if n:
         if kind == "index":
-            (_index_rows_serial if small else _index_rows)(
+            args = (
                 _read_only(x),
                 _read_only(labels),
                 w,
@@ -737,8 +787,9 @@ def forward_backward(
                 grad,
                 per_element,
             )
+            serial, threaded = _index_rows_serial, _index_rows
         else:
-            (_prob_rows_serial if small else _prob_rows)(
+            args = (
                 _read_only(x),
                 _read_only(probs),
                 w,
@@ -753,6 +804,11 @@ def forward_backward(
                 grad,
                 per_element,
             )
+            serial, threaded = _prob_rows_serial, _prob_rows
+        if small:
+            serial(*args)
+        else:
+            threaded(*args, min(n, 4 * numba.get_num_threads()))
     if not want_grad:
         return per_element, denominator, None
     if out2 is not None and grad is not out2:
