@@ -168,11 +168,61 @@ def _check_case(rank, size, splits, kind, opts, seed, *, n=7, label_high=None):
     return value.detach().reshape(-1)
 
 
+def _check_linear_case(rank, size, splits, kind, opts, seed, *, n=7, hidden=5, label_high=None):
+    """linear_loss with this rank's rows of the head (fused, chunks of 3 rows) against the single-device
+    linear_loss on the whole head: the loss, the input's full gradient, this rank's weight and bias rows."""
+    import lsx.torch
+
+    opts = dict(opts)
+    k = sum(splits)
+    _, y, weight, mask = _problem(seed, n, k, kind, opts, label_high=label_high)
+    gen = torch.Generator().manual_seed(seed + 2)
+    h = torch.randn(n, hidden, generator=gen, dtype=F64)
+    head = 2 * torch.randn(k, hidden, generator=gen, dtype=F64)
+    bias = torch.randn(k, generator=gen, dtype=F64)
+    leaves = [t.clone().requires_grad_(True) for t in (h, head, bias)]
+    expected = lsx.torch.linear_loss(
+        leaves[0], leaves[1], y, linear_bias=leaves[2], weight=weight, class_mask=mask, **opts
+    )
+    cotangent = torch.rand(expected.shape, generator=gen, dtype=F64) + 0.5
+    expected_grads = torch.autograd.grad(expected, leaves, cotangent)
+    mine = [
+        h.clone().requires_grad_(True),
+        _split(head, splits, rank, 0).clone().requires_grad_(True),
+        _split(bias, splits, rank, 0).clone().requires_grad_(True),
+    ]
+    value = lsx.torch.linear_loss(
+        mine[0],
+        mine[1],
+        y if kind == "index" else _split(y, splits, rank),
+        linear_bias=mine[2],
+        weight=None if weight is None else _split(weight, splits, rank, 0),
+        class_mask=None if mask is None else _split(mask, splits, rank, 0),
+        process_group=dist.group.WORLD,
+        chunk_size=3,
+        **opts,
+    )
+    grads = torch.autograd.grad(value, mine, cotangent)
+    where = f"linear case {kind} {opts} on rank {rank} of {splits}"
+    pairs = (
+        ("loss", value.detach(), expected.detach()),
+        ("input's gradient", grads[0], expected_grads[0]),
+        ("linear_weight's gradient", grads[1], _split(expected_grads[1], splits, rank, 0)),
+        ("linear_bias's gradient", grads[2], _split(expected_grads[2], splits, rank, 0)),
+    )
+    for name, got, want in pairs:
+        torch.testing.assert_close(
+            got, want, rtol=1e-12, atol=1e-12, equal_nan=True, msg=lambda m, name=name: f"{where}, {name}: {m}"
+        )
+    return value.detach().reshape(-1)
+
+
 def _parity_worker(rank, size, splits, label_high):
     losses = []
     for index, (kind, opts) in enumerate(_cases()):
         seed = zlib.crc32(f"{splits}-{index}".encode())
         losses.append(_check_case(rank, size, splits, kind, opts, seed, label_high=label_high))
+        losses.append(_check_linear_case(rank, size, splits, kind, opts, seed, label_high=label_high))
     # the loss is bitwise identical on every rank, in every case
     bits = torch.cat(losses).view(torch.int64)
     gathered = [torch.empty_like(bits) for _ in range(size)]

@@ -82,7 +82,16 @@ def linear_loss(
         from lsx.torch import _parallel
 
         return _parallel.linear_cross_entropy(
-            input, linear_weight, target, linear_bias, weight, class_mask, sample_weight, opts, process_group
+            input,
+            linear_weight,
+            target,
+            linear_bias,
+            weight,
+            class_mask,
+            sample_weight,
+            opts,
+            process_group,
+            chunk_size,
         )
     return _linear_loss(input, linear_weight, target, linear_bias, weight, class_mask, sample_weight, opts, chunk_size)
 
@@ -118,8 +127,10 @@ Args:
         rows (the tensor-parallel LM head); labels are global. Equal to the single-device loss (see
         ``lsx.torch.loss``'s ``process_group``); ``linear_weight``'s gradient is this rank's rows, and
         ``input``'s is the full gradient on every rank, already summed over the group (do not reduce it
-        again). This rank's (N, V/P) logits are formed unchunked; eager calls only; ``sample_weight`` is not
-        differentiated with a group.
+        again). Fused as without a group: this rank's (N, V_r) logits are never held (two passes over row
+        chunks of ``chunk_size`` rows, the second in the backward); per call, a fixed-size header and 48
+        bytes per row are all-gathered, and the backward all-reduces the (N, H) input gradient. Eager calls
+        only; ``sample_weight`` is not differentiated with a group.
 
 Returns:
     The loss in the input's dtype: a scalar, or ``input.shape[:-1]`` for ``reduction="none"``.

@@ -71,8 +71,8 @@ _DTYPE_CODES = {
 #: error codes exchanged in the header
 _ERRORS = {1: "weight", 2: "class_mask", 3: "target", 4: "sample_weight or denominator", 5: "input's shapes or types"}
 #: the header's columns
-_ERROR, _ELEMENTS, _X_DTYPE, _T_DTYPE, _KIND, _CLASSES, _VALID, _WEIGHT, _SUM1, _SUM2, _OPTIONS = range(11)
-_HEADER = 11
+_ERROR, _ELEMENTS, _X_DTYPE, _T_DTYPE, _KIND, _CLASSES, _VALID, _WEIGHT, _SUM1, _SUM2, _OPTIONS, _INPUT_GRAD = range(12)
+_HEADER = 12
 #: what every rank must agree on, with the error's wording
 _AGREE = (
     (_ELEMENTS, "element count (batch shape)"),
@@ -82,6 +82,7 @@ _AGREE = (
     (_OPTIONS, "options"),
     (_SUM1, "labels (their checksum)"),
     (_SUM2, "labels (their checksum)"),
+    (_INPUT_GRAD, "input's requires_grad (linear_loss all-reduces the input's gradient in the backward)"),
 )
 
 
@@ -181,6 +182,7 @@ class _Call:
         self.error_code = 0
         self.x2 = self.t2 = self.weight = self.mask = self.sample_weight = None
         self.kind = "index"
+        self.input_grad = False  # linear_loss: whether the backward all-reduces the input's gradient
         self.lead_shape: Any = ()
 
     def fail(self, error: Exception, code: int) -> None:
@@ -277,6 +279,7 @@ class _Call:
         header = torch.zeros(_HEADER, dtype=torch.float64, device=device)
         header[_ERROR] = float(self.error_code)
         header[_OPTIONS] = _options_code(opts)
+        header[_INPUT_GRAD] = float(self.input_grad)
         x2, t2 = self.x2, self.t2
         if x2 is not None:
             n, k = x2.shape
@@ -503,8 +506,10 @@ class _Call:
         if kind == "index":
             row_scale = torch.where(self.active, row_scale, 0.0)
             loss = torch.where(self.active, loss, 0.0).masked_fill(self.invalid, math.nan)
+        own = raws[self.rank]  # this rank's m_r, as its statistics used it
+        local_max = torch.where(torch.isfinite(own), own, 0.0)
         merged = dict(
-            coef=coef, row_scale=row_scale, own_factor=factor[self.rank], sum_exp=sum_exp, local_max=stats[self.rank, 0]
+            coef=coef, row_scale=row_scale, own_factor=factor[self.rank], sum_exp=sum_exp, local_max=local_max
         )
         return loss, merged
 
@@ -586,21 +591,12 @@ class _ParallelFused(torch.autograd.Function):
         return grad * scale, None
 
 
-class _CopyToGroup(torch.autograd.Function):
-    """Identity forward; the backward sums the gradient over the group (each rank holds part of it)."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        device = grad.device
-        reduced = grad.cpu() if str(dist.get_backend(ctx.group)) == "gloo" else grad
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=ctx.group)
-        return reduced.to(device), None
+def _all_reduce(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """The sum of ``tensor`` over the group (in place where the backend takes the tensor's device)."""
+    device = tensor.device
+    reduced = tensor.cpu() if str(dist.get_backend(group)) == "gloo" else tensor
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
+    return reduced.to(device)
 
 
 def linear_cross_entropy(
@@ -613,14 +609,166 @@ def linear_cross_entropy(
     sample_weight: Any,
     opts: spec.Options,
     group: Any,
+    chunk_size: Any = None,
 ) -> torch.Tensor:
     """``lsx.torch.linear_loss`` over a vocabulary split across ``group``: ``linear_weight`` (V_r, H) and
-    ``linear_bias`` (V_r,) are this rank's rows (the tensor-parallel LM head).
+    ``linear_bias`` (V_r,) are this rank's rows (the tensor-parallel LM head), fused: no (N, V_r) logits.
 
-    This rank's (N, V_r) logits are formed (not chunked) and go through :func:`cross_entropy`; the gradient of
-    ``input`` is summed over the group in the backward pass (one all-reduce of an (N, H) tensor), so every
-    rank receives the full, single-device gradient: callers must not reduce it again.
+    Pass 1 runs over row chunks: each chunk's logits go into one reused (rows, V_r) buffer and leave only
+    their six statistics per row (:meth:`_Call.statistics`); then the two collectives of ``loss`` for all
+    rows at once and the merge. Pass 2 (in the backward) recomputes each chunk's logits in the buffer, turns
+    them into this rank's gradient slice in place (:meth:`_Call.gradient`, the upstream gradient included)
+    and pushes it through the projection: ``grad_h = g @ W_r`` (summed over the group by one all-reduce of
+    an (N, H) tensor), ``grad_W_r += g.T @ h``, ``grad_b_r += Σ g``.
     """
-    shared = _CopyToGroup.apply(input, group) if input.requires_grad and torch.is_grad_enabled() else input
-    logits = torch.nn.functional.linear(shared, linear_weight, linear_bias)
-    return cross_entropy(logits, target, opts, -1, weight, class_mask, group, sample_weight=sample_weight)
+    from lsx.torch import _linear
+
+    if not isinstance(opts, spec.Options):
+        raise NotImplementedError("process_group is not supported under torch.compile; call the loss eagerly")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group needs an initialised torch.distributed (dist.init_process_group)")
+    if sample_weight is not None:
+        opts = dataclasses.replace(opts, sample_weight=sample_weight)
+    call = _Call(group, opts)
+    grad_on = torch.is_grad_enabled()
+    leaves = (input, linear_weight, linear_bias)
+    need = tuple(grad_on and isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)
+    call.input_grad = need[0]
+    try:  # every local failure travels in the header, so that the other ranks raise too
+        chunk_size = _linear._check_chunk_size(chunk_size)
+        lead, h = _check_linear(input, linear_weight, linear_bias)
+        v = linear_weight.shape[0]
+        # a stride-0 stand-in with the logits' shape, dtype and device: prepare() checks the layout on it
+        stand_in = torch.empty((), dtype=input.dtype, device=input.device).expand(*lead, v)
+        call.prepare(stand_in, target, -1, weight, class_mask)
+    except Exception as error:  # raised on this rank after the header, whatever it is
+        call.fail(error, 5)
+    call.exchange_header(input)
+    n = call.x2.shape[0]
+    rows = _linear._rows_per_chunk(n, linear_weight.shape[0], chunk_size)
+    h2 = input.reshape(n, h)
+    if any(need):
+        value = _ParallelLinear.apply(h2, linear_weight, linear_bias, call, rows)
+    else:
+        value, _ = _linear_forward(call, h2.detach(), linear_weight.detach(), _detach(linear_bias), rows)
+    return value.reshape(lead) if opts.reduction == "none" else value
+
+
+def _detach(tensor: Any) -> Any:
+    return None if tensor is None else tensor.detach()
+
+
+def _check_linear(input: Any, linear_weight: Any, linear_bias: Any) -> tuple[tuple[int, ...], int]:
+    """(the input's leading shape, H), or a ValueError/TypeError naming the argument."""
+    if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {_describe(input)}")
+    if input.dim() < 1:
+        raise ValueError(f"input must have shape (..., H), got a tensor of shape {tuple(input.shape)}")
+    if not isinstance(linear_weight, torch.Tensor) or linear_weight.dim() != 2:
+        shape = tuple(linear_weight.shape) if isinstance(linear_weight, torch.Tensor) else _describe(linear_weight)
+        raise ValueError(f"linear_weight must be a (V_r, H) tensor (this rank's rows), got {shape}")
+    v, h = linear_weight.shape
+    if input.shape[-1] != h:
+        raise ValueError(
+            f"input's last dim ({input.shape[-1]}) must equal linear_weight's H: linear_weight has shape "
+            f"{tuple(linear_weight.shape)} (V_r, H), input has shape {tuple(input.shape)}"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"linear_weight must have the input's dtype {input.dtype}, got {linear_weight.dtype}")
+    if linear_bias is not None:
+        if not isinstance(linear_bias, torch.Tensor) or tuple(linear_bias.shape) != (v,):
+            shape = tuple(linear_bias.shape) if isinstance(linear_bias, torch.Tensor) else _describe(linear_bias)
+            raise ValueError(f"linear_bias must have shape ({v},) (this rank's rows), got {shape}")
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"linear_bias must have the input's dtype {input.dtype}, got {linear_bias.dtype}")
+    return tuple(input.shape[:-1]), h
+
+
+def _chunk_logits(h2, wc, bc, start, stop, buffer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [start, stop) of ``h2`` in the compute dtype, their logits written into ``buffer``'s rows)."""
+    hc = h2[start:stop].to(wc.dtype)
+    logits = buffer[: stop - start]
+    if bc is None:
+        torch.mm(hc, wc.T, out=logits)
+    else:
+        torch.addmm(bc, hc, wc.T, out=logits)
+    return hc, logits
+
+
+def _linear_forward(call: _Call, h2, w, b, rows):
+    """Pass 1 and the collectives: (the loss in h2's dtype, the merged per-row factors)."""
+    call.setup(h2.dtype, h2.device)
+    n = h2.shape[0]
+    wc, bc = w.to(call.compute), None if b is None else b.to(call.compute)
+    buffer = torch.empty((min(rows, n), wc.shape[0]), dtype=call.compute, device=h2.device)
+    local = torch.empty((6, n), dtype=torch.float64, device=h2.device)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        _, logits = _chunk_logits(h2, wc, bc, start, stop, buffer)
+        x, _ = call.soft_cap(logits, in_place=True, chain=False)
+        local[:, start:stop], _, _ = call.statistics(x, slice(start, stop))
+    loss, merged = call.merge(_gather(local, call.group))  # (P, 6, N)
+    loss = call.masked_mass_loss(loss)
+    return call.reduce(loss, h2.dtype), merged
+
+
+def _linear_backward(call: _Call, h2, w, b, merged, upstream, rows, need):
+    """Pass 2: (∂/∂h partial to this rank, ∂/∂W_r, ∂/∂b_r) in the compute dtype, ``upstream`` a scalar or (N,)."""
+    need_h, need_w, need_b = need
+    n = h2.shape[0]
+    compute = call.compute
+    wc, bc = w.detach().to(compute), None if b is None else b.detach().to(compute)
+    h2 = h2.detach()
+    upstream = upstream.detach().to(device=h2.device, dtype=torch.float64)
+    per_row = upstream.dim() > 0
+    upstream = upstream.reshape(-1) if per_row else upstream
+    grad_h = torch.empty(h2.shape, dtype=compute, device=h2.device) if need_h else None
+    grad_w = torch.zeros(wc.shape, dtype=compute, device=h2.device) if need_w else None
+    grad_b = torch.zeros(wc.shape[:1], dtype=compute, device=h2.device) if need_b else None
+    buffer = torch.empty((min(rows, n), wc.shape[0]), dtype=compute, device=h2.device)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        block = slice(start, stop)
+        hc, logits = _chunk_logits(h2, wc, bc, start, stop, buffer)
+        x, chain = call.soft_cap(logits, in_place=True, chain=True)
+        g = call.exponentials(x, merged["local_max"][block].to(compute), in_place=True)
+        wq = None if call.kind == "index" else call.target_weights(block)[1]
+        g = call.gradient(g, chain, block, merged, wq, upstream[block] if per_row else upstream)
+        if grad_h is not None:
+            torch.mm(g, wc, out=grad_h[block])
+        if grad_w is not None:
+            grad_w.addmm_(g.T, hc)
+        if grad_b is not None:
+            grad_b.add_(g.sum(dim=0))
+        del g, wq, chain, x, logits, hc
+    return grad_h, grad_w, grad_b
+
+
+class _ParallelLinear(torch.autograd.Function):
+    """Pass 1 and the collectives in the forward; pass 2 and the all-reduce of the input's gradient in the
+    backward, with the upstream gradient (a scalar, or per row for ``reduction="none"``) folded into each row's
+    scale."""
+
+    @staticmethod
+    def forward(ctx, h2, w, b, call, rows):
+        value, merged = _linear_forward(call, h2.detach(), w.detach(), _detach(b), rows)
+        ctx.save_for_backward(h2, w, b)
+        ctx.call, ctx.merged, ctx.rows = call, merged, rows
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_value):
+        h2, w, b = ctx.saved_tensors
+        call = ctx.call
+        need = (call.input_grad, ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+        grad_h, grad_w, grad_b = _linear_backward(call, h2, w, b, ctx.merged, grad_value, ctx.rows, need)
+        if grad_h is not None:  # every rank holds part of it: summed here, so callers must not reduce it again
+            grad_h = _all_reduce(grad_h, call.group).to(h2.dtype)
+        return (
+            grad_h if ctx.needs_input_grad[0] else None,
+            None if grad_w is None else grad_w.to(w.dtype),
+            None if grad_b is None else grad_b.to(b.dtype),
+            None,
+            None,
+        )
