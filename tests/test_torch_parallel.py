@@ -369,3 +369,50 @@ def _bad_input_worker(rank, size):
     # CrossEntropyLoss takes the group too
     criterion = lsx.torch.CrossEntropyLoss(label_smoothing=0.1, process_group=group)
     torch.testing.assert_close(criterion(part, y), expected, rtol=1e-12, atol=1e-12)
+    _bad_linear_input(rank, size, splits, y)
+
+
+def _bad_linear_input(rank, size, splits, y):
+    """linear_loss with a group: a local shape error or a disagreement raises on every rank; the logits are
+    only ever formed a chunk at a time (both passes), and a call without autograd gives the same loss."""
+    import lsx.torch
+    from lsx.torch import _parallel
+
+    group = dist.group.WORLD
+    k = sum(splits)
+    gen = torch.Generator().manual_seed(17)
+    h = torch.randn(6, 4, generator=gen, dtype=F64)
+    head = _split(torch.randn(k, 4, generator=gen, dtype=F64), splits, rank, 0)
+
+    def run(inputs=h, rows=head, **options):
+        return lsx.torch.linear_loss(inputs, rows, y, process_group=group, label_smoothing=0.1, **options)
+
+    # this rank's head has the wrong H: it names it, the others say which rank
+    wrong = torch.randn(splits[rank], 5, dtype=F64) if rank == 1 else head
+    message = "input's last dim \\(4\\) must equal linear_weight's H" if rank == 1 else "rank 1 .* rejected its input"
+    _raises(message, lambda: run(rows=wrong))
+    # a bias of the wrong length on one rank
+    bias = torch.zeros(splits[rank] + (rank == 2), dtype=F64)
+    message = "linear_bias must have shape" if rank == 2 else "rank 2 .* rejected its input"
+    _raises(message, lambda: run(linear_bias=bias))
+    # the input requires grad on one rank only (the backward's all-reduce would hang)
+    _raises("disagree on the input's requires_grad", lambda: run(inputs=h.requires_grad_(rank == 0)))
+    h.requires_grad_(False)
+    # the logits exist a chunk at a time: chunk_size rows in the forward's and the backward's passes
+    shapes = []
+    original = _parallel._chunk_logits
+
+    def recording(h2, wc, bc, start, stop, buffer):
+        shapes.append(tuple(buffer.shape))
+        return original(h2, wc, bc, start, stop, buffer)
+
+    _parallel._chunk_logits = recording
+    try:
+        leaf = h.clone().requires_grad_(True)
+        value = run(inputs=leaf, chunk_size=4)
+        value.backward()
+    finally:
+        _parallel._chunk_logits = original
+    assert shapes == [(4, splits[rank])] * 4, shapes
+    with torch.no_grad():
+        assert torch.equal(run(chunk_size=4), value.detach())
