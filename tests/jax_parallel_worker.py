@@ -361,6 +361,215 @@ def named_sharding() -> int:
     return cases
 
 
+def run_linear_case(
+    n: int,
+    kind: str,
+    opts: dict,
+    *,
+    use_weight: bool,
+    use_mask: bool,
+    use_bias=True,
+    check_vma=True,
+    chunk_size=3,
+    extra_args=(),
+    seed=0,
+) -> None:
+    """lsx.jax.linear_loss(axis_name="v") with the kernel's columns split over the axis, against the unsharded
+    linear_loss and lsx.jax.loss(h @ k + b): loss and every gradient (hidden, kernel, bias, weight, probability
+    target, sample_weight)."""
+    hidden_size = 5
+    k = 4 * n if not use_mask else 4 * n + 4
+    mask = None
+    if use_mask:
+        mask = np.ones(k, bool)
+        mask[-5:] = False
+    rng = np.random.default_rng(seed + 100)
+    _, t, w = data(k, kind, seed, mask)
+    h = rng.normal(size=(ROWS, hidden_size))
+    kern = rng.normal(scale=0.8, size=(hidden_size, k))
+    b = rng.normal(scale=0.5, size=k)
+    sw = rng.uniform(0.2, 2.0, size=ROWS) if "sample_weight" in extra_args else None
+    reduction = opts.get("reduction", "mean")
+    cot = rng.normal(size=ROWS) if reduction == "none" else 1.0
+    kw = dict(opts)
+    if "denominator" in extra_args:
+        kw["denominator"] = 4.5
+
+    def common(w, sw):
+        return dict(weight=w if use_weight else None, sample_weight=sw, **kw)
+
+    def unsharded(h, kern, b, t, w, sw):
+        out = lsx.jax.linear_loss(h, kern, t, bias=b if use_bias else None, class_mask=mask, **common(w, sw))
+        return jnp.sum(out * cot)
+
+    def materialised(h, kern, b, t, w, sw):
+        z = h @ kern + (b if use_bias else 0)
+        return jnp.sum(lsx.jax.loss(z, t, class_mask=mask, **common(w, sw)) * cot)
+
+    def body(h, kern, b, t, w, m, sw):
+        return lsx.jax.linear_loss(
+            h,
+            kern,
+            t,
+            bias=b if use_bias else None,
+            class_mask=m if use_mask else None,
+            chunk_size=chunk_size,
+            axis_name="v",
+            **common(w, sw),
+        )
+
+    t_spec = P() if kind == "index" else P(None, "v")
+    inner = jax.shard_map(
+        body,
+        mesh=mesh_of(n),
+        in_specs=(P(), P(None, "v"), P("v"), t_spec, P("v"), P("v"), P()),
+        out_specs=P(),
+        check_vma=check_vma,
+    )
+    m_arg = jnp.asarray(np.ones(k, bool) if mask is None else mask)
+
+    def sharded(h, kern, b, t, w, sw):
+        return jnp.sum(inner(h, kern, b, t, w, m_arg, sw) * cot)
+
+    argnums = [0, 1, 2]
+    if kind == "probs":
+        argnums.append(3)
+    if use_weight:
+        argnums.append(4)
+    if sw is not None:
+        argnums.append(5)
+    args = tuple(jnp.asarray(a) for a in (h, kern, b, t, w, np.ones(ROWS) if sw is None else sw))
+    if sw is None:
+        args = args[:5] + (None,)
+    label = f"linear n={n} {kind} {opts} {extra_args} weight={use_weight} mask={use_mask} check_vma={check_vma}"
+    results = [
+        jax.jit(jax.value_and_grad(f, argnums=tuple(argnums)))(*args) for f in (sharded, unsharded, materialised)
+    ]
+    (got, got_g), (want, want_g), (mat, mat_g) = results
+    close(got, want, f"loss {label}")
+    close(want, mat, f"unsharded linear vs materialised {label}")
+    for i, g, gw, gm in zip(argnums, got_g, want_g, mat_g):
+        close(g, gw, f"grad {i} {label}")
+        close(gw, gm, f"unsharded grad {i} vs materialised {label}")
+
+
+def linear() -> int:
+    """linear_loss(axis_name=) for every option, both spreads, every reduction, 4 and 2 shards."""
+    cases = 0
+    smoothing = [
+        dict(label_smoothing=0.0),
+        dict(label_smoothing=0.2, spread="all"),
+        dict(label_smoothing=0.2, spread="others"),
+    ]
+    extras = [dict(), dict(z_loss=1e-2), dict(normalize=True), dict(z_loss=1e-2, normalize=True)]
+    for kind, n in (("index", 4), ("probs", 4), ("index", 2), ("probs", 2)):
+        for i, (s, e) in enumerate(itertools.product(smoothing, extras)):
+            if n == 2 and i % 2:
+                continue
+            opts = {**s, **e, "reduction": ("none", "sum", "mean")[(i + (n == 2)) % 3]}
+            run_linear_case(n, kind, opts, use_weight=i % 2 == 0 or n == 2, use_mask=i % 4 < 2, seed=i)
+            cases += 1
+    every = dict(label_smoothing=0.15, spread="others", z_loss=1e-3, normalize=True)
+    for kind in ("index", "probs"):
+        # every option at once, check_vma on and off, the default chunk size, no bias
+        for check_vma in (True, False):
+            run_linear_case(4, kind, every, use_weight=True, use_mask=True, check_vma=check_vma, seed=11)
+        run_linear_case(4, kind, {**every, "reduction": "none"}, use_weight=True, use_mask=True, check_vma=False)
+        run_linear_case(4, kind, dict(label_smoothing=0.1), use_weight=True, use_mask=False, chunk_size=None)
+        run_linear_case(2, kind, dict(label_smoothing=0.1), use_weight=False, use_mask=True, use_bias=False, seed=4)
+        # softcap, sample_weight and denominator
+        run_linear_case(4, kind, dict(label_smoothing=0.1, softcap=2.5), use_weight=True, use_mask=True, seed=3)
+        for extra, reduction in (
+            (("sample_weight",), "mean"),
+            (("sample_weight",), "none"),
+            (("denominator",), "mean"),
+        ):
+            opts = dict(label_smoothing=0.1, z_loss=1e-3, reduction=reduction)
+            run_linear_case(
+                4, kind, opts, use_weight=True, use_mask=True, extra_args=extra + ("sample_weight",), seed=6
+            )
+        cases += 9
+    return cases + linear_labels_and_errors()
+
+
+def linear_labels_and_errors() -> int:
+    """Narrow labels against the global K, traced bad values give NaN, and clear errors."""
+    rng = np.random.default_rng(8)
+    h = jnp.asarray(rng.normal(size=(5, 3)))
+    kern = jnp.asarray(rng.normal(size=(3, 300)))
+    y = np.asarray([299, 0, 151, 76, 226], np.uint16)
+    want = lsx.jax.linear_loss(h, kern, y, label_smoothing=0.1, reduction="none")
+    for labels in (y, y.astype(np.int16)):
+        f = shard(
+            4,
+            lambda h, k, y: lsx.jax.linear_loss(h, k, y, label_smoothing=0.1, reduction="none", axis_name="v"),
+            (P(), P(None, "v"), P()),
+        )
+        close(f(h, kern, jnp.asarray(labels)), want, f"traced {labels.dtype} K=300")
+        g = shard(
+            4,
+            lambda h, k, y=labels: lsx.jax.linear_loss(h, k, y, label_smoothing=0.1, reduction="none", axis_name="v"),
+            (P(), P(None, "v")),
+        )
+        close(g(h, kern), want, f"concrete {labels.dtype} K=300")
+    k12 = kern[:, :12]
+    # a traced out-of-range label: NaN for that element, loss and hidden gradient
+    f = shard(
+        4, lambda h, k, y: lsx.jax.linear_loss(h, k, y, reduction="none", axis_name="v"), (P(), P(None, "v"), P())
+    )
+    yb = jnp.asarray([1, 12, 5, -3, 11])
+    out = np.asarray(f(h, k12, yb))
+    assert np.isnan(out[[1, 3]]).all() and np.isfinite(out[[0, 2, 4]]).all(), out
+    gh = np.asarray(jax.grad(lambda h: jnp.sum(f(h, k12, yb)))(h))
+    assert np.isnan(gh[[1, 3]]).all() and np.isfinite(gh[[0, 2, 4]]).all(), gh
+    # a negative traced weight on one shard: everything NaN
+    w = np.ones(12)
+    w[7] = -1.0
+    f = shard(
+        4,
+        lambda h, k, w: lsx.jax.linear_loss(h, k, np.asarray([1, 2, 3, 4, 5]), weight=w, axis_name="v"),
+        (P(), P(None, "v"), P("v")),
+    )
+    assert np.isnan(f(h, k12, w))
+
+    def expect(match, fn, *args):
+        try:
+            fn(*args)
+        except ValueError as e:
+            assert match in str(e), (match, str(e))
+        else:
+            raise AssertionError(f"no ValueError ({match})")
+
+    labels = np.asarray([0, 11, 4, 7, 1])
+    expect(
+        "label 12",
+        shard(
+            4, lambda h, k: lsx.jax.linear_loss(h, k, np.asarray([0, 12, 1, 2, 3]), axis_name="v"), (P(), P(None, "v"))
+        ),
+        h,
+        k12,
+    )
+    expect(
+        "replicated over it",
+        shard(4, lambda h, k: lsx.jax.linear_loss(h, k, labels, axis_name="v"), (P(), P())),
+        h,
+        k12[:, :3],
+    )
+    expect(
+        "hidden holds the whole rows",
+        shard(4, lambda h, k: lsx.jax.linear_loss(h, k, labels[:2], axis_name="v"), (P("v"), P(None, "v"))),
+        jnp.concatenate([h[:4], h[:4]]),
+        k12,
+    )
+    expect(
+        "axis_name='w'",
+        shard(4, lambda h, k: lsx.jax.linear_loss(h, k, labels, axis_name="w"), (P(), P(None, "v"))),
+        h,
+        k12,
+    )
+    return 9
+
+
 if __name__ == "__main__":
     assert len(jax.devices()) >= 4, "run with XLA_FLAGS=--xla_force_host_platform_device_count=4"
     group = sys.argv[1] if len(sys.argv) > 1 else "all"
@@ -369,4 +578,6 @@ if __name__ == "__main__":
         count += matrix()
     if group in ("extras", "all"):
         count += extras()
+    if group in ("linear", "all"):
+        count += linear()
     print(f"ok {group} {count}")

@@ -46,3 +46,12 @@ def test_shard_map_labels_errors_named_sharding_and_bitwise_equal_shards():
     bitwise equal on every shard, and plain jax.jit over NamedSharding-sharded logits."""
     last = _run_worker("extras")
     assert last.startswith("ok extras") and int(last.split()[-1]) >= 30, last
+
+
+def test_linear_loss_axis_name_matches_unsharded_for_every_option():
+    """lsx.jax.linear_loss(axis_name=) on 4- and 2-device meshes, the kernel's (and bias's, weight's, class_mask's)
+    columns split over the axis: loss and gradients (hidden, kernel, bias, weight, probability target,
+    sample_weight) equal the unsharded linear_loss and lsx.jax.loss(h @ k + b) for every option, both spreads,
+    every reduction, softcap, sample_weight, denominator, check_vma on and off; errors and traced bad values."""
+    last = _run_worker("linear")
+    assert last.startswith("ok linear") and int(last.split()[-1]) >= 46, last

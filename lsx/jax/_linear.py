@@ -36,7 +36,7 @@ from jax import lax
 
 import lsx.jax as _adapter
 from lsx import spec
-from lsx.jax import _engine
+from lsx.jax import _engine, _parallel
 from lsx.spec import default
 
 __all__ = ["linear_loss"]
@@ -53,6 +53,7 @@ class _Plan:
     softcap: float | None
     chunk: int
     dtype: str  # the inputs' common floating dtype: loss and gradients come back in it
+    axis_name: Any = None  # the mesh axis splitting the kernel's V axis (inside jax.shard_map), or None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,8 +72,13 @@ def _logits(plan: _Plan, h, kernel, bias):
 
 
 def _chunk_losses(plan: _Plan, h, kernel, bias, target, weight, mask):
+    """(ℓ, L) of the chunk's rows; with an axis, this shard's logits merged with the others' statistics (one
+    ``pmax`` and one ``psum``, :func:`lsx.jax._parallel._forward`)."""
     z, _ = _logits(plan, h, kernel, bias)
-    return _engine._forward(plan.engine, z, target, weight, mask)
+    if plan.axis_name is None:
+        return _engine._forward(plan.engine, z, target, weight, mask)
+    loss, _, saved = _parallel._forward(plan.engine, plan.axis_name, z, target, weight, mask)
+    return loss, saved["lse"]
 
 
 def _chunk_grads(plan: _Plan, wants, h, kernel, bias, target, weight, mask, g, lse, dk_total):
@@ -83,13 +89,19 @@ def _chunk_grads(plan: _Plan, wants, h, kernel, bias, target, weight, mask, g, l
     want_h, want_k, want_b, want_w, want_t = wants
     z, tanh = _logits(plan, h, kernel, bias)
     loss = None
-    if lse is None:
-        loss, lse = _engine._forward(plan.engine, z, target, weight, mask)
-    dz, t_bar, w_bar, _ = _engine._per_element_bwd(plan.engine, (z, target, weight, mask, lse), g)
+    if plan.axis_name is not None:
+        # the statistics are merged over the axis again (a backward sweep saves no per-shard scalars)
+        loss, _, saved = _parallel._forward(plan.engine, plan.axis_name, z, target, weight, mask)
+        dz, t_bar, w_bar, _ = _parallel.backward(plan.engine, plan.axis_name, z, target, weight, mask, saved, g)
+    else:
+        if lse is None:
+            loss, lse = _engine._forward(plan.engine, z, target, weight, mask)
+        dz, t_bar, w_bar, _ = _engine._per_element_bwd(plan.engine, (z, target, weight, mask, lse), g)
     if tanh is not None:
         dz = dz * (1 - tanh * tanh)
     compute = plan.engine.compute
     dz_in = dz.astype(plan.dtype)  # the matmuls run in the inputs' dtype, as the materialised path's
+    # with an axis: this shard's contribution to the hidden gradient (summed over the axis in _sweep)
     dh = jnp.dot(dz_in, kernel.T, preferred_element_type=compute) if want_h else None
     dk = _accumulate_kernel_grad(dk_total, h, dz_in, compute) if want_k else None
     db = jnp.sum(dz, axis=0) if want_b else None
@@ -140,6 +152,8 @@ def _sweep(plan: _Plan, wants, h, kernel, bias, target, weight, mask, g, lse):
         jnp.zeros(kernel.shape[1:], compute) if want_b else None,
         jnp.zeros(weight.shape, compute) if want_w else None,
     )
+    if plan.axis_name is not None and _parallel.typed(plan.axis_name):
+        carry = _parallel.varying(carry, plan.axis_name)  # the sums of this shard's columns
 
     def body(carry, rows):
         h_c, t_c, g_c, lse_c = rows
@@ -147,6 +161,10 @@ def _sweep(plan: _Plan, wants, h, kernel, bias, target, weight, mask, g, lse):
         return (dk, _add(carry[1], db), _add(carry[2], dw)), (loss, dh, dt)
 
     (dk, db, dw), (loss, dh, dt) = _over_chunks(plan.chunk, body, carry, (h, target, g, lse))
+    if dh is not None and plan.axis_name is not None and _parallel.typed(plan.axis_name):
+        # Σ over the shards of dz_local @ kernel_local.T; without check_vma, shard_map's transpose sums the
+        # replicated hidden's cotangent itself
+        dh = lax.psum(dh, plan.axis_name)
     return (
         loss,
         None if dh is None else dh.astype(h.dtype),
@@ -191,6 +209,9 @@ def _per_element_fwd(plan: _Plan, h, kernel, bias, target, weight, mask):
 def _per_element_bwd(plan: _Plan, residuals, cotangent):
     h, kernel, bias, target, weight, mask, lse = residuals
     wants = _wants(plan, True, True, bias is not None, True, weight is not None)
+    if plan.axis_name is not None:
+        cotangent = _parallel.whole_cotangent(cotangent, plan.axis_name)
+        lse = None  # recomputed with the statistics
     _, dh, dk, db, dw, dt = _sweep(plan, wants, h, kernel, bias, target, weight, mask, cotangent, lse)
     return dh, dk, db, dt, dw, None
 
@@ -235,7 +256,13 @@ def _reduced_fwd(plan: _Plan, h, kernel, bias, target, weight, mask, sample_weig
 
 
 def _reduced_bwd(plan: _Plan, residuals, cotangent):
-    dh, dk, db, dt, dw, dsw, dd = (None if r is None else (cotangent * r).astype(r.dtype) for r in residuals)
+    # the gradients of the sharded inputs (and this shard's part of the hidden's, without check_vma) take the
+    # whole cotangent; those of replicated ones take what shard_map hands this shard
+    whole = cotangent if plan.axis_name is None else _parallel.whole_cotangent(cotangent, plan.axis_name)
+    scales = (whole,) * 5 + (cotangent,) * 2
+    dh, dk, db, dt, dw, dsw, dd = (
+        None if r is None else (c * r).astype(r.dtype) for c, r in zip(scales, residuals, strict=True)
+    )
     return dh, dk, db, dt, dw, None, dsw, dd
 
 
@@ -245,7 +272,9 @@ _reduced.defvjp(_reduced_fwd, _reduced_bwd, symbolic_zeros=True)
 @partial(jax.jit, static_argnums=(0,))
 def _loss(plan: _Plan, h, kernel, bias, target, weight, mask, sample_weight, denominator):
     cfg = plan.engine
-    weight = None if weight is None else _engine._checked_weight(weight.astype(cfg.compute))
+    if weight is not None:  # a bad traced weight: NaN (on any shard: _parallel._forward merges the check)
+        weight = weight.astype(cfg.compute)
+        weight = weight if plan.axis_name is not None else _engine._checked_weight(weight)
     sw = None
     if sample_weight is not None:  # a traced negative or non-finite one makes its element NaN
         sw = sample_weight.astype(cfg.compute)
@@ -258,6 +287,8 @@ def _loss(plan: _Plan, h, kernel, bias, target, weight, mask, sample_weight, den
         if denominator is not None:
             d = jnp.asarray(denominator).astype(cfg.compute)
             d = jnp.where(jnp.isfinite(d) & (d >= 0), d, jnp.nan)  # a traced bad value gives NaN
+        elif cfg.kind == "index" and plan.axis_name is not None:
+            d = _sharded_label_count(plan, kernel.shape[1], target, weight, mask, sw)
         elif cfg.kind == "index":
             active, label, _ = _engine._labels(cfg, target, kernel.shape[1], mask)
             w = _engine._effective_weight(weight, mask)
@@ -266,6 +297,21 @@ def _loss(plan: _Plan, h, kernel, bias, target, weight, mask, sample_weight, den
         else:
             d = jnp.asarray(h.shape[0], cfg.compute) if sw is None else jnp.sum(sw)
     return _reduced(plan, h, kernel, bias, target, weight, mask, sw, d).astype(plan.dtype)
+
+
+def _sharded_label_count(plan: _Plan, local_classes: int, target, weight, mask, sw):
+    """The mean's Σ sw·w_y over the non-ignored labels with this shard's slice of the weight: each shard adds
+    the w_y of the labels it owns, one scalar ``psum`` (differentiated by JAX with respect to the weight)."""
+    cfg, axis_name = plan.engine, plan.axis_name
+    active, label, _ = _engine._labels(cfg, target, local_classes * _parallel.axis_size(axis_name), None)
+    w = _engine._effective_weight(weight, mask)
+    if w is None:
+        counted = active.astype(cfg.compute)
+        return jnp.sum(counted if sw is None else jnp.where(active, counted * sw, 0), dtype=cfg.compute)
+    owns, local = _parallel._local_label(label, _parallel._offset(axis_name, local_classes), local_classes)
+    counted = jnp.where(active & owns, w[local], 0)
+    counted = counted if sw is None else jnp.where(active & owns, counted * sw, 0)
+    return lax.psum(jnp.sum(counted, dtype=cfg.compute), axis_name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -291,6 +337,7 @@ def linear_loss(
     denominator: Any = None,
     convention: str | None = None,
     chunk_size: int | None = None,
+    axis_name: Any = None,
 ) -> jax.Array:
     given = dict(
         label_smoothing=label_smoothing,
@@ -356,28 +403,22 @@ def linear_loss(
     n = int(np.prod(lead, dtype=np.int64))
     chunk = _chunk_rows(chunk_size, n, num_classes)
 
-    w = None
-    if opts.weight is not None:
-        if _traced(opts.weight):
-            w = opts.weight
-            if not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)):
-                raise TypeError(f"weight must be a real array, got dtype {w.dtype}")
-        else:
-            spec.check_weight(np.asarray(opts.weight), num_classes)
-            w = jnp.asarray(opts.weight)
-    concrete_mask = None
-    valid_count: int | None = num_classes
-    mask = None
-    if opts.class_mask is not None:
-        if _traced(opts.class_mask):
-            mask = opts.class_mask
-            if mask.dtype != jnp.bool_:
-                raise TypeError(f"class_mask must be a boolean array, got dtype {mask.dtype}")
-            valid_count = None
-        else:
-            concrete_mask = spec.check_class_mask(np.asarray(opts.class_mask), num_classes, opts)
+    global_classes = num_classes
+    if axis_name is not None:  # the kernel's V axis (and bias, weight, class_mask) split over the mesh axis
+        shards = _parallel.axis_size(axis_name)
+        global_classes = num_classes * shards
+        _parallel.check_sharded("kernel", k, target, kind, axis_name)
+        if _parallel.varies_over(h, axis_name):
+            raise ValueError(
+                f"with axis_name={axis_name!r} hidden holds the whole rows and must be replicated over that axis "
+                f"(in_specs without {axis_name!r} for it), but it varies over it"
+            )
+        w, mask, concrete_mask = _parallel.class_slices(opts, num_classes, shards)
+        valid_count = global_classes if mask is None else None
+        if concrete_mask is not None:
             valid_count = int(concrete_mask.sum())
-            mask = jnp.asarray(concrete_mask)
+    else:
+        w, mask, concrete_mask, valid_count = _classes(opts, num_classes)
     sw = None
     if opts.sample_weight is not None:
         sw = opts.sample_weight
@@ -397,9 +438,9 @@ def linear_loss(
         t = target
     else:
         if kind == "index":
-            spec.check_labels(raw_target, num_classes, opts, concrete_mask)
-        elif concrete_mask is not None:
-            spec.check_probability_target_mask(raw_target, layout.axis, concrete_mask)
+            spec.check_labels(raw_target, global_classes, opts, concrete_mask)
+        elif concrete_mask is not None:  # with an axis, the concrete slice is the same on every shard
+            spec.check_probability_target_mask(raw_target, layout.axis, concrete_mask[:num_classes])
         if isinstance(target, jax.Array) or kind == "probs":
             t = jnp.asarray(target)
         else:
@@ -423,9 +464,38 @@ def linear_loss(
         softcap=opts.softcap,
         chunk=chunk,
         dtype=jnp.dtype(dtype).name,
+        axis_name=axis_name,
     )
     out = _loss(plan, h.reshape(n, h.shape[-1]), k, b, t, w, mask, sw, den)
     return out.reshape(lead) if opts.reduction == "none" else out
+
+
+def _classes(opts: spec.Options, num_classes: int):
+    """(weight, class_mask, the concrete class_mask or None, the valid class count or None), checked where
+    concrete."""
+    w = None
+    if opts.weight is not None:
+        if _traced(opts.weight):
+            w = opts.weight
+            if not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)):
+                raise TypeError(f"weight must be a real array, got dtype {w.dtype}")
+        else:
+            spec.check_weight(np.asarray(opts.weight), num_classes)
+            w = jnp.asarray(opts.weight)
+    concrete_mask = None
+    valid_count: int | None = num_classes
+    mask = None
+    if opts.class_mask is not None:
+        if _traced(opts.class_mask):
+            mask = opts.class_mask
+            if mask.dtype != jnp.bool_:
+                raise TypeError(f"class_mask must be a boolean array, got dtype {mask.dtype}")
+            valid_count = None
+        else:
+            concrete_mask = spec.check_class_mask(np.asarray(opts.class_mask), num_classes, opts)
+            valid_count = int(concrete_mask.sum())
+            mask = jnp.asarray(concrete_mask)
+    return w, mask, concrete_mask, valid_count
 
 
 def _chunk_rows(chunk_size: Any, n: int, num_classes: int) -> int:

@@ -57,6 +57,13 @@ def varies_over(value: Any, axis_name: Any) -> bool:
     return any(name in varying for name in names)
 
 
+def varying(tree: Any, axis_name: Any) -> Any:
+    """``tree``'s arrays typed as varying over ``axis_name`` (a scan carry that will hold this shard's sums)."""
+    if hasattr(lax, "pcast"):
+        return jax.tree.map(lambda a: lax.pcast(a, axis_name, to="varying"), tree)
+    return jax.tree.map(lambda a: lax.pvary(a, axis_name), tree)
+
+
 def typed(axis_name: Any) -> bool:
     """Whether the enclosing ``shard_map`` types values as varying or not over the axis (``check_vma=True``)."""
     return varies_over(lax.axis_index(axis_name), axis_name)
@@ -215,11 +222,22 @@ def _per_element_fwd(cfg: Config, axis_name, x, target, weight, mask):
 def _per_element_bwd(cfg: Config, axis_name, residuals, cotangents):
     x, target, weight, mask, saved = residuals
     g, g_w_y = cotangents
-    if not typed(axis_name):
-        # shard_map(check_vma=False) hands each shard a part of a replicated output's cotangent (they sum to
-        # it); with check_vma=True every shard receives the whole one
-        g = lax.psum(g, axis_name)
-        g_w_y = None if g_w_y is None else lax.psum(g_w_y, axis_name)
+    g = whole_cotangent(g, axis_name)
+    g_w_y = None if g_w_y is None else whole_cotangent(g_w_y, axis_name)
+    return backward(cfg, axis_name, x, target, weight, mask, saved, g, g_w_y)
+
+
+def whole_cotangent(g, axis_name):
+    """The whole cotangent of a replicated output on every shard.
+
+    ``shard_map(check_vma=False)`` hands each shard a part of a replicated output's cotangent (they sum to
+    it); with ``check_vma=True`` every shard receives the whole one."""
+    return g if typed(axis_name) else lax.psum(g, axis_name)
+
+
+def backward(cfg: Config, axis_name, x, target, weight, mask, saved, g, g_w_y=None):
+    """(this slice's ∂/∂x, ∂/∂target (probabilities), ∂/∂weight, None) of Σ_i g_i·ℓ_i (+ Σ_i g_w_y,i·w_y,i),
+    from the statistics ``saved`` by :func:`_forward`; no communication. ``g`` is the whole cotangent."""
     local_classes = x.shape[-1]
     w = _engine._effective_weight(weight, mask)
     k = _coefficients(cfg, saved["count"], saved["total_weight"])
@@ -247,8 +265,9 @@ def _per_element_bwd(cfg: Config, axis_name, residuals, cotangents):
         if weight is not None:
             weight_bar = _index_weight_grad(cfg, k, xc, lse, g, active, owns, local, bad, mask)
             # the mean's denominator Σ w_y: its cotangent lands on the owning shard's class
-            on_owner = jnp.where(owns & active, g_w_y.astype(cfg.compute), 0)
-            weight_bar = weight_bar.at[local.reshape(-1)].add(on_owner.reshape(-1))
+            if g_w_y is not None:
+                on_owner = jnp.where(owns & active, g_w_y.astype(cfg.compute), 0)
+                weight_bar = weight_bar.at[local.reshape(-1)].add(on_owner.reshape(-1))
     else:
         q, wq, contributes = _engine._probability_terms(cfg, k, target, w, mask)
         _, coef = spec.probability_row(
@@ -360,43 +379,9 @@ def sharded_loss(x, target, raw_target, kind: str, layout: spec.Layout, opts: sp
     shards = axis_size(axis_name)
     local_classes = layout.num_classes
     k = local_classes * shards
-    if typed(axis_name) and not varies_over(x, axis_name):
-        raise ValueError(
-            f"with axis_name={axis_name!r} the logits hold this shard's slice of the classes and vary over that "
-            f"axis (in_specs with {axis_name!r} on the class axis), but they are replicated over it"
-        )
-    if kind == "index" and varies_over(target, axis_name):
-        raise ValueError(
-            f"with axis_name={axis_name!r} the integer target holds the global labels and must be replicated "
-            f"over that axis (in_specs without {axis_name!r} for it), but it varies over it"
-        )
+    check_sharded("logits", x, target, kind, axis_name)
 
-    w = None
-    if opts.weight is not None:
-        if _traced(opts.weight):
-            w = opts.weight
-            if not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)):
-                raise TypeError(f"weight must be a real array, got dtype {w.dtype}")
-        else:
-            spec.check_weight(np.asarray(opts.weight), local_classes)
-            w = jnp.asarray(opts.weight)
-    mask = None
-    global_mask = None  # a concrete slice is the same on every shard
-    if opts.class_mask is not None:
-        if _traced(opts.class_mask):
-            mask = opts.class_mask
-            if mask.dtype != jnp.bool_:
-                raise TypeError(f"class_mask must be a boolean array, got dtype {mask.dtype}")
-        else:
-            concrete = np.asarray(opts.class_mask)
-            if concrete.dtype != np.bool_:
-                raise TypeError(f"class_mask must be a boolean array, got dtype {concrete.dtype}")
-            if concrete.shape != (local_classes,):
-                spec.check_class_mask(concrete, local_classes, opts)  # names the shape
-            global_mask = spec.check_class_mask(np.tile(concrete, shards), k, opts)
-            mask = jnp.asarray(concrete)
-    elif opts.spread == "others" and opts.label_smoothing > 0 and k < 2:
-        spec.check_class_mask(np.ones(k, bool), k, opts)  # the error for K = 1
+    w, mask, global_mask = class_slices(opts, local_classes, shards)
 
     element_shape = spec.element_shape(x.shape, layout.axis)
     if opts.sample_weight is not None and not _traced(opts.sample_weight):
@@ -444,6 +429,57 @@ def sharded_loss(x, target, raw_target, kind: str, layout: spec.Layout, opts: sp
         sw,
         d,
     )
+
+
+def class_slices(opts: spec.Options, local_classes: int, shards: int):
+    """(weight, class_mask, the concrete global class_mask or None) of this shard's slice of the classes,
+    checked where concrete (a concrete ``class_mask`` slice is the same on every shard: checked tiled, with the
+    global class count)."""
+    from lsx.jax import _traced
+
+    k = local_classes * shards
+    w = None
+    if opts.weight is not None:
+        if _traced(opts.weight):
+            w = opts.weight
+            if not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)):
+                raise TypeError(f"weight must be a real array, got dtype {w.dtype}")
+        else:
+            spec.check_weight(np.asarray(opts.weight), local_classes)
+            w = jnp.asarray(opts.weight)
+    mask = None
+    global_mask = None  # a concrete slice is the same on every shard
+    if opts.class_mask is not None:
+        if _traced(opts.class_mask):
+            mask = opts.class_mask
+            if mask.dtype != jnp.bool_:
+                raise TypeError(f"class_mask must be a boolean array, got dtype {mask.dtype}")
+        else:
+            concrete = np.asarray(opts.class_mask)
+            if concrete.dtype != np.bool_:
+                raise TypeError(f"class_mask must be a boolean array, got dtype {concrete.dtype}")
+            if concrete.shape != (local_classes,):
+                spec.check_class_mask(concrete, local_classes, opts)  # names the shape
+            global_mask = spec.check_class_mask(np.tile(concrete, shards), k, opts)
+            mask = jnp.asarray(concrete)
+    elif opts.spread == "others" and opts.label_smoothing > 0 and k < 2:
+        spec.check_class_mask(np.ones(k, bool), k, opts)  # the error for K = 1
+    return w, mask, global_mask
+
+
+def check_sharded(name: str, x, target, kind: str, axis_name) -> None:
+    """``x`` (the logits, or the kernel) must vary over ``axis_name``; integer labels must not (checked where
+    the enclosing ``shard_map`` types values, ``check_vma=True``)."""
+    if typed(axis_name) and not varies_over(x, axis_name):
+        raise ValueError(
+            f"with axis_name={axis_name!r} the {name} must be this shard's slice of the classes, varying over that "
+            f"axis (in_specs with {axis_name!r} on the class axis), but it is replicated over it"
+        )
+    if kind == "index" and varies_over(target, axis_name):
+        raise ValueError(
+            f"with axis_name={axis_name!r} the integer target holds the global labels and must be replicated "
+            f"over that axis (in_specs without {axis_name!r} for it), but it varies over it"
+        )
 
 
 def _real_array(name: str, value: Any) -> Any:
