@@ -20,6 +20,14 @@ Two ``custom_vjp`` functions, one per reduction kind:
 
 The mean's denominator (Σ sw·w_y over the non-ignored elements, Σ sw for probabilities, or the caller's) and
 the division are plain JAX around them, so JAX differentiates them with respect to ``sample_weight`` too.
+
+With ``axis_name`` (inside ``jax.shard_map``) the kernel's V axis is split over that mesh axis: each chunk's
+local logits are reduced to this shard's row statistics and merged with the other shards' by
+:func:`lsx.jax._parallel._forward` (one ``pmax`` of the row maxima, one ``psum`` of the packed statistics),
+and :func:`lsx.jax._parallel.backward` writes this shard's columns of the gradient with respect to the
+logits. The hidden gradient, Σ over the shards of dz_local @ kernel_local.T, is one ``psum`` of (N, H) after
+the sweep; the mean's Σ w_y is one scalar ``psum`` (each shard adds the labels it owns). For ``"none"`` the
+backward sweep merges each chunk's statistics again (one more ``pmax`` and ``psum`` per chunk).
 """
 
 from __future__ import annotations
@@ -524,6 +532,15 @@ Args:
     label_smoothing, spread, weight, ignore_index, z_loss, normalize, class_mask, reduction, empty_mean,
         softcap, sample_weight, denominator, convention: as in :func:`lsx.jax.loss` (below); the classes are
         the kernel's V axis and ``sample_weight`` is shaped like the per-element loss, ``hidden.shape[:-1]``.
+    axis_name: the name of a ``jax.shard_map`` mesh axis that splits the kernel's V axis (vocabulary-parallel
+        LM head), or None. Inside the ``shard_map``, ``kernel`` is this shard's columns (H, V_local),
+        ``bias``, ``weight``, ``class_mask`` and a probability ``target`` are this shard's slices (equal slices
+        in the axis's order), ``hidden``, integer labels (global, in [0, V_local·shards)), ``sample_weight``
+        and ``denominator`` are replicated over the axis. Every option uses the global class count. The loss
+        is the unsharded one on every shard; the gradient with respect to ``kernel``/``bias``/``weight`` is
+        this shard's columns of the unsharded one, and the gradient with respect to ``hidden`` is the full
+        gradient on every shard: it is already summed over the axis inside the backward pass, so do not
+        reduce it over the axis again. Never more than one chunk of this shard's logits is held.
     chunk_size: rows per chunk. None picks ``max(1, {CHUNK_ELEMENTS} // V)`` rows (about 2**22 logits, 16 MiB
         in float32, per chunk), at most N; an explicit positive int wins. A chunk that does not divide N
         leaves a smaller last chunk.
@@ -539,6 +556,9 @@ same accumulation. For ``"sum"``/``"mean"`` the gradients are computed in the sa
 logits of each chunk are computed once); for ``"none"`` the backward pass recomputes each chunk's logits,
 so any upstream gradient works. Residuals are O(N·H + H·V + N), never O(N·V) (probability targets are
 themselves (N, V)).
+
+With ``axis_name``, a kernel replicated over the axis, a hidden or integer target that varies over it (under
+``check_vma=True``), and an axis the enclosing ``shard_map`` does not bind raise ``ValueError``.
 
 Bad shapes (a kernel that is not (H, V) for hidden's H, a bias, weight, class_mask or sample_weight of the
 wrong shape) and a bad ``chunk_size`` raise ``ValueError``; values are checked as in :func:`lsx.jax.loss`.

@@ -16,6 +16,10 @@ weight). A probability target with ``class_mask`` and ε > 0 needs K before its 
 The gradient is a ``jax.custom_vjp`` whose backward pass needs no communication: from the saved global
 log-sum-exp and row coefficient each shard writes its slice of the unsharded gradient (and of the weight's
 and the probability target's).
+
+:func:`_forward` (local statistics, their merge over the axis, the loss) and :func:`backward` (this slice's
+gradient from the merged statistics) are shared with ``lsx.jax.linear_loss(..., axis_name=...)``
+(:mod:`lsx.jax._linear`), which calls them on each chunk of rows of the logits ``hidden @ kernel_local``.
 """
 
 from __future__ import annotations
