@@ -7,6 +7,7 @@ single-device ``lsx.torch.loss``; the loss must be bitwise identical across rank
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
 import socket
@@ -39,7 +40,8 @@ def _bootstrap(rank: int, size: int, port: int, worker, args) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=size)
+    # a collective that some rank never joins fails after this long instead of hanging the test run
+    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=datetime.timedelta(seconds=120))
     try:
         worker(rank, size, *args)
     finally:
