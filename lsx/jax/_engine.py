@@ -228,23 +228,7 @@ def _per_element_bwd(cfg: Config, residuals, cotangent):
             k, log_sum_exp=lse, row_max=0.0, target_mass=jnp.sum(wq, axis=-1), weighted_sum=0.0, weighted_xlogx=0.0
         )
         grad = (g * coef)[..., None] * p - g[..., None] * wq
-        # ∂/∂t_c = a·w_c·[(L − x_c) + normalize·(log q_c + 1)]: linear in q_c (so also at q_c = 0 against a
-        # finite logit); nothing where w_c·q_c = 0 against x_c = −inf
-        w_or_1 = 1.0 if w is None else w
-        per_q = jnp.where(contributes | (xc > -jnp.inf), w_or_1 * (lse[..., None] - xc), 0)
-        if cfg.normalize:
-            per_q = per_q + jnp.where(contributes, w_or_1 * (jnp.log(q) + 1), 0)
-        if isinstance(k.a, float) and k.a == 0:
-            target_bar = jnp.zeros(target.shape, cfg.compute)
-        else:
-            target_bar = g[..., None] * (k.a * per_q)
-        # a NaN loss (a NaN target entry, a +inf logit) has NaN derivatives
-        target_bar = jnp.where(jnp.isnan(coef)[..., None], jnp.nan, target_bar)
-        if weight is not None:
-            per_class = jnp.where(q != 0, q * (lse[..., None] - xc), 0)
-            if cfg.normalize:
-                per_class = per_class + jnp.where(q != 0, spec.xlogx(q, **_OPS), 0)
-            weight_bar = jnp.sum(g[..., None] * per_class, axis=tuple(range(x.ndim - 1)))
+        target_bar, weight_bar = _probability_bars(cfg, k, g, coef, lse, xc, q, contributes, w, target, weight)
         if mask is not None:
             bad_mass = _masked_mass(target, mask)[..., None]
             grad = jnp.where(bad_mass, jnp.nan, jnp.where(mask, grad, 0))
@@ -259,6 +243,31 @@ def _per_element_bwd(cfg: Config, residuals, cotangent):
         weight_bar = weight_bar.astype(weight.dtype)
     return grad.astype(x.dtype), target_bar, weight_bar, None
 
+
+
+def _probability_bars(cfg: Config, k, g, coef, lse, xc, q, contributes, w, target, weight):
+    """(∂/∂target, ∂/∂weight or None) of Σ_i g_i·loss_i for probability targets; shared by the sharded engine.
+
+    ∂/∂t_c = a·w_c·[(L − x_c) + normalize·(log q_c + 1)]: linear in q_c (so also at q_c = 0 against a finite
+    logit); nothing where w_c·q_c = 0 against x_c = −inf. A NaN loss (a NaN target entry, a +inf logit) has
+    NaN derivatives.
+    """
+    weight_bar = None
+    w_or_1 = 1.0 if w is None else w
+    per_q = jnp.where(contributes | (xc > -jnp.inf), w_or_1 * (lse[..., None] - xc), 0)
+    if cfg.normalize:
+        per_q = per_q + jnp.where(contributes, w_or_1 * (jnp.log(q) + 1), 0)
+    if isinstance(k.a, float) and k.a == 0:
+        target_bar = jnp.zeros(target.shape, cfg.compute)
+    else:
+        target_bar = g[..., None] * (k.a * per_q)
+    target_bar = jnp.where(jnp.isnan(coef)[..., None], jnp.nan, target_bar)
+    if weight is not None:
+        per_class = jnp.where(q != 0, q * (lse[..., None] - xc), 0)
+        if cfg.normalize:
+            per_class = per_class + jnp.where(q != 0, spec.xlogx(q, **_OPS), 0)
+        weight_bar = jnp.sum(g[..., None] * per_class, axis=tuple(range(xc.ndim - 1)))
+    return target_bar, weight_bar
 
 def _index_weight_grad(cfg: Config, k: spec.RowCoefficients, xc, lse, g, active, label, bad, mask):
     """∂/∂w_c of Σ_i g_i·loss_i for integer labels (g already 0 on ignored elements):

@@ -278,20 +278,7 @@ def backward(cfg: Config, axis_name, x, target, weight, mask, saved, g, g_w_y=No
             k, log_sum_exp=lse, row_max=0.0, target_mass=saved["target_mass"], weighted_sum=0.0, weighted_xlogx=0.0
         )
         grad = (g * coef)[..., None] * p - g[..., None] * wq
-        w_or_1 = 1.0 if w is None else w
-        per_q = jnp.where(contributes | (xc > -jnp.inf), w_or_1 * (lse[..., None] - xc), 0)
-        if cfg.normalize:
-            per_q = per_q + jnp.where(contributes, w_or_1 * (jnp.log(q) + 1), 0)
-        if isinstance(k.a, float) and k.a == 0:
-            target_bar = jnp.zeros(target.shape, cfg.compute)
-        else:
-            target_bar = g[..., None] * (k.a * per_q)
-        target_bar = jnp.where(jnp.isnan(coef)[..., None], jnp.nan, target_bar)
-        if weight is not None:
-            per_class = jnp.where(q != 0, q * (lse[..., None] - xc), 0)
-            if cfg.normalize:
-                per_class = per_class + jnp.where(q != 0, spec.xlogx(q, **_OPS), 0)
-            weight_bar = jnp.sum(g[..., None] * per_class, axis=tuple(range(x.ndim - 1)))
+        target_bar, weight_bar = _engine._probability_bars(cfg, k, g, coef, lse, xc, q, contributes, w, target, weight)
         if saved["bad"] is not None:
             bad_mass = saved["bad"][..., None]
             grad = jnp.where(bad_mass, jnp.nan, jnp.where(mask, grad, 0))
