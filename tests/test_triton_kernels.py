@@ -4,8 +4,8 @@
 per-row statistics as the vocabulary-parallel path does (``spec.label_row`` / ``spec.probability_row``),
 writes the gradient with the gradient kernel, and compares loss and gradient with ``spec.reference_loss`` /
 ``spec.reference_grad`` over the options, dtypes, shapes and bad inputs the engine must handle.
-(b) Every kernel specialisation those checks launched, and its GPU-sized variant, compiles to a cubin for
-sm_80 and sm_90 (``triton.compile`` needs no GPU: Triton ships ptxas).
+(b) Every kernel specialisation those checks launched, in the block size and warp count a GPU uses for long
+rows, compiles to a cubin for sm_80 and sm_90 (``triton.compile`` needs no GPU: Triton ships ptxas).
 
 Both run in subprocesses: the interpreter must be switched on before the module is imported, and importing
 triton in a process that already imported TensorFlow aborts it.
@@ -46,62 +46,67 @@ def _run(code: str, env: dict[str, str], timeout: float) -> dict[str, Any]:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-def _interpreter_results() -> dict[str, Any]:
+def test_kernels_in_the_interpreter_and_compiled_for_sm80_sm90(tmp_path):
+    """(a) then (b): the compile step takes its specialisations from the interpreter run."""
     code = "from tests.test_triton_kernels import _interpreter_main; _interpreter_main()"
-    return _run(code, {"TRITON_INTERPRET": "1"}, timeout=300)
-
-
-def test_interpreter_matches_reference(tmp_path):
-    results = _interpreter_results()
-    assert results["checked"] >= 30, results
-    assert not results["failures"], "\n".join(results["failures"])
-    (tmp_path / "launched.json").write_text(json.dumps(results["launched"]))
-
-
-def test_launched_specialisations_compile_for_sm80_and_sm90(tmp_path):
-    launched = _interpreter_results()["launched"]
+    results = _run(code, {"TRITON_INTERPRET": "1"}, timeout=300)
+    assert results["checked"] >= 45, results
+    assert not results["failures"], "interpreter:\n" + "\n".join(results["failures"])
+    launched = results["launched"]
     names = {spec["name"] for spec in launched}
     assert names == {"_label_statistics", "_probability_statistics", "_label_gradient", "_probability_gradient"}
     path = tmp_path / "launched.json"
     path.write_text(json.dumps(launched))
     code = f"from tests.test_triton_kernels import _compile_main; _compile_main({str(path)!r})"
-    results = _run(code, {"TRITON_CACHE_DIR": str(tmp_path / "cache")}, timeout=600)
-    assert not results["failures"], "\n".join(results["failures"])
-    # every launched specialisation and its GPU-sized variant, for both targets
-    assert results["compiled"] >= 2 * len(launched), results
+    compiled = _run(code, {"TRITON_CACHE_DIR": str(tmp_path / "cache")}, timeout=600)
+    assert not compiled["failures"], "compile:\n" + "\n".join(compiled["failures"])
+    assert compiled["compiled"] == 2 * compiled["variants"] >= len(launched), compiled
 
 
 # ---- (b) in a subprocess without the interpreter ---------------------------------------------------------
-def _compile_main(path: str) -> None:
+def _gpu_variant(spec: dict[str, Any]) -> dict[str, Any]:
+    """A launched specialisation as a GPU runs it on long rows: blocks of MAX_BLOCK classes, 8 warps (the
+    interpreter's launches use small blocks; the code paths, dtypes and constexprs are the same)."""
+    from lsx.torch._engines import triton as engine
+
+    gpu = json.loads(json.dumps(spec))
+    gpu["constexprs"]["BLOCK_K"] = engine.MAX_BLOCK
+    gpu["options"]["num_warps"] = 8
+    return gpu
+
+
+def _compile_one(job: tuple[dict[str, Any], int]) -> str | None:
     import triton
     from triton.backends.compiler import GPUTarget
 
     from lsx.torch._engines import triton as engine
 
-    launched = json.loads(Path(path).read_text())
-    variants = []
-    for spec in launched:
-        variants.append(spec)
-        gpu = json.loads(json.dumps(spec))
-        gpu["constexprs"]["BLOCK_K"] = engine.MAX_BLOCK
-        gpu["options"]["num_warps"] = 8
-        variants.append(gpu)
-    unique = {json.dumps(v, sort_keys=True): v for v in variants}
-    failures, compiled = [], 0
-    for spec in unique.values():
+    spec, cap = job
+    try:
         kernel = getattr(engine, spec["name"])
-        for cap in (80, 90):
-            try:
-                source = triton.compiler.ASTSource(
-                    fn=kernel, signature=spec["signature"], constexprs=spec["constexprs"]
-                )
-                binary = triton.compile(source, target=GPUTarget("cuda", cap, 32), options=spec["options"])
-                if not binary.asm.get("cubin"):
-                    raise RuntimeError("no cubin")
-                compiled += 1
-            except Exception as error:  # reported with the specialisation
-                failures.append(f"sm_{cap} {spec}: {type(error).__name__}: {str(error)[:2000]}")
-    print("RESULT " + json.dumps({"failures": failures, "compiled": compiled}))
+        source = triton.compiler.ASTSource(fn=kernel, signature=spec["signature"], constexprs=spec["constexprs"])
+        binary = triton.compile(source, target=GPUTarget("cuda", cap, 32), options=spec["options"])
+        if not binary.asm.get("cubin"):
+            return f"sm_{cap} {spec}: no cubin"
+    except Exception as error:  # reported with the specialisation
+        return f"sm_{cap} {spec}: {type(error).__name__}: {str(error)[:2000]}"
+    return None
+
+
+def _compile_main(path: str) -> None:
+    """Compile the GPU variant of every launched specialisation for sm_80 and sm_90 (a few processes)."""
+    import concurrent.futures
+    import multiprocessing
+
+    launched = json.loads(Path(path).read_text())
+    variants = list({json.dumps(v, sort_keys=True): v for v in map(_gpu_variant, launched)}.values())
+    jobs = [(spec, cap) for spec in variants for cap in (80, 90)]
+    workers = max(1, min(4, os.cpu_count() or 1))
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        outcomes = list(pool.map(_compile_one, jobs, chunksize=4))
+    failures = [outcome for outcome in outcomes if outcome is not None]
+    print("RESULT " + json.dumps({"failures": failures, "compiled": outcomes.count(None), "variants": len(variants)}))
 
 
 # ---- (a) in a subprocess with TRITON_INTERPRET=1 ---------------------------------------------------------
