@@ -30,7 +30,16 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETER_MAX_BLOCK", "MAX_BLOCK", "Launch", "gradient", "interpreted", "launched", "statistics"]
+__all__ = [
+    "INTERPRETER_MAX_BLOCK",
+    "MAX_BLOCK",
+    "Launch",
+    "gradient",
+    "interpreted",
+    "launch_count",
+    "launched",
+    "statistics",
+]
 
 #: the largest block of classes a program holds at once on a GPU (rows longer than this loop over blocks)
 MAX_BLOCK = 4096
@@ -437,11 +446,17 @@ class Launch(NamedTuple):
 
 
 _LAUNCHED: dict[tuple, Launch] = {}
+_COUNT = [0]
 
 
 def launched() -> list[Launch]:
     """The distinct kernel specialisations this process has launched, in first-launch order."""
     return list(_LAUNCHED.values())
+
+
+def launch_count() -> int:
+    """How many kernel launches this process has made (every launch, not only new specialisations)."""
+    return _COUNT[0]
 
 
 def interpreted() -> bool:
@@ -477,6 +492,7 @@ def _launch(kernel: Any, rows: int, args: dict[str, Any], constexprs: dict[str, 
     if key not in _LAUNCHED:
         _LAUNCHED[key] = Launch(kernel, name, signature, fixed, {"num_warps": num_warps})
     kernel[(rows,)](**args, **constexprs, num_warps=num_warps)
+    _COUNT[0] += 1
 
 
 def _python_function(kernel: Any) -> Any:
