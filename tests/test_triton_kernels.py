@@ -360,6 +360,7 @@ def _cases():
                 label_smoothing=0.2, spread="others", class_mask=mask, weight=weight, softcap=4.0, z_loss=1e-3, split=11
             ),
         ),
+        ("split with an empty slice", logits(5, k), labels(5, k), dict(label_smoothing=0.1, weight=weight, split=0)),
         ("split probs", logits(5, k), probs(5, k), dict(label_smoothing=0.1, weight=weight, normalize=True, split=20)),
         # probability targets
         ("probs", logits(5, k), probs(5, k), {}),
@@ -523,6 +524,7 @@ def _check_errors(failures):
             ),
         ),
         ("no target", lambda: engine.statistics(x, out)),
+        ("strided labels", lambda: engine.statistics(x, out, labels=torch.zeros(6, dtype=torch.int64)[::2])),
     ]
     for what, call in bad_calls:
         try:

@@ -554,6 +554,8 @@ def _check_rows(name: str, tensor: Any, n: int, device: torch.device, dtypes: tu
     if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != (n,):
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"{name} must be a ({n},) tensor, got {shape}")
+    if n > 1 and tensor.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous, got stride {tensor.stride()}")
     if tensor.device != device:
         raise ValueError(f"{name} must be on the logits' device {device}, got {tensor.device}")
     if dtypes and tensor.dtype not in dtypes:
