@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(code: str, env: dict[str, str], timeout: float) -> dict[str, Any]:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    full_env.pop("TRITON_INTERPRET", None) if "TRITON_INTERPRET" not in env else None
+    if "TRITON_INTERPRET" not in env:  # compiled kernels, whatever the caller's environment says
+        full_env.pop("TRITON_INTERPRET", None)
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
     )
@@ -48,7 +49,7 @@ def _run(code: str, env: dict[str, str], timeout: float) -> dict[str, Any]:
 
 def test_kernels_in_the_interpreter_and_compiled_for_sm80_sm90(tmp_path):
     """(a) then (b): the compile step takes its specialisations from the interpreter run."""
-    code = "from tests.test_triton_kernels import _interpreter_main; _interpreter_main()"
+    code = "from tests.test_triton_kernels import _kernel_checks_main; _kernel_checks_main()"
     results = _run(code, {"TRITON_INTERPRET": "1"}, timeout=300)
     assert results["checked"] >= 45, results
     assert not results["failures"], "interpreter:\n" + "\n".join(results["failures"])
@@ -61,6 +62,16 @@ def test_kernels_in_the_interpreter_and_compiled_for_sm80_sm90(tmp_path):
     compiled = _run(code, {"TRITON_CACHE_DIR": str(tmp_path / "cache")}, timeout=600)
     assert not compiled["failures"], "compile:\n" + "\n".join(compiled["failures"])
     assert compiled["compiled"] == 2 * compiled["variants"] >= len(launched), compiled
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU"
+)
+def test_kernels_on_a_gpu():
+    code = "from tests.test_triton_kernels import _kernel_checks_main; _kernel_checks_main('cuda')"
+    results = _run(code, {}, timeout=600)
+    assert results["checked"] >= 50, results
+    assert not results["failures"], "GPU:\n" + "\n".join(results["failures"])
 
 
 # ---- (b) in a subprocess without the interpreter ---------------------------------------------------------
@@ -192,12 +203,36 @@ def _harness(
     row_padding=0,
     **options,
 ):
-    """(reduced loss, gradient (N, K) as float64) of lsx's options through the Triton kernels."""
+    """(reduced loss, gradient (N, K) as float64) of lsx's options through the Triton kernels, on the device of
+    this run (CPU tensors in the interpreter)."""
+    import torch
+
+    with torch.device(_DEVICE[0]):
+        return _harness_on_device(
+            x.to(_DEVICE[0]),
+            target.to(_DEVICE[0]),
+            kind=kind,
+            weight=weight,
+            class_mask=class_mask,
+            split=split,
+            in_place=in_place,
+            grad_dtype=grad_dtype,
+            tensor_coefficients=tensor_coefficients,
+            row_padding=row_padding,
+            **options,
+        )
+
+
+def _harness_on_device(
+    x, target, *, kind, weight, class_mask, split, in_place, grad_dtype, tensor_coefficients, row_padding, **options
+):
     import torch
 
     from lsx import spec
     from lsx.torch._engines import triton as engine
 
+    if isinstance(options.get("sample_weight"), torch.Tensor):
+        options["sample_weight"] = options["sample_weight"].cpu().numpy()
     opts = spec.resolve_options(**options)
     n, k = x.shape
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -205,8 +240,8 @@ def _harness(
         wide = torch.zeros(n, k + row_padding, dtype=x.dtype)
         wide[:, :k] = x
         x = wide[:, :k]
-    mask = None if class_mask is None else torch.as_tensor(class_mask, dtype=torch.bool)
-    w = None if weight is None else torch.as_tensor(weight, dtype=compute)
+    mask = None if class_mask is None else torch.as_tensor(class_mask, dtype=torch.bool, device=x.device)
+    w = None if weight is None else torch.as_tensor(weight, dtype=compute, device=x.device)
     valid = k if mask is None else int(mask.sum())
     total = valid if w is None else float((w if mask is None else w.masked_fill(~mask, 0)).sum())
     coefficients = spec.RowCoefficients.of(opts, valid, total)
@@ -262,7 +297,7 @@ def _harness(
         value = loss
     else:
         value = spec.reduce_total(opts.reduction, loss.sum(), denominator, opts.empty_mean, where=torch.where)
-    return value.numpy(), grad.to(torch.float64).numpy()
+    return value.cpu().numpy(), grad.to(torch.float64).cpu().numpy()
 
 
 _TOLERANCES = {"float64": (1e-10, 1e-12), "float32": (2e-5, 2e-6), "float16": (3e-3, 3e-3), "bfloat16": (2e-2, 2e-2)}
@@ -417,6 +452,34 @@ def _cases():
     return [(name, x, t, kw) for name, x, t, kw in cases]
 
 
+def _long_rows():
+    """Rows of more than one GPU block (GPU runs only: the interpreter would take minutes)."""
+    import torch
+
+    g = torch.Generator().manual_seed(2)
+    k = 3 * 4096 + 123
+    weight = torch.rand(k, generator=g, dtype=torch.float64) + 0.5
+    mask = torch.rand(k, generator=g) > 0.1
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = (torch.randn(4, k, generator=g, dtype=torch.float64) * 4).to(dtype)
+        y = torch.tensor([0, k - 1, 4096, -100])
+        y = torch.where((y >= 0) & ~mask[y.clamp(min=0)], torch.full_like(y, int(mask.nonzero()[0])), y)
+        t = torch.softmax(torch.randn(4, k, generator=g, dtype=torch.float64), dim=1).to(dtype)
+        name = str(dtype).split(".")[-1]
+        cases += [
+            (
+                f"{name} labels",
+                x,
+                y,
+                dict(label_smoothing=0.1, weight=weight, class_mask=mask, softcap=8.0, z_loss=1e-4),
+            ),
+            (f"{name} labels split", x, y, dict(label_smoothing=0.1, spread="others", split=5000)),
+            (f"{name} probs", x, t, dict(label_smoothing=0.1, normalize=True, weight=weight)),
+        ]
+    return cases
+
+
 def _check_case(name, x, t, keywords, failures):
     import torch
 
@@ -490,6 +553,13 @@ def _check_empty(failures):
     """N = 0 launches nothing and succeeds."""
     import torch
 
+    with torch.device(_DEVICE[0]):
+        _check_empty_on_device(failures)
+
+
+def _check_empty_on_device(failures):
+    import torch
+
     from lsx.torch._engines import triton as engine
 
     before = len(engine.launched())
@@ -505,6 +575,13 @@ def _check_empty(failures):
 
 def _check_errors(failures):
     """Contract violations are clear errors, not wrong numbers."""
+    import torch
+
+    with torch.device(_DEVICE[0]):
+        _check_errors_on_device(failures)
+
+
+def _check_errors_on_device(failures):
     import torch
 
     from lsx.torch._engines import triton as engine
@@ -534,22 +611,34 @@ def _check_errors(failures):
         failures.append(f"{what}: no error")
 
 
-def _interpreter_main() -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1"
+#: the device the kernel checks run on: "cpu" in the interpreter, "cuda" on a GPU
+_DEVICE = ["cpu"]
+
+
+def _kernel_checks_main(device: str = "cpu") -> None:
+    """Every check, on CPU tensors in the interpreter or on a CUDA GPU (there twice: with the interpreter's
+    small blocks, so that rows span several blocks, and with the GPU's own on rows longer than one block)."""
     import torch
 
     from lsx.torch._engines import triton as engine
 
-    assert engine.interpreted()
+    _DEVICE[0] = device
+    assert engine.interpreted() == (device == "cpu"), "the interpreter runs CPU tensors, a GPU runs CUDA tensors"
     torch.set_num_threads(1)
     failures: list[str] = []
     checked = 0
-    for name, x, t, keywords in _cases():
+    cases = _cases()
+    if device != "cpu":
+        cases += [(f"GPU blocks: {name}", x, t, kw) for name, x, t, kw in _long_rows()]
+    for name, x, t, keywords in cases:
+        if device != "cpu":
+            engine.MAX_BLOCK = 4096 if name.startswith("GPU blocks") else engine.INTERPRETER_MAX_BLOCK
         try:
             _check_case(name, x, t, keywords, failures)
         except Exception as error:  # one case's crash must not hide the others
             failures.append(f"{name}: {type(error).__name__}: {error}")
         checked += 1
+    engine.MAX_BLOCK = engine.INTERPRETER_MAX_BLOCK if device != "cpu" else engine.MAX_BLOCK
     for check in (_check_bad_rows, _check_empty, _check_errors):
         try:
             check(failures)
