@@ -26,6 +26,7 @@ import inspect
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -188,7 +189,10 @@ def _label_statistics(
                 linear_total += tl.sum(tl.where(linear, w, 0.0), 0)
             else:
                 shifted += linear_total * (ref - new_ref) + tl.sum(tl.where(valid, x - new_ref, 0.0), 0)
-                linear_total += tl.sum(tl.where(valid, 1.0, 0.0), 0)
+                if mask_ptr is not None:
+                    linear_total += tl.sum(valid.to(DT), 0)
+                else:  # every class of the block is valid: no reduction needed
+                    linear_total += tl.minimum(k - start, BLOCK_K).to(DT)
         ref = new_ref
     _, _, owned, on_masked, local, w_y = _label_facts(
         labels_ptr, weight_ptr, mask_ptr, row, k, offset, num_classes, ignore_index, DT
@@ -477,17 +481,16 @@ def _type_of(value: Any) -> str:
 
 
 def _launch(kernel: Any, rows: int, args: dict[str, Any], constexprs: dict[str, Any], num_warps: int) -> None:
-    names = list(_arg_names(kernel))
+    name, parameters = _names(kernel)
     signature: dict[str, str] = {}
     fixed: dict[str, Any] = {}
-    for name in names:
-        value = constexprs[name] if name in constexprs else args[name]
-        if name in constexprs or value is None:
-            signature[name] = "constexpr"
-            fixed[name] = value
+    for parameter in parameters:
+        value = constexprs[parameter] if parameter in constexprs else args[parameter]
+        if parameter in constexprs or value is None:
+            signature[parameter] = "constexpr"
+            fixed[parameter] = value
         else:
-            signature[name] = _type_of(value)
-    name = _kernel_name(kernel)
+            signature[parameter] = _type_of(value)
     key = (name, tuple(signature.items()), tuple(fixed.items()), num_warps)
     if key not in _LAUNCHED:
         _LAUNCHED[key] = Launch(kernel, name, signature, fixed, {"num_warps": num_warps})
@@ -503,12 +506,16 @@ def _python_function(kernel: Any) -> Any:
     return fn
 
 
-def _arg_names(kernel: Any) -> list[str]:
-    return list(inspect.signature(_python_function(kernel)).parameters)
+_NAMES: dict[int, tuple[str, list[str]]] = {}
 
 
-def _kernel_name(kernel: Any) -> str:
-    return _python_function(kernel).__name__
+def _names(kernel: Any) -> tuple[str, list[str]]:
+    """(the kernel's name, its parameters' names), looked up once per kernel."""
+    found = _NAMES.get(id(kernel))
+    if found is None:
+        fn = _python_function(kernel)
+        found = _NAMES[id(kernel)] = (fn.__name__, list(inspect.signature(fn).parameters))
+    return found
 
 
 # ---- the wrappers ----------------------------------------------------------------------------------------
@@ -518,10 +525,11 @@ def _split(value: float | None) -> tuple[float | None, float | None]:
     if value is None:
         return None, None
     value = float(value)
-    hi = float(torch.tensor(value, dtype=torch.float32))
+    with np.errstate(over="ignore"):
+        hi = float(np.float32(value))
     if not math.isfinite(hi):
         return value, 0.0
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    return hi, float(np.float32(value - hi))
 
 
 def _coefficients(a: Any, b: Any, compute: torch.dtype, device: torch.device) -> tuple[Any, ...]:
