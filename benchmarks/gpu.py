@@ -148,14 +148,14 @@ def _run(
     engine: str | None,
     needs_triton: bool = False,
 ) -> Row:
-    """Warm up (compilation, autotuning), then one call with the peak-memory counter reset, then ``repeats``
-    timed calls. ``make`` builds the inputs and returns (step, leaves): ``step()`` runs forward + backward and
-    returns the loss."""
+    """Warm up (compilation, autotuning) on one set of inputs, then, on fresh ones, one call with the
+    peak-memory counter reset (its loss is the row's) and ``repeats`` timed calls. ``make`` builds the inputs
+    and returns (step, leaves): ``step()`` runs forward + backward and returns the loss."""
     row = Row(name)
-    step = leaves = None
+    step = None
     try:
         with _engine(engine):
-            step, leaves = make()
+            step, _ = make()
             before = _triton_launches()
             step()  # warm-up
             torch.cuda.synchronize()
@@ -163,9 +163,12 @@ def _run(
             if used != needs_triton:  # a row must measure the engine it names
                 row.note = f"not measured: LSX_TORCH_ENGINE={engine} {'launched no' if needs_triton else 'launched a'} Triton kernel"
                 return row
-            for leaf in leaves:  # the warm-up's gradients go before the peak is counted
-                if isinstance(leaf, torch.Tensor):
-                    leaf.grad = None
+            # fresh inputs for the counted calls (Liger's loss overwrites its logits with their gradient)
+            step = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            step, _ = make()
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             loss = step()
             torch.cuda.synchronize()
@@ -180,7 +183,7 @@ def _run(
         row.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
         row.time_s = None
     finally:
-        step = leaves = None
+        step = None
         gc.collect()
         torch.cuda.empty_cache()
     return row
