@@ -51,6 +51,8 @@ def test_kernels_in_the_interpreter_and_compiled_for_sm80_sm90(tmp_path):
     """(a) then (b): the compile step takes its specialisations from the interpreter run."""
     code = "from tests.test_triton_kernels import _kernel_checks_main; _kernel_checks_main()"
     results = _run(code, {"TRITON_INTERPRET": "1"}, timeout=300)
+    if results.get("unusable_interpreter"):  # an old Triton with a new NumPy: nothing can run in it
+        pytest.skip(results["unusable_interpreter"])
     assert results["checked"] >= 45, results
     assert not results["failures"], "interpreter:\n" + "\n".join(results["failures"])
     launched = results["launched"]
@@ -624,6 +626,12 @@ def _kernel_checks_main(device: str = "cpu") -> None:
 
     _DEVICE[0] = device
     assert engine.interpreted() == (device == "cpu"), "the interpreter runs CPU tensors, a GPU runs CUDA tensors"
+    if device == "cpu":
+        try:
+            engine._check_interpreter()
+        except RuntimeError as error:
+            print("RESULT " + json.dumps({"unusable_interpreter": str(error)}))
+            return
     torch.set_num_threads(1)
     failures: list[str] = []
     checked = 0

@@ -436,6 +436,37 @@ def _probability_gradient(
                 tl.store(g_base + cols, tl.where(valid, float("nan"), 0.0).to(g_ptr.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _loop_probe(out_ptr, n):
+    """A loop over a runtime bound: what every kernel above needs of the interpreter."""
+    total = tl.zeros((), tl.int32)
+    for _ in range(0, n, 1):
+        total += 1
+    tl.store(out_ptr, total)
+
+
+_PROBED: list[bool] = []
+
+
+def _check_interpreter() -> None:
+    """Under the interpreter, once: raise a clear error where this Triton's interpreter cannot run a loop over a
+    runtime bound (Triton 3.6's calls ``int()`` on a 1-element array, which NumPy >= 2.4 refuses)."""
+    if _PROBED:
+        return
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_probe[(1,)](out, 3)
+    except Exception as error:
+        raise RuntimeError(
+            f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run lsx's kernels with NumPy "
+            f"{np.__version__}: a loop over a runtime bound fails ({type(error).__name__}: {error}). Use a newer "
+            "Triton (3.9 works) or NumPy < 2.4 to run them in the interpreter; compiled GPU kernels are not affected"
+        ) from error
+    _PROBED.append(int(out[0]) == 3)
+    if not _PROBED[0]:
+        raise RuntimeError(f"Triton {triton.__version__}'s interpreter ran a 3-step loop {int(out[0])} times")
+
+
 # ---- launches and their record ---------------------------------------------------------------------------
 class Launch(NamedTuple):
     """One specialisation launched in this process: enough to compile it again for another target with
@@ -491,6 +522,8 @@ def _launch(kernel: Any, rows: int, args: dict[str, Any], constexprs: dict[str, 
             fixed[parameter] = value
         else:
             signature[parameter] = _type_of(value)
+    if interpreted():
+        _check_interpreter()
     key = (name, tuple(signature.items()), tuple(fixed.items()), num_warps)
     if key not in _LAUNCHED:
         _LAUNCHED[key] = Launch(kernel, name, signature, fixed, {"num_warps": num_warps})
