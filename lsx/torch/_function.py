@@ -18,7 +18,9 @@ Engines, chosen per call by :func:`lsx.torch._engines.choose` (``LSX_TORCH_ENGIN
 
 - CPU, contiguous float32/float64 logits and Numba installed: the fused Numba kernel of :mod:`lsx.numpy`,
   on zero-copy NumPy views of the tensors (:mod:`lsx.torch._engines.numba`).
-- everything else (CUDA, meta, float16/bfloat16, strided logits, no Numba): the plain-torch engine
+- CUDA logits when Triton imports: the Triton kernels (:mod:`lsx.torch._engines.triton`), statistics then
+  gradient, launched directly in eager calls and behind the custom op under ``torch.compile``.
+- everything else (meta, CPU float16/bfloat16, strided logits, no Numba): the plain-torch engine
   (:mod:`lsx.torch._engines.ops`).
 
 Value checks (labels in range, weight finite and >= 0, class_mask) run on CPU tensors and raise
@@ -353,7 +355,8 @@ def _fused_full(
 
     compute = torch.float64 if x2.dtype == torch.float64 else torch.float32
     kernel = None
-    if _engines.choose(x2, strided=False) == "numba":
+    engine = _engines.choose(x2, strided=False)
+    if engine == "numba":
         kernel = _numba.kernel()
         x2 = x2.contiguous()  # (a strided input reaches here only when the Numba engine is forced)
     if kernel is not None and sample_weight is not None:
@@ -370,7 +373,10 @@ def _fused_full(
         d: Any = local
     else:
         grad = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-        per_element, d = _ops.run(x2, t2, kind, opts, weight, class_mask, grad, sample_weight, denominator)
+        if engine == "triton":  # the two steps with a one-block merge
+            per_element, d = _engines.run(engine, x2, t2, kind, opts, weight, class_mask, grad, sample_weight, denominator)
+        else:
+            per_element, d = _ops.run(x2, t2, kind, opts, weight, class_mask, grad, sample_weight, denominator)
     sw = None if sample_weight is None else sample_weight.detach().to(device=x2.device, dtype=compute).reshape(-1)
     weighted = per_element if sw is None else per_element * sw
     value = _ops.reduce(weighted, d, opts, x2.dtype)

@@ -288,11 +288,15 @@ def _engine_options(label_smoothing, spread, ignore_index, z_loss, normalize) ->
     return opts if opts.softcap is None else dataclasses.replace(opts, softcap=None)
 
 
-def _numba_for(h2, t2, weight, class_mask, opts, softcap) -> _numba.Prepared | None:
-    """The fused Numba kernel for the chunks when the engine choice gives it (CPU; the chunks' logits are float32
-    or float64); None sends
-    every chunk through ``_fused_impl`` (the plain-torch engine)."""
-    if _torch_function._is_traced(h2) or _engines.choose(h2, dtype=_compute_dtype(h2.dtype)) != "numba":
+def _numba_for(h2, t2, weight, class_mask, opts, softcap) -> _numba.Prepared | str | None:
+    """The chunks' engine: the fused Numba kernel (CPU; the chunks' logits are float32 or float64), ``"triton"``
+    (the two steps in place, CUDA), or None: every chunk through ``_fused_impl`` (the plain-torch engine)."""
+    if _torch_function._is_traced(h2):
+        return None
+    engine = _engines.choose(h2, dtype=_compute_dtype(h2.dtype))
+    if engine == "triton":
+        return engine
+    if engine != "numba":
         return None
     return _numba.prepare(h2.dtype, t2, weight, class_mask, opts, softcap)
 
@@ -309,6 +313,12 @@ def _chunk(h2, w, b, t2, weight, class_mask, opts, softcap, start, stop, numba, 
     live there too, and is valid until the next chunk."""
     hc, logits = _engines.chunk_logits(h2, w, b, start, stop, buffer)
     tc = t2[start:stop]
+    if numba == "triton":  # in place: statistics, a one-block merge, the gradient over the logits
+        kind = "probs" if tc.is_floating_point() else "index"
+        chunk_opts = dataclasses.replace(opts, softcap=softcap)
+        target = logits if want_grad else None
+        loss, _ = _engines.run("triton", logits, tc, kind, chunk_opts, weight, class_mask, target, row_scale)
+        return loss, target, hc
     if numba is not None:  # in place: the logits' buffer becomes their gradient
         loss, grad = _numba.chunk(numba, logits, tc, row_scale, want_grad)
         return loss, grad, hc
@@ -419,7 +429,7 @@ def _forward_none(h2, w, b, t2, weight, class_mask, scalars, rows):
         stop = min(n, start + rows)
         chunk = _chunk(
             h2, wc, bc, t2, weight, class_mask, opts, softcap, start, stop, numba, None, buffer, numba is None
-        )
+        )  # (the plain-torch engine computes the gradient anyway)
         per_element[start:stop] = chunk[0]
         del chunk
     return per_element

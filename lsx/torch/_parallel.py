@@ -340,10 +340,10 @@ class _Call:
         compute dtype, the engine's per-call arguments, the labels' per-row facts (active, invalid) for all
         N rows. No logits-sized tensor."""
         opts, kind = self.opts, self.kind
-        n, k = self.x2.shape
+        k = self.x2.shape[1]
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         self.compute, self.device, self.k = compute, device, k
-        self.engine = _engines.engine(_engines.choose(self.x2, dtype=dtype))
+        self.engine = _engines.choose(self.x2, dtype=dtype)
         self.smoothing = opts.label_smoothing != 0
         coefficients = self.coefficients
         self.arguments = dict(
@@ -357,14 +357,12 @@ class _Call:
             num_classes=self.total_classes,
             ignore_index=opts.ignore_index,
         )
+        self.labels = self.active = self.invalid = None
         if kind != "index":
             return
-        labels = _engines.engine_labels(self.t2.to(device), opts.ignore_index, self.total_classes)
-        active = torch.ones(n, dtype=torch.bool, device=device)
-        if opts.ignore_index is not None:
-            active = labels != opts.ignore_index
-        self.labels, self.active = labels, active
-        self.invalid = active & ((labels < 0) | (labels >= self.total_classes))
+        self.labels, self.active, self.invalid = _engines.label_facts(
+            self.t2.to(device), opts.ignore_index, self.total_classes
+        )
 
     def _rows(self, rows: slice) -> dict[str, Any]:
         """The per-row arguments of the engine for rows ``rows``: labels, or this rank's probabilities."""
@@ -375,7 +373,7 @@ class _Call:
     def statistics(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         """This rank's six float64 statistics (6, rows) of rows ``rows`` from their logits ``x`` (not modified)."""
         out = torch.empty((6, x.shape[0]), dtype=torch.float64, device=self.device)
-        self.engine.statistics(x, out, normalize=self.opts.normalize, **self._rows(rows), **self.arguments)
+        _engines.statistics(self.engine, x, out, normalize=self.opts.normalize, **self._rows(rows), **self.arguments)
         return out
 
     def merge(self, stats: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -395,34 +393,20 @@ class _Call:
         if kind == "index" and self.t2.device.type == "cpu" and bool(flagged.any()):
             label = int(self.labels[flagged][0])
             raise ValueError(f"target has label {label}, a class that class_mask marks as absent")
-        loss = merged["loss"]
-        sw = None if self.sample_weight is None else self.sample_weight.to(torch.float64)
-        if opts.denominator is not None:
-            denominator: Any = torch.as_tensor(opts.denominator, device=device).detach().to(torch.float64).reshape(())
-        elif kind == "index":
-            w_y_active = torch.where(self.active, merged["w_y"], 0.0)
-            denominator = (w_y_active if sw is None else w_y_active * sw).sum()
-        else:
-            denominator = torch.full((), float(n), dtype=torch.float64, device=device) if sw is None else sw.sum()
-        self.denominator = denominator
-        scale = spec.reduction_scale(opts.reduction, denominator, where=torch.where)
-        m = merged["local_max"]
-        row_scale = torch.full_like(m, scale) if isinstance(scale, float) else scale.expand_as(m)
-        if sw is not None:
-            loss = loss * sw
-            row_scale = row_scale * sw
-        nan_rows = flagged  # a label or probability mass on a class masked on any rank
-        if kind == "index":
-            row_scale = torch.where(self.active, row_scale, 0.0)
-            nan_rows = nan_rows | self.invalid
-            loss = torch.where(self.active, loss, 0.0)
-        loss = loss.masked_fill(nan_rows, math.nan)
-        factors = dict(
-            p_factor=merged["coef"] * merged["own_factor"] / merged["sum_exp"],
-            row_scale=row_scale,
-            local_max=m,
-            nan_rows=nan_rows,
+        loss, self.denominator, factors = _engines.finish(
+            merged,
+            kind=kind,
+            opts=opts,
+            n=n,
+            active=self.active,
+            invalid=self.invalid,
+            sample_weight=self.sample_weight,
+            denominator=None
+            if opts.denominator is None
+            else torch.as_tensor(opts.denominator, device=device).detach().to(torch.float64).reshape(()),
         )
+        if self.sample_weight is not None:
+            loss = loss * self.sample_weight.to(torch.float64)
         return loss, factors
 
     def reduce(self, loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -437,7 +421,8 @@ class _Call:
         row_scale = merged["row_scale"][rows]
         if upstream is not None:
             row_scale = row_scale * upstream
-        self.engine.gradient(
+        _engines.gradient(
+            self.engine,
             x,
             grad,
             local_max=merged["local_max"][rows],

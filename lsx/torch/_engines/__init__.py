@@ -32,14 +32,20 @@ plain-torch engine do.
 Engines (chosen per call by :func:`choose`, or forced with ``LSX_TORCH_ENGINE``, read at every call):
 
 - ``numba`` (:mod:`.numba`): lsx.numpy's Numba kernels on zero-copy NumPy views; CPU float32/float64.
+- ``triton`` (:mod:`.triton`): Triton kernels, one program per row; CUDA tensors (float32, float16, bfloat16,
+  float64), or CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before lsx.torch
+  was imported.
 - ``torch`` (:mod:`.ops`): plain torch ops; any device, any floating dtype, no host synchronisation.
 
-``auto`` (the default) takes Numba for CPU float32/float64 logits when Numba is installed, plain torch
-otherwise.
+``auto`` (the default) takes Numba for CPU float32/float64 logits when Numba is installed, Triton for CUDA
+logits when Triton imports, plain torch otherwise; it never takes Triton for CPU tensors. :func:`run` is the
+single-device call of an engine that has only the two steps (Triton): statistics, a one-block merge, the
+gradient, with the same contract as the plain-torch engine's fused ``run``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -57,21 +63,36 @@ __all__ = [
     "choose",
     "chunk_logits",
     "engine",
+    "finish",
+    "gradient",
     "labels_as_int64",
     "merge",
     "rows_per_chunk",
+    "run",
+    "statistics",
 ]
 
 #: the environment variable that forces an engine (read at every call)
 ENVIRONMENT = "LSX_TORCH_ENGINE"
-_NAMES = ("auto", "numba", "torch")
+_NAMES = ("auto", "numba", "torch", "triton")
 _NUMBA_DTYPES = (torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _numba_available() -> bool:
     from lsx.torch._engines import numba as numba_engine
 
     return numba_engine.kernel() is not None
+
+
+@functools.cache
+def _triton() -> Any:
+    """lsx's Triton engine module, or the reason it does not import (a string)."""
+    try:
+        from lsx.torch._engines import triton as triton_engine
+    except ImportError as error:
+        return f"triton does not import ({error}); pip install 'lsx[triton]'"
+    return triton_engine
 
 
 def requested() -> str:
@@ -83,10 +104,11 @@ def requested() -> str:
 
 
 def choose(x: torch.Tensor, *, strided: bool = True, dtype: torch.dtype | None = None) -> str:
-    """The engine for logits ``x``: ``"numba"`` or ``"torch"``.
+    """The engine for logits ``x``: ``"numba"``, ``"triton"`` or ``"torch"``.
 
     ``auto``: Numba for CPU float32/float64 logits when Numba is installed (and, unless ``strided``, when ``x``
-    is contiguous: a copy would cost more than the plain-torch engine saves), plain torch otherwise. A forced
+    is contiguous: a copy would cost more than the plain-torch engine saves), Triton for CUDA logits when
+    Triton imports, plain torch otherwise. A forced
     engine that cannot serve ``x`` raises ``RuntimeError`` naming the variable, the engine and why. ``dtype``:
     the dtype the engine will see when it is not ``x``'s (``linear_loss`` computes its logits in float32 for
     float16/bfloat16 inputs).
@@ -94,10 +116,30 @@ def choose(x: torch.Tensor, *, strided: bool = True, dtype: torch.dtype | None =
     dtype = x.dtype if dtype is None else dtype
     name = os.environ.get(ENVIRONMENT)
     if not name or name == "auto":
-        on_cpu = x.device.type == "cpu" and dtype in _NUMBA_DTYPES and (strided or x.is_contiguous())
-        return "numba" if on_cpu and _numba_available() else "torch"
+        device = x.device.type
+        if device == "cpu":
+            on_cpu = dtype in _NUMBA_DTYPES and (strided or x.is_contiguous())
+            return "numba" if on_cpu and _numba_available() else "torch"
+        if device == "cuda" and dtype in _TRITON_DTYPES and not isinstance(_triton(), str):
+            return "triton"
+        return "torch"
     if name == "torch":
         return "torch"
+    if name == "triton":
+        module = _triton()
+        why = None
+        if isinstance(module, str):
+            why = module
+        elif dtype not in _TRITON_DTYPES:
+            why = f"it takes float32, float16, bfloat16 or float64 logits, got {dtype}"
+        elif x.device.type != "cuda" and not (x.device.type == "cpu" and module.interpreted()):
+            why = (
+                f"it needs CUDA tensors, got a tensor on {x.device} (CPU tensors run in Triton's interpreter when "
+                "TRITON_INTERPRET=1 is set before lsx.torch is imported)"
+            )
+        if why is not None:
+            raise RuntimeError(f"{ENVIRONMENT}=triton cannot serve this call: {why}")
+        return "triton"
     if name == "numba":
         why = None
         if x.device.type != "cpu":
@@ -119,6 +161,8 @@ def engine(name: str) -> Any:
         from lsx.torch._engines import numba as numba_engine
 
         return numba_engine
+    if name == "triton":
+        return _triton()
     return ops
 
 
@@ -204,7 +248,8 @@ def merge(
         w_y = stats[:, 3].sum(dim=0)
         weighted_sum: Any = 0.0
         if smoothing:
-            totals = torch.tensor(weight_totals, dtype=torch.float64, device=stats.device).unsqueeze(1)
+            totals = torch.stack([torch.as_tensor(t, dtype=torch.float64, device=stats.device) for t in weight_totals])
+            totals = totals.reshape(-1, 1)
             weighted_sum = (stats[:, 4] + torch.where(totals != 0, totals * delta, 0.0)).sum(dim=0)
         loss, coef = spec.label_row(
             coefficients,
@@ -238,3 +283,205 @@ def merge(
         flagged=flagged,
         w_y=w_y,
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# The two steps of any engine, and the single-device call over them
+# --------------------------------------------------------------------------------------------------------
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _unit_columns(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    if tensor is None or tensor.dim() < 2 or tensor.shape[1] <= 1 or tensor.stride(1) == 1:
+        return tensor
+    return tensor.contiguous()
+
+
+def _block_arguments(x: torch.Tensor, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The per-block arguments as every engine takes them: int64 labels, weights in the compute dtype, the
+    mask as bool, all contiguous on ``x``'s device; probabilities with unit column stride."""
+    compute = _compute(x.dtype)
+    found = dict(arguments)
+    for name, dtype in (("labels", torch.int64), ("weight", compute), ("class_mask", torch.bool)):
+        tensor = found.get(name)
+        if tensor is not None:
+            found[name] = tensor.to(device=x.device, dtype=dtype).contiguous()
+    if found.get("probs") is not None:
+        found["probs"] = _unit_columns(found["probs"].to(x.device))
+    return found
+
+
+def statistics(name: str, x: torch.Tensor, out: torch.Tensor, **arguments: Any) -> None:
+    """Engine ``name``'s six statistics of the block ``x`` into ``out`` (6, n) float64 (see the module's
+    docstring for the arguments)."""
+    x = _unit_columns(x)
+    arguments = _block_arguments(x, arguments)
+    if name == "triton":  # its statistics are in the compute dtype
+        staged = torch.empty(tuple(out.shape), dtype=_compute(x.dtype), device=x.device)
+        engine(name).statistics(x, staged, **arguments)
+        out.copy_(staged)
+        return
+    engine(name).statistics(x, out, **arguments)
+
+
+def gradient(
+    name: str,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    local_max: torch.Tensor,
+    p_scale: torch.Tensor,
+    row_scale: torch.Tensor,
+    nan_rows: torch.Tensor | None = None,
+    **arguments: Any,
+) -> None:
+    """Engine ``name``'s gradient of the block ``x`` into ``grad`` (may be ``x``), from the merged per-row
+    factors (any float dtype; taken in the compute dtype)."""
+    compute = _compute(x.dtype)
+    strided = x.dim() == 2 and x.shape[1] > 1 and x.stride(1) != 1
+    target = grad
+    if strided or (grad.dim() == 2 and grad.shape[1] > 1 and grad.stride(1) != 1):
+        in_place = grad.data_ptr() == x.data_ptr()
+        x = x.contiguous()
+        target = x if in_place else torch.empty(x.shape, dtype=grad.dtype, device=x.device)
+    rows = {
+        "local_max": local_max,
+        "p_scale": p_scale,
+        "row_scale": row_scale,
+    }
+    rows = {key: value.to(device=x.device, dtype=compute).contiguous() for key, value in rows.items()}
+    if nan_rows is not None:
+        rows["nan_rows"] = nan_rows.to(device=x.device, dtype=torch.bool).contiguous()
+    engine(name).gradient(x, target, **rows, **_block_arguments(x, arguments))
+    if target is not grad:
+        grad.copy_(target)
+
+
+def finish(
+    merged: dict[str, Any],
+    *,
+    kind: str,
+    opts: spec.Options,
+    n: int,
+    active: torch.Tensor | None,
+    invalid: torch.Tensor | None,
+    sample_weight: torch.Tensor | None,
+    denominator: torch.Tensor | None,
+) -> tuple[torch.Tensor, Any, dict[str, Any]]:
+    """(the per-element loss, unweighted by ``sample_weight``: 0 for an ignored label, NaN for an invalid one
+    or a masked target; the mean's denominator; the gradient's per-row factors) from :func:`merge`'s result.
+
+    The denominator is ``denominator`` when given, else Σ sample_weight·w_y over the non-ignored labels
+    (Σ sample_weight, or N, for probabilities). The factors: ``local_max``, ``p_factor`` (p_scale per unit of
+    row scale), ``row_scale`` (the reduction's scale × sample_weight, 0 for ignored rows) and ``nan_rows``.
+    """
+    loss = merged["loss"]
+    device = loss.device
+    sw = None if sample_weight is None else sample_weight.to(device=device, dtype=torch.float64).reshape(-1)
+    if denominator is not None:
+        d: Any = denominator.detach().to(device=device, dtype=torch.float64).reshape(())
+    elif kind == "index":
+        w_y_active = torch.where(active, merged["w_y"], 0.0)
+        d = (w_y_active if sw is None else w_y_active * sw).sum()
+    else:
+        d = torch.full((), float(n), dtype=torch.float64, device=device) if sw is None else sw.sum()
+    scale = spec.reduction_scale(opts.reduction, d, where=torch.where)
+    m = merged["local_max"]
+    row_scale = torch.full_like(m, scale) if isinstance(scale, float) else scale.expand_as(m)
+    if sw is not None:
+        row_scale = row_scale * sw
+    nan_rows = merged["flagged"]  # a label or probability mass on a class masked in any block
+    if kind == "index":
+        row_scale = torch.where(active, row_scale, 0.0)
+        nan_rows = nan_rows | invalid
+        loss = torch.where(active, loss, 0.0)
+    loss = loss.masked_fill(nan_rows, math.nan)
+    factors = dict(
+        p_factor=merged["coef"] * merged["own_factor"] / merged["sum_exp"],
+        row_scale=row_scale,
+        local_max=m,
+        nan_rows=nan_rows,
+    )
+    return loss, d, factors
+
+
+def label_facts(labels: torch.Tensor, ignore_index: int | None, num_classes: int) -> tuple[torch.Tensor, ...]:
+    """(the engines' int64 labels, active, invalid) of integer labels, on their device."""
+    labels = engine_labels(labels, ignore_index, num_classes)
+    if ignore_index is None:
+        active = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    else:
+        active = labels != ignore_index
+    return labels, active, active & ((labels < 0) | (labels >= num_classes))
+
+
+def run(
+    name: str,
+    x2: torch.Tensor,
+    t2: torch.Tensor,
+    kind: str,
+    opts: spec.Options,
+    weight: torch.Tensor | None,
+    class_mask: torch.Tensor | None,
+    grad: torch.Tensor | None,
+    sample_weight: torch.Tensor | None = None,
+    denominator: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Any]:
+    """One device, engine ``name``'s two steps with a one-block merge: the contract of the plain-torch engine's
+    fused ``run`` (fills ``grad``, which may be ``x2`` itself, unless it is None; returns the per-element loss
+    in the compute dtype, unweighted by ``sample_weight``, and the mean's denominator), with no host read."""
+    n, k = x2.shape
+    device = x2.device
+    compute = _compute(x2.dtype)
+    x2 = x2.detach()
+    mask = None if class_mask is None else class_mask.to(device=device, dtype=torch.bool)
+    valid_count: Any = k if mask is None else mask.sum().to(compute)
+    w = None if weight is None else weight.detach().to(device=device, dtype=compute)
+    total_weight = valid_count if w is None else (w if mask is None else w.masked_fill(~mask, 0)).sum()
+    coefficients = spec.RowCoefficients.of(opts, valid_count, total_weight)
+    smoothing = opts.label_smoothing != 0
+    arguments: dict[str, Any] = dict(
+        weight=w,
+        class_mask=mask,
+        softcap=opts.softcap,
+        a=coefficients.a,
+        b=coefficients.b,
+        smoothing=smoothing,
+        offset=0,
+        num_classes=k,
+        ignore_index=opts.ignore_index,
+    )
+    active = invalid = None
+    if kind == "index":
+        labels, active, invalid = label_facts(t2.detach().to(device), opts.ignore_index, k)
+        arguments["labels"] = labels
+    else:
+        arguments["probs"] = t2.detach().to(device)
+    stats = torch.empty((6, n), dtype=torch.float64, device=device)
+    statistics(name, x2, stats, normalize=opts.normalize, **arguments)
+    merged = merge(
+        stats.unsqueeze(0),
+        rank=0,
+        kind=kind,
+        coefficients=coefficients,
+        smoothing=smoothing,
+        weight_totals=[total_weight],
+    )
+    sw = None if sample_weight is None else sample_weight.detach().reshape(n)
+    loss, d, factors = finish(
+        merged, kind=kind, opts=opts, n=n, active=active, invalid=invalid, sample_weight=sw, denominator=denominator
+    )
+    if grad is not None:
+        row_scale = factors["row_scale"]
+        gradient(
+            name,
+            x2,
+            grad,
+            local_max=factors["local_max"],
+            p_scale=factors["p_factor"] * row_scale,
+            row_scale=row_scale,
+            nan_rows=factors["nan_rows"],
+            **arguments,
+        )
+    return loss.to(compute), d.to(compute) if isinstance(d, torch.Tensor) else d
