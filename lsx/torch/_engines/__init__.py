@@ -247,10 +247,14 @@ def merge(
         owner_shift = torch.where(stats[:, 5] != 0, delta, 0.0).sum(dim=0)
         w_y = stats[:, 3].sum(dim=0)
         weighted_sum: Any = 0.0
-        if smoothing:
-            totals = torch.stack([torch.as_tensor(t, dtype=torch.float64, device=stats.device) for t in weight_totals])
-            totals = totals.reshape(-1, 1)
-            weighted_sum = (stats[:, 4] + torch.where(totals != 0, totals * delta, 0.0)).sum(dim=0)
+        if smoothing:  # Σ_r (S_r + W_r·(m_r − m)), in block order (a Python total never travels to the device)
+            for r, total in enumerate(weight_totals):
+                term = stats[r, 4]
+                if isinstance(total, torch.Tensor):
+                    term = term + torch.where(total != 0, total * delta[r], 0.0)
+                elif total != 0:
+                    term = term + total * delta[r]
+                weighted_sum = term if r == 0 else weighted_sum + term
         loss, coef = spec.label_row(
             coefficients,
             log_sum_exp=log_sum_exp,
