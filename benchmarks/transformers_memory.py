@@ -15,7 +15,7 @@ Memory probe (torch's CPU allocator keeps no statistics): each process first run
 (lazy initialisation, kernel compilation), then resets the kernel's resident-set high-water mark
 (``/proc/self/clear_refs``) and reads the resident set; after the full-size step it reads the high-water mark
 (``VmHWM``). The difference is the step's peak extra memory: activations, logits and their gradients, the
-parameters' gradients (the same 143 MiB in every variant) and every temporary. Where ``clear_refs`` is
+parameters' gradients (the same 149 MiB in every variant) and every temporary. Where ``clear_refs`` is
 unavailable, ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` before and after the step. The time is the median
 of ``--repeats`` further steps (indicative only on a shared machine).
 
