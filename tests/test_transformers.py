@@ -470,3 +470,17 @@ def test_trainer_example_runs(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "eval_loss" in done.stdout
+
+
+def test_autocast_mixed_precision_training():
+    """The Trainer's bf16=True: float32 weights under autocast; the fused head runs in bfloat16 as HF's does."""
+    ids, labels = batch()
+    model = lsx.transformers.apply(make_model(dtype=torch.float32), label_smoothing=0.1)
+    plain = copy.deepcopy(model).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=labels).loss
+        logits = plain(input_ids=ids).logits
+    assert loss.dtype == torch.float32 and logits.dtype == torch.bfloat16
+    loss.backward()
+    assert model.lm_head.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), reference(logits.double(), shifted(labels), eps=0.1), rtol=1e-2, atol=0)

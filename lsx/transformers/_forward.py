@@ -159,14 +159,28 @@ class PatchedForward:
         return result if return_dict else result.to_tuple()
 
     def _fused_loss(self, head: nn.Linear, h2: torch.Tensor, targets: torch.Tensor, num_items: Any) -> torch.Tensor:
-        settings = self.settings
-        weight = head.weight
-        rows = weight.shape[0]
-        loss = lsx.torch.linear_loss(
+        weight, bias = head.weight, head.bias
+        device_type = h2.device.type
+        if torch.is_autocast_enabled(device_type):
+            # as autocast's F.linear in HF's forward: hidden states and head in the autocast dtype; the loss
+            # itself runs outside autocast (linear_loss accumulates half precision in float32)
+            dtype = torch.get_autocast_dtype(device_type)
+            h2, weight = h2.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                loss = self._linear_loss(h2, weight, bias, targets, num_items)
+        else:
+            loss = self._linear_loss(h2, weight, bias, targets, num_items)
+        # HF's losses are float32 for half-precision models; float32 and float64 stay as they are
+        return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
+
+    def _linear_loss(self, h2, weight, bias, targets, num_items):
+        settings, rows = self.settings, weight.shape[0]
+        return lsx.torch.linear_loss(
             h2,
             weight,
             targets,
-            linear_bias=head.bias,
+            linear_bias=bias,
             weight=settings.class_weight(rows, h2.device),
             class_mask=settings.class_mask(rows, h2.device),
             softcap=settings.softcap,
@@ -174,5 +188,3 @@ class PatchedForward:
             chunk_size=settings.chunk_size,
             **settings.loss_options(),
         )
-        # HF's losses are float32 for half-precision models; float32 and float64 stay as they are
-        return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
