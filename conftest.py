@@ -4,6 +4,7 @@ import importlib.util
 
 _FRAMEWORK_OF = {
     "lsx/torch": "torch",
+    "lsx/transformers": "transformers",
     "lsx/jax": "jax",
     "lsx/tensorflow": "tensorflow",
     "lsx/keras": "keras",
