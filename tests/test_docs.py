@@ -110,12 +110,43 @@ def test_every_relative_link_resolves():
     assert not problems, "broken links:\n" + "\n".join(problems)
 
 
-@pytest.mark.parametrize("page", [page for page in site_pages() if ">>>" in page.read_text(encoding="utf-8")], ids=lambda page: page.name)
+#: the README's quick starts: the draft while it exists, README.md once it has replaced it
+FRONT_PAGE = README_DRAFT if README_DRAFT.exists() else ROOT / "README.md"
+_PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+def quick_starts() -> list[str]:
+    """The front page's Python blocks that are scripts (the ``>>>`` ones are doctests)."""
+    return [block for block in _PYTHON_BLOCK.findall(FRONT_PAGE.read_text(encoding="utf-8")) if ">>>" not in block]
+
+
+@pytest.mark.parametrize(
+    "page",
+    [page for page in [*site_pages(), README_DRAFT] if page.exists() and ">>>" in page.read_text(encoding="utf-8")],
+    ids=lambda page: page.name,
+)
 def test_page_examples_run(page):
     result = doctest.testfile(
         str(page), module_relative=False, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS, verbose=False
     )
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {page.name} failed (printed above)"
+
+
+@pytest.mark.parametrize("number", range(len(quick_starts())))
+def test_front_page_quick_start_runs(number, tmp_path):
+    """Each quick start runs as written, in a fresh process (as a reader would paste it)."""
+    code = quick_starts()[number]
+    imported = set(re.findall(r"^(?:import|from)\s+([A-Za-z_]\w*)", code, re.MULTILINE))
+    missing = sorted(name for name in imported if not _installed(name))
+    if missing:
+        pytest.skip(f"quick start {number} needs {', '.join(missing)}")
+    script = tmp_path / "quick_start.py"
+    script.write_text(code, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, f"quick start {number} of {FRONT_PAGE.name} failed:\n{code}\n{result.stderr[-4000:]}"
 
 
 def test_rst_in_docstrings_becomes_markdown():
