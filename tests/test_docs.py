@@ -160,7 +160,7 @@ def test_rst_in_docstrings_becomes_markdown():
 
 def test_mkdocs_build_strict(tmp_path):
     needed = {"mkdocs": "docs", "material": "docs", "mkdocstrings_handlers.python": "docs"}
-    needed |= {module: "all" for module in ("numba", "torch", "jax", "tensorflow", "keras")}
+    needed |= {module: "all" for module in ("torch", "jax", "tensorflow", "keras")}
     missing = sorted(f"{module} (extra {extra})" for module, extra in needed.items() if not _installed(module))
     if missing:
         pytest.skip("the site's build needs " + ", ".join(missing))
