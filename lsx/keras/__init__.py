@@ -36,8 +36,14 @@ _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
 _DENOMINATOR_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 #: a convention's reduction as Keras names it
 _KERAS_REDUCTIONS = {"mean": "sum_over_batch_size", "sum": "sum", "none": "none"}
-#: ``ignore_index`` not passed (``None`` is a value: no ignored label)
-_UNSET = object()
+class _Unset:
+    """``ignore_index`` not passed (``None`` is a value: no ignored label)."""
+
+    def __repr__(self) -> str:
+        return "None"  # what it amounts to without ``ignore_class``: signatures and help() show that default
+
+
+_UNSET = _Unset()
 
 
 def loss(
