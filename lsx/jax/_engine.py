@@ -128,6 +128,10 @@ def _labels(cfg: Config, target, num_classes: int, mask):
     return active, label, bad
 
 
+def _without_target(terms, others, d):
+    return jnp.where(others, terms(d), 0)
+
+
 def _masked_mass(target, mask):
     """Elements whose probability target puts anything (NaN included) on a masked class."""
     return jnp.any(~mask & (target != 0), axis=-1)
@@ -166,9 +170,21 @@ def _forward(cfg: Config, x, target, weight, mask):
                 terms = (lambda d: d) if mask is None else (lambda d: jnp.where(mask, d, 0))
             else:
                 terms = lambda d: jnp.where(w != 0, w * d, 0)
-            weighted_sum = _weighted_shifted_sum(terms, xc, row_max, k.total_weight)
+            total = k.total_weight
+            if k.empty_target:  # q_y = 0: the target's logit stays out of the sum, even at −inf
+                others = jnp.arange(num_classes, dtype=jnp.int32) != label[..., None]
+                terms = partial(_without_target, terms, others)
+                total = total - w_y
+            weighted_sum = _weighted_shifted_sum(terms, xc, row_max, total)
         loss, _ = spec.label_row(
-            k, log_sum_exp=log_sum_exp, row_max=row_max, w_y=w_y, x_y=x_y, weighted_sum=weighted_sum, **_OPS
+            k,
+            log_sum_exp=log_sum_exp,
+            row_max=row_max,
+            w_y=w_y,
+            x_y=x_y,
+            weighted_sum=weighted_sum,
+            target_excluded=k.empty_target,
+            **_OPS,
         )
         loss = jnp.where(bad, jnp.nan, jnp.where(active, loss, 0))
     else:
