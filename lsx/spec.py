@@ -361,6 +361,8 @@ def _describe_value(value: Any) -> str:
 
 def _dtype_name(dtype: Any) -> str:
     """A NumPy, torch, TensorFlow, JAX or Keras dtype's plain name (``"float32"``, ``"bfloat16"``, ...)."""
+    if isinstance(dtype, type) and issubclass(dtype, np.generic):
+        dtype = np.dtype(dtype)
     name = getattr(dtype, "name", None)
     if not isinstance(name, str):
         name = str(dtype)
@@ -379,8 +381,9 @@ def check_real_number_type(denominator: Any) -> None:
     name = None if dtype is None else _dtype_name(dtype)
     real = name is not None and (name == "bfloat16" or any(name.startswith(p) for p in ("float", "int", "uint")))
     if not real:
-        kind = f"dtype {name}" if name is not None else f"type {type(denominator).__name__}"
-        raise ValueError(f"denominator must be a real number or a 0-d array of a real dtype, got {denominator!r} of {kind}")
+        # arrays are described, not printed: a traced one has no values to show
+        got = f"{_describe_value(denominator)} of dtype {name}" if name is not None else _describe_value(denominator)
+        raise ValueError(f"denominator must be a real number or a 0-d array of a real dtype, got {got}")
 
 
 def check_denominator(denominator: Any) -> float:
@@ -392,15 +395,27 @@ def check_denominator(denominator: Any) -> float:
     return value
 
 
+#: the float dtypes accumulated in float64 (every other floating dtype accumulates in float32)
+_FLOAT64_NAMES = ("float64", "double", "longdouble", "float96", "float128")
+
+
+def _compute_name(dtype: Any) -> str:
+    """``"float64"`` or ``"float32"``: plain string work, so it also runs while a compiler traces."""
+    return "float64" if _dtype_name(dtype) in _FLOAT64_NAMES else "float32"
+
+
 def compute_dtype(dtype: Any) -> np.dtype:
     """The accumulation dtype of logits of ``dtype`` on every backend: float64 for float64 (and wider), float32
     for float32, float16 and bfloat16."""
-    name = _dtype_name(dtype)
-    try:
-        np_dtype = np.dtype(name)
-    except TypeError:
-        return np.dtype(np.float32)  # bfloat16 and other narrow floats that NumPy does not name
-    return np.dtype(np.float64) if np_dtype.kind == "f" and np_dtype.itemsize >= 8 else np.dtype(np.float32)
+    return np.dtype(_compute_name(dtype))
+
+
+def _softcap_bounds(name: str) -> tuple[float, float]:
+    info = np.finfo(name)
+    return float(info.tiny), float(info.eps) / float(info.tiny)
+
+
+_SOFTCAP_RANGES = {name: _softcap_bounds(name) for name in ("float32", "float64")}
 
 
 def softcap_range(dtype: Any) -> tuple[float, float]:
@@ -411,20 +426,19 @@ def softcap_range(dtype: Any) -> tuple[float, float]:
     the capped logits would lose more than one unit of rounding. float32: [1.2e-38, 1.0e31]; float64:
     [2.2e-308, 1.0e292].
     """
-    info = np.finfo(compute_dtype(dtype))
-    return float(info.tiny), float(info.eps) / float(info.tiny)
+    return _SOFTCAP_RANGES[_compute_name(dtype)]
 
 
 def check_softcap(softcap: float | None, dtype: Any) -> None:
     """``softcap`` outside :func:`softcap_range` of the logits' dtype is a ``ValueError`` naming both: the
     capped logits would overflow or underflow (NaN or a silently wrong loss on some engine). Call it with the
-    resolved option and the logits' dtype, before any computation; it reads no array values."""
+    resolved option and the logits' dtype, before any computation; it reads no array values (plain Python,
+    so it also runs under ``torch.compile``)."""
     if softcap is None:
         return
     low, high = softcap_range(dtype)
     if not low <= softcap <= high:
-        name = _dtype_name(dtype)
-        computed = compute_dtype(dtype).name
+        name, computed = _dtype_name(dtype), _compute_name(dtype)
         where = name if name == computed else f"{name} (computed in {computed})"
         raise ValueError(
             f"softcap={softcap!r} is outside the range [{low:.3g}, {high:.3g}] that {where} logits can be capped "
