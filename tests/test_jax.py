@@ -902,3 +902,16 @@ def test_massless_target_at_minus_infinity_contributes_nothing(options, reductio
     assert_close(value, spec.reference_loss(x, _Y3, **opts), "float64", "loss")
     grad = jax.grad(lambda x: jnp.sum(lsx.jax.loss(x, _Y3, **opts)))(jnp.asarray(x))
     assert_close(grad, spec.reference_grad(x, _Y3, **opts), "float64", "gradient")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("z_loss", [0.0, 0.01])
+def test_massless_target_at_minus_infinity_weight_gradient(reduction, z_loss):
+    x = _X3.copy()
+    x[0, 2] = x[2, 0] = -np.inf
+    w = np.array([0.5, 2.0, 1.0, 0.7, 3.0])
+    opts = dict(label_smoothing=1.0, spread="others", reduction=reduction, z_loss=z_loss)
+    grad = jax.jit(jax.grad(lambda w: lsx.jax.loss(jnp.asarray(x), _Y3, weight=w, **opts)))(jnp.asarray(w))
+    f = lambda w: float(spec.reference_loss(x, _Y3, weight=w, **opts))
+    numeric = np.array([(f(w + 1e-6 * e) - f(w - 1e-6 * e)) / 2e-6 for e in np.eye(5)])
+    np.testing.assert_allclose(np.asarray(grad), numeric, rtol=1e-6)

@@ -773,3 +773,23 @@ def test_gradient_with_respect_to_probability_targets(mode, options):
             numeric[i, c] = (total(t + e) - total(t - e)) / (2 * h)
     np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
     assert grad.dtype == np.float64
+
+
+@pytest.mark.parametrize("mode", MODES3)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_massless_target_at_minus_infinity_weight_gradient(mode, reduction):
+    x = np.array([[0.0, 0.2, -np.inf, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0], [-np.inf, 0.2, 0.7, 0.9, 1.0]])
+    y = np.array([2, 1, 0])
+    w = np.array([0.5, 2.0, 1.0, 0.7, 3.0])
+    opts = dict(label_smoothing=1.0, spread="others", reduction=reduction, z_loss=0.01)
+
+    def f(x, w):
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            value = lsx.tensorflow.loss(x, y, weight=w, **opts)
+        return tape.gradient(value, w)
+
+    grad = _run(mode, f, tf.constant(x), tf.constant(w)).numpy()
+    total = lambda w: float(spec.reference_loss(x, y, weight=w, **opts))
+    numeric = np.array([(total(w + 1e-6 * e) - total(w - 1e-6 * e)) / 2e-6 for e in np.eye(5)])
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6)

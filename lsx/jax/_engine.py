@@ -292,8 +292,13 @@ def _index_weight_grad(cfg: Config, k: spec.RowCoefficients, xc, lse, g, active,
     num_classes = xc.shape[-1]
     rows = tuple(range(xc.ndim - 1))
     g = jnp.where(bad, jnp.nan, g)
-    x_y = jnp.take_along_axis(xc, label[..., None], axis=-1)[..., 0]
-    on_label = spec.scaled(k.a, g * (lse - x_y), where=jnp.where)
+    if k.empty_target:
+        # q_y = 0: a·(L − x_y) cancels the target column's b·(L − x_y) exactly, so x_y (maybe −inf) is never
+        # read: the column keeps −b·L here and is left out of the Σ g·x below
+        on_label = -spec.scaled(k.b, g * lse, where=jnp.where)
+    else:
+        x_y = jnp.take_along_axis(xc, label[..., None], axis=-1)[..., 0]
+        on_label = spec.scaled(k.a, g * (lse - x_y), where=jnp.where)
     if k.z != 0:
         on_label = on_label + k.z * g * lse * lse
     if k.normalize:
@@ -301,7 +306,10 @@ def _index_weight_grad(cfg: Config, k: spec.RowCoefficients, xc, lse, g, active,
     on_label = jnp.where(active, on_label, 0)
     bar = jnp.zeros(num_classes, cfg.compute).at[label.reshape(-1)].add(on_label.reshape(-1))
     if not (isinstance(k.b, float) and k.b == 0):
-        valid_x = jnp.where(active[..., None], g[..., None] * (xc if mask is None else jnp.where(mask, xc, 0)), 0)
+        counted = active[..., None]
+        if k.empty_target:
+            counted = counted & (jnp.arange(num_classes, dtype=jnp.int32) != label[..., None])
+        valid_x = jnp.where(counted, g[..., None] * (xc if mask is None else jnp.where(mask, xc, 0)), 0)
         bar = bar + spec.scaled(
             k.b, jnp.sum(jnp.where(active, g * lse, 0)) - jnp.sum(valid_x, axis=rows), where=jnp.where
         )

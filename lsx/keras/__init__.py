@@ -221,6 +221,15 @@ class _LsxLoss(keras.losses.Loss):
             if self._kind != "index":
                 y_true = _tensor(y_true, self.dtype)
             losses, active = self._losses(y_true, y_pred)
+            if sample_weight is not None:  # Keras's sample_weight: known values must leave the sums room
+                sw_value = _concrete(sample_weight)
+                if sw_value is not None:
+                    spec.check_weight_range(
+                        _dtype_name(y_pred),
+                        weight=self.weight,
+                        sample_weight=np.asarray(sw_value, np.float64),
+                        num_elements=max(int(np.prod(np.shape(sw_value))), math.prod(n or 1 for n in losses.shape)),
+                    )
             mask = None
             if self._kind == "index" and self.ignore_class is not None:
                 # like Keras: ignored elements leave the "sum_over_batch_size"/"mean" denominator

@@ -220,6 +220,7 @@ def reduced_loss(
             unweighted=unweighted,
             counted=counted,
             tanh=tanh,
+            empty_target=rows.empty_target,
         )
         return value, saved
 
@@ -300,8 +301,13 @@ def reduced_loss(
         x, a, b = saved["x"], saved["a"], saved["b"]
         row_max, log_sum_exp = saved["row_max"], saved["log_sum_exp"]
         if plan.kind == "index":
-            x_y = tf.gather(x, y, batch_dims=1) - row_max
-            on_label = spec.scaled(a, log_sum_exp - x_y, where=where)
+            if saved["empty_target"]:
+                # q_y = 0: a·(L − x_y) cancels the target column's b·(L − x_y) exactly, so x_y (maybe −inf) is
+                # never read: the column keeps −b·L here and is left out of the Σ scale·x below
+                on_label = -spec.scaled(b, log_sum_exp, where=where)
+            else:
+                x_y = tf.gather(x, y, batch_dims=1) - row_max
+                on_label = spec.scaled(a, log_sum_exp - x_y, where=where)
             if opts.z_loss != 0:
                 lse = row_max + log_sum_exp
                 on_label = on_label + opts.z_loss * lse * lse
@@ -316,7 +322,10 @@ def reduced_loss(
                 on_label = tf.where(bad, nan, on_label)
             bar = tf.math.unsorted_segment_sum(on_label, y, k)
             if b != 0:
-                shifted = tf.where(active[:, None], x - row_max[:, None], tf.zeros_like(x))
+                counted = active[:, None]
+                if saved["empty_target"]:
+                    counted = counted & (tf.range(k, dtype=y.dtype)[None, :] != y[:, None])
+                shifted = tf.where(counted, x - row_max[:, None], tf.zeros_like(x))
                 bar += b * (tf.reduce_sum(scale * log_sum_exp) - tf.linalg.matvec(shifted, scale, transpose_a=True))
             if opts.normalize:
                 bar += tf.reduce_sum(scale) * spec.xlogx(b)
