@@ -1121,3 +1121,35 @@ def test_compile_with_a_python_number_denominator():
     bad = torch.compile(lambda x, y: lsx.torch.loss(x, y, denominator=-1.0), fullgraph=True, backend="aot_eager")
     with pytest.raises(ValueError, match="denominator"):
         bad(x, y)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reliability, round 3 (the public adapter's share): softcap outside the compute dtype's range and
+# non-real denominators are errors naming them, eagerly and under torch.compile
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, cap", [(torch.float32, 1e-39), (torch.float32, 1e39), (torch.bfloat16, 1e39),
+                                        (torch.float16, 1e39), (torch.float64, 1e-320), (torch.float64, 1e308)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_softcap_outside_the_dtypes_range_raises(dtype, cap, compiled):
+    x = torch.tensor([[0.0, 0.2, 0.7, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0]], dtype=dtype)
+    y = torch.tensor([2, 1])
+    if compiled:
+        torch._dynamo.reset()
+    call = torch.compile(lambda x: lsx.torch.loss(x, y, softcap=cap)) if compiled else (
+        lambda x: lsx.torch.loss(x, y, softcap=cap)
+    )
+    with pytest.raises(ValueError, match="softcap"):
+        call(x)
+    if not compiled:
+        with pytest.raises(ValueError, match="softcap"):
+            lsx.torch.CrossEntropyLoss(softcap=cap)(x, y)
+
+
+@pytest.mark.parametrize("bad", ["4", 4 + 0j, torch.tensor(4 + 0j), torch.tensor(True), np.complex64(4)])
+def test_a_denominator_that_is_not_a_real_number_raises_naming_it(bad):
+    x = torch.tensor([[0.0, 0.2, 0.7, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0]])
+    y = torch.tensor([2, 1])
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.torch.loss(x, y, denominator=bad)
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.torch.CrossEntropyLoss()(x, y, denominator=bad)

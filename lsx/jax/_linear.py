@@ -440,6 +440,8 @@ def linear_loss(
     den = opts.denominator
     if den is not None and not _traced(den):
         den = spec.check_denominator(den)
+    spec.check_softcap(opts.softcap, dtype)
+    _adapter._check_weight_range(dtype, opts.weight, opts.sample_weight, lead)
 
     ignore = opts.ignore_index
     if _traced(target):

@@ -15,6 +15,7 @@ function (``model.fit``, ``jax.jit``) they make that element's loss and gradient
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -87,9 +88,11 @@ def loss(
     sw = None
     if opts.sample_weight is not None:
         sw_value = _concrete(opts.sample_weight)
-        if sw_value is not None:  # known values are checked; traced ones are trusted
-            spec.check_sample_weight(sw_value, tuple(per_element.shape))
-        sw = _as_compute(opts.sample_weight, compute)
+        if sw_value is not None:  # known values are checked; traced ones give NaN where invalid
+            checked = spec.check_sample_weight(sw_value, tuple(per_element.shape))
+            weight = None if opts.weight is None else spec.check_weight(_numpy(opts.weight), int(np.size(opts.weight)))
+            spec.check_weight_range(_dtype_name(x), weight=weight, sample_weight=checked)
+        sw = _checked(_as_compute(opts.sample_weight, compute))
         per_element = per_element * sw
     if opts.reduction == "none":
         return ops.cast(per_element, x.dtype)
@@ -98,7 +101,7 @@ def loss(
         d_value = _concrete(opts.denominator)
         if d_value is not None:
             spec.check_denominator(d_value)
-        denominator = _as_compute(opts.denominator, compute)
+        denominator = _checked(_as_compute(opts.denominator, compute))
     elif active is not None:
         counted = ops.where(active, ops.ones_like(per_element) if w_y is None else w_y, 0)
         denominator = ops.sum(counted if sw is None else counted * sw)
@@ -224,6 +227,15 @@ class _LsxLoss(keras.losses.Loss):
             if self._kind != "index":
                 y_true = _tensor(y_true, self.dtype)
             losses, active = self._losses(y_true, y_pred)
+            if sample_weight is not None:  # Keras's sample_weight: known values must leave the sums room
+                sw_value = _concrete(sample_weight)
+                if sw_value is not None:
+                    spec.check_weight_range(
+                        _dtype_name(y_pred),
+                        weight=self.weight,
+                        sample_weight=np.asarray(sw_value, np.float64),
+                        num_elements=max(int(np.prod(np.shape(sw_value))), math.prod(n or 1 for n in losses.shape)),
+                    )
             mask = None
             if self._kind == "index" and self.ignore_class is not None:
                 # like Keras: ignored elements leave the "sum_over_batch_size"/"mean" denominator
@@ -453,6 +465,12 @@ def _as_compute(value: Any, compute: str) -> Any:
     return ops.convert_to_tensor(np.asarray(value, np.float64), dtype=compute)
 
 
+def _checked(value: Any) -> Any:
+    """A traced ``sample_weight`` or ``denominator`` cannot be checked: a negative or non-finite value becomes
+    NaN (its element's loss for sample_weight, the whole mean for the denominator), loss and gradient alike."""
+    return ops.where(ops.logical_and(ops.isfinite(value), value >= 0), value, np.nan)
+
+
 def _where(dtype: Any):
     """``where`` for the spec's row algebra: Python numbers become tensors of ``dtype``."""
 
@@ -587,8 +605,12 @@ def _per_element(y_pred, target, opts, axis, from_logits, kind):
         sample_weight_shape=None if opts.sample_weight is None else _shape(opts.sample_weight),
     )
     k = layout.num_classes
+    spec.check_softcap(opts.softcap, _dtype_name(x))
     mask = None if opts.class_mask is None else spec.check_class_mask(_numpy(opts.class_mask), k, opts)
     weight = None if opts.weight is None else spec.check_weight(_numpy(opts.weight), k)
+    spec.check_weight_range(
+        _dtype_name(x), weight=weight, num_elements=math.prod(n for n in spec.element_shape(tuple(x.shape), layout.axis) if n is not None)
+    )
     compute = "float64" if _dtype_name(x) == "float64" else "float32"
     where = _where(compute)
     x = ops.moveaxis(ops.cast(x, compute), layout.axis, -1)
@@ -623,7 +645,11 @@ def _per_element(y_pred, target, opts, axis, from_logits, kind):
             x_y = ops.where(w_y != 0, x_y, 0)
         weighted_sum = 0.0
         if rows.b != 0:
-            weighted_sum = ops.sum(shifted if w is None else ops.where(w != 0, shifted, 0) * w, axis=-1)
+            terms = shifted if w is None else ops.where(w != 0, shifted, 0) * w
+            if rows.empty_target:  # q_y = 0: the target's logit stays out, even at −inf
+                on_target = ops.equal(ops.expand_dims(ops.arange(k, dtype="int32"), 0), ops.expand_dims(y, -1))
+                terms = ops.where(on_target, 0, terms)
+            weighted_sum = ops.sum(terms, axis=-1)
         value, _ = spec.label_row(
             rows,
             log_sum_exp=log_sum_exp,
@@ -633,6 +659,7 @@ def _per_element(y_pred, target, opts, axis, from_logits, kind):
             weighted_sum=weighted_sum,
             where=where,
             log=ops.log,
+            target_excluded=rows.empty_target,
         )
         value = ops.where(active, value, 0)
         if bad is not None:

@@ -495,10 +495,22 @@ if AVAILABLE:
         # a term whose coefficient is 0 adds exactly 0: a target of weight 0 at x_y = −inf, a z-loss of 0
         # against an overflowing L² (float64 logits above ~1.3e154)
         value = 0.0
-        if a != 0.0 and w_y != 0.0:
-            value += a * w_y * (lse - x_y)
-        if b != 0.0:
-            value += b * (total_w * lse_shifted - sum_x)
+        if params[9] != 0.0:  # q_y = 0 (ε = 1, spread "others"): the target's logit stays out, even at −inf
+            if b != 0.0:
+                others = 0.0
+                for c in range(k):
+                    if c != label and valid[c] and (not has_w or w[c] != 0):
+                        if capped:
+                            xc = np.float64(_cap_scalar(xr[c], softcap))
+                        else:
+                            xc = np.float64(xr[c])
+                        others += (np.float64(w[c]) if has_w else 1.0) * (xc - m)
+                value += b * ((total_w - w_y) * lse_shifted - others)
+        else:
+            if a != 0.0 and w_y != 0.0:
+                value += a * w_y * (lse - x_y)
+            if b != 0.0:
+                value += b * (total_w * lse_shifted - sum_x)
         coef = a * w_y + b * total_w
         if z != 0.0:
             value += z * w_y * lse * lse
@@ -748,8 +760,10 @@ def forward_backward(
     if scale_mean and opts.reduction == "mean":
         scale = spec.reduction_scale(opts.reduction, denominator)
     params = np.array(
-        [a, b, total_w, opts.z_loss, _xlogx(a + b), _xlogx(b), float(opts.normalize), scale, 0.0], np.float64
+        [a, b, total_w, opts.z_loss, _xlogx(a + b), _xlogx(b), float(opts.normalize), scale, 0.0, 0.0], np.float64
     )
+    # the target class carries no mass (q_y = 0): its logit is left out of the loss
+    params[9] = float(spec.RowCoefficients.of(opts, valid_count).empty_target)
     if opts.softcap is not None:
         params[8] = opts.softcap
     has_sw = sample_weight is not None

@@ -13,6 +13,7 @@ label can never produce a silent finite number (XLA drops ``tf.debugging`` asser
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 try:
@@ -84,6 +85,7 @@ def loss(
         sample_weight_shape=None if opts.sample_weight is None else tuple(_shape(opts.sample_weight)),
     )
     k = layout.num_classes
+    spec.check_softcap(opts.softcap, x.dtype.name)
     compute = tf.float64 if x.dtype == tf.float64 else tf.float32
 
     mask = None
@@ -103,12 +105,18 @@ def loss(
 
     # per-element weights and a caller's denominator: known values are checked, traced ones trusted; tensors
     # (and tf.Variables) get their gradients
-    sw = None
+    sw = sw_value = None
     if opts.sample_weight is not None:
         sw_value = tf.get_static_value(tf.convert_to_tensor(opts.sample_weight))
         if sw_value is not None:
             spec.check_sample_weight(sw_value, spec.element_shape(tuple(x.shape), layout.axis))
         sw = _as_compute(opts.sample_weight, compute)
+    spec.check_weight_range(
+        x.dtype.name,
+        weight=None if weight_value is None else np.asarray(weight_value, np.float64),
+        sample_weight=None if opts.sample_weight is None or sw_value is None else np.asarray(sw_value, np.float64),
+        num_elements=math.prod(n for n in spec.element_shape(tuple(x.shape), layout.axis) if n is not None),
+    )
     d = None
     if opts.denominator is not None:
         d_value = tf.get_static_value(tf.convert_to_tensor(opts.denominator))

@@ -60,6 +60,10 @@ def loss(
         empty_mean=empty_mean,
         softcap=softcap,
     )
+    if softcap is not None:  # validated above: a positive finite number
+        spec.check_softcap(float(softcap), input.dtype)
+    if denominator is not None:
+        spec.check_real_number_type(denominator)
     if process_group is not None:
         from lsx.torch import _parallel
 
