@@ -224,12 +224,19 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
+_KERNEL: Any = False  # the Numba kernel once looked up (None: Numba is not installed)
+
+
 def _numba_kernel():
-    try:
-        from lsx.numpy import _numba as _numba_kernels
-    except ImportError:
-        return None
-    return _numba_kernels.forward_backward if _numba_kernels.AVAILABLE else None
+    global _KERNEL
+    if _KERNEL is False:
+        try:
+            from lsx.numpy import _numba as _numba_kernels
+        except ImportError:
+            _KERNEL = None
+        else:
+            _KERNEL = _numba_kernels.forward_backward if _numba_kernels.AVAILABLE else None
+    return _KERNEL
 
 
 #: the pure-NumPy engine (also the contract the Numba kernel follows)

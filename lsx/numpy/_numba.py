@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from lsx import spec
+
 try:
     import numba
     from llvmlite import ir
@@ -709,8 +711,6 @@ def forward_backward(
     """
     if not AVAILABLE:
         raise ImportError("lsx.numpy._numba needs numba: pip install 'lsx[numba]'")
-    from lsx import spec
-
     n, k = x2.shape
     x = np.ascontiguousarray(x2, dtype=compute)
     valid_count = k if mask is None else int(mask.sum())
