@@ -51,6 +51,7 @@ __all__ = [
     "reference_grad",
     "reference_loss",
     "resolve_options",
+    "resolve_options_cached",
     "scaled",
     "smoothing_coefficients",
     "target_kind",
@@ -352,6 +353,40 @@ def _ndim(value: Any) -> int:
     return int(np.ndim(value))
 
 
+#: resolved scalar option sets, keyed by the values given and their types (see resolve_options_cached)
+_RESOLVED: dict[Any, Options] = {}
+_RESOLVED_MAX = 256
+
+
+def resolve_options_cached(convention: str | None = None, **given: Any) -> Options:
+    """:func:`resolve_options`, memoised when every array option (``weight``, ``class_mask``,
+    ``sample_weight``, ``denominator``) is None: resolution is then a pure function of hashable scalars, and
+    most calls repeat the same few option sets. The key holds each value's type, so a marked default and the
+    same value passed explicitly, ``True`` and ``1``, ``0`` and ``0.0`` stay apart. Invalid options raise as
+    :func:`resolve_options` does, every time (only valid results are stored). For eager adapters; traced
+    code (``torch.compile``) should call :func:`resolve_options`.
+    """
+    if (
+        given.get("weight") is not None
+        or given.get("class_mask") is not None
+        or given.get("sample_weight") is not None
+        or given.get("denominator") is not None
+    ):
+        return resolve_options(convention, **given)
+    values = tuple(given.values())
+    key = (convention, type(convention), tuple(given), values, tuple(map(type, values)))
+    try:
+        hit = _RESOLVED.get(key)
+    except TypeError:  # an unhashable value: resolved (or rejected) uncached
+        return resolve_options(convention, **given)
+    if hit is None:
+        hit = resolve_options(convention, **given)
+        if len(_RESOLVED) >= _RESOLVED_MAX:
+            _RESOLVED.clear()
+        _RESOLVED[key] = hit
+    return hit
+
+
 def _describe_value(value: Any) -> str:
     shape = getattr(value, "shape", None)
     if shape is not None:
@@ -511,6 +546,8 @@ def target_kind(dtype: Any) -> Literal["index", "probs"]:
 
     ``dtype`` is anything ``numpy.dtype`` accepts, or a framework dtype with a NumPy-compatible name.
     """
+    if isinstance(dtype, np.dtype) and dtype.kind in "iuf":  # the common case, without parsing the name
+        return "index" if dtype.kind in "iu" else "probs"
     name = getattr(dtype, "name", None) or str(dtype)
     name = name.replace("torch.", "")
     if name in ("bfloat16",):
@@ -653,6 +690,15 @@ def check_labels(labels: Any, num_classes: int, options: Options, class_mask: np
     any narrowing conversion of the labels.
     """
     raw = np.asarray(labels)
+    if class_mask is None and raw.dtype.kind in "iu" and (raw.dtype.itemsize < 8 or raw.dtype.kind == "i"):
+        # the common case, every label in [0, K) or ignored, settled in a few passes (as unsigned, a
+        # negative label is above K); anything else is reported below
+        y = raw.astype(np.int64, copy=False)
+        inside = y.view(np.uint64) < num_classes
+        if options.ignore_index is not None:
+            inside |= y == options.ignore_index
+        if inside.all():
+            return
     y, too_big = labels_as_int64(raw)
     active = y != options.ignore_index if options.ignore_index is not None else np.ones(y.shape, bool)
     active |= too_big

@@ -491,3 +491,43 @@ def test_label_row_leaves_a_massless_target_out_even_at_minus_infinity(weighted)
             spec.RowCoefficients.of(spec.resolve_options(label_smoothing=0.5), 5),
             log_sum_exp=0.0, row_max=0.0, w_y=1.0, x_y=0.0, weighted_sum=0.0, target_excluded=True,
         )
+
+
+def test_cached_resolution_keeps_defaults_apart_and_raises_every_time():
+    given = dict(label_smoothing=0.1, weight=None, class_mask=None, sample_weight=None, denominator=None)
+    for convention in (None, "fairseq", "t5x"):
+        for ignore_index in (spec.default(-100), -100, 1, None):
+            for _ in range(2):  # a miss, then a hit
+                got = spec.resolve_options_cached(convention, ignore_index=ignore_index, **given)
+                assert got == spec.resolve_options(convention, ignore_index=ignore_index, **given)
+    # a marked default and the same value passed explicitly compare equal but resolve differently
+    assert spec.resolve_options_cached("fairseq", ignore_index=spec.default(-100)).ignore_index == 1
+    assert spec.resolve_options_cached("fairseq", ignore_index=-100).ignore_index == -100
+    assert spec.resolve_options_cached(None, normalize=True).normalize is True
+    with pytest.raises(TypeError, match="normalize"):
+        spec.resolve_options_cached(None, normalize=1)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            spec.resolve_options_cached(None, label_smoothing=1.5)
+    weight = np.ones(3)
+    assert spec.resolve_options_cached(None, weight=weight).weight is weight  # arrays are never cached
+    with pytest.raises(ValueError, match="denominator"):
+        spec.resolve_options_cached(None, reduction="sum", denominator=2.0)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64])
+def test_check_labels_reports_the_first_bad_label_in_every_dtype(dtype):
+    opts = spec.resolve_options(None, ignore_index=None)
+    spec.check_labels(np.array([0, 4, 2], dtype), 5, opts)
+    with pytest.raises(ValueError, match="label 5"):
+        spec.check_labels(np.array([0, 5, 2], dtype), 5, opts)
+    if np.dtype(dtype).kind == "i":
+        for ignore_index in (None, -100, 7):
+            with pytest.raises(ValueError, match="label -1"):
+                spec.check_labels(np.array([0, -1, 2], dtype), 5, spec.resolve_options(None, ignore_index=ignore_index))
+        spec.check_labels(np.array([0, -100, 2], dtype), 5, spec.resolve_options(None, ignore_index=-100))
+        with pytest.raises(ValueError, match="label -100"):
+            spec.check_labels(np.array([0, -100, 2], dtype), 5, spec.resolve_options(None, ignore_index=-1))
+    spec.check_labels(np.array([[0, 7], [7, 1]], dtype)[:, ::-1], 5, spec.resolve_options(None, ignore_index=7))
+    with pytest.raises(ValueError, match="label 7"):
+        spec.check_labels(np.array([[0, 7], [7, 1]], dtype)[:, ::-1], 5, opts)

@@ -73,7 +73,7 @@ def loss(
                 f"{name} is a static option but was traced; use jax.jit(functools.partial(loss, {name}=...)) "
                 f"or jax.jit(..., static_argnames=({name!r},))"
             )
-    opts = spec.resolve_options(
+    opts = spec.resolve_options_cached(
         convention, weight=weight, class_mask=class_mask, sample_weight=sample_weight, denominator=denominator, **given
     )
 

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from lsx import spec
+
 try:
     import numba
     from llvmlite import ir
@@ -682,18 +684,15 @@ if AVAILABLE:
             _prob_row(i, x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss, chain)
 
 
-def _xlogx(q: float) -> float:
-    from lsx import spec
-
-    return spec.xlogx(q)
-
-
 def _read_only(array: np.ndarray) -> np.ndarray:
     """A read-only view: the kernels only read their inputs, so every input reaches them typed read-only (one
     compiled specialisation, whether the caller's array is writeable, read-only, a memmap or a buffer)."""
     view = array.view()
     view.flags.writeable = False
     return view
+
+
+_NO_SAMPLE_WEIGHT = _read_only(np.ones(1))  # the kernels' sample-weight argument when there is none
 
 
 def forward_backward(
@@ -724,22 +723,26 @@ def forward_backward(
     """
     if not AVAILABLE:
         raise ImportError("lsx.numpy._numba needs numba: pip install 'lsx[numba]'")
-    from lsx import spec
-
     n, k = x2.shape
     x = np.ascontiguousarray(x2, dtype=compute)
     valid_count = k if mask is None else int(mask.sum())
     a, b = spec.smoothing_coefficients(opts, valid_count)
     has_w = weight is not None or mask is not None
-    w = np.ones(k, compute) if weight is None else weight.astype(compute)
-    if mask is not None:
-        w = np.where(mask, w, 0).astype(compute)  # 0 on the masked classes (the masked blocks rely on it)
-    valid = np.ones(k, np.bool_) if mask is None else np.array(mask, np.bool_)
+    if weight is None and mask is None:
+        w, valid = _unweighted(k, compute)
+    else:
+        w = np.ones(k, compute) if weight is None else weight.astype(compute)
+        if mask is not None:
+            w = np.where(mask, w, 0).astype(compute)  # 0 on the masked classes (the masked blocks rely on it)
+        valid = np.ones(k, np.bool_) if mask is None else np.array(mask, np.bool_)
     total_w = float(valid_count) if weight is None else float(np.where(valid, weight, 0).sum())
 
     if kind == "index":
         # int64 whatever the caller's dtype: the comparison with ignore_index never wraps
-        labels = np.ascontiguousarray(spec.labels_as_int64(t2)[0])
+        if t2.dtype == np.int64 and t2.flags.c_contiguous:
+            labels = t2
+        else:
+            labels = np.ascontiguousarray(spec.labels_as_int64(t2)[0])
         has_ignore = opts.ignore_index is not None
         ignore_index = int(opts.ignore_index) if has_ignore else 0
         active = labels != ignore_index if has_ignore else np.ones(n, bool)
@@ -759,15 +762,15 @@ def forward_backward(
     scale = 1.0
     if scale_mean and opts.reduction == "mean":
         scale = spec.reduction_scale(opts.reduction, denominator)
+    entropy = (spec.xlogx(a + b), spec.xlogx(b)) if opts.normalize else (0.0, 0.0)  # read only with normalize
+    softcap = 0.0 if opts.softcap is None else opts.softcap
+    # params[9]: the target class carries no mass (q_y = 0): its logit is left out of the loss
+    empty_target = float(spec.RowCoefficients.of(opts, valid_count).empty_target)
     params = np.array(
-        [a, b, total_w, opts.z_loss, _xlogx(a + b), _xlogx(b), float(opts.normalize), scale, 0.0, 0.0], np.float64
+        [a, b, total_w, opts.z_loss, *entropy, float(opts.normalize), scale, softcap, empty_target], np.float64
     )
-    # the target class carries no mass (q_y = 0): its logit is left out of the loss
-    params[9] = float(spec.RowCoefficients.of(opts, valid_count).empty_target)
-    if opts.softcap is not None:
-        params[8] = opts.softcap
     has_sw = sample_weight is not None
-    sw = np.ascontiguousarray(sample_weight, np.float64) if has_sw else np.ones(1)
+    sw = _read_only(np.ascontiguousarray(sample_weight, np.float64)) if has_sw else _NO_SAMPLE_WEIGHT
 
     inplace = False
     if want_grad:
@@ -794,7 +797,7 @@ def forward_backward(
                 ignore_index,
                 has_ignore,
                 params,
-                _read_only(sw),
+                sw,
                 has_sw,
                 want_grad,
                 inplace,
@@ -811,7 +814,7 @@ def forward_backward(
                 has_w,
                 mask is not None,
                 params,
-                _read_only(sw),
+                sw,
                 has_sw,
                 want_grad,
                 inplace,
@@ -829,6 +832,19 @@ def forward_backward(
         np.copyto(out2, grad, casting="same_kind")
         grad = out2
     return per_element, denominator, grad
+
+
+#: read-only ones and trues (no weight, no mask) per (K, dtype): the kernels only read them
+_UNWEIGHTED: dict[tuple[int, type], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _unweighted(k: int, compute: type) -> tuple[np.ndarray, np.ndarray]:
+    cached = _UNWEIGHTED.get((k, compute))
+    if cached is None:
+        if len(_UNWEIGHTED) >= 64:
+            _UNWEIGHTED.clear()
+        cached = _UNWEIGHTED[(k, compute)] = (np.ones(k, compute), np.ones(k, np.bool_))
+    return cached
 
 
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:

@@ -48,7 +48,7 @@ def loss(
     denominator: Any = None,
     convention: str | None = None,
 ) -> tf.Tensor:
-    opts = spec.resolve_options(
+    opts = spec.resolve_options_cached(
         convention,
         label_smoothing=label_smoothing,
         spread=spread,
