@@ -18,7 +18,10 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+from lsx import _compat
+
 try:
+    _compat.load_triton_first()  # Keras imports TensorFlow on its default backend: Triton first (see lsx._compat)
     import keras
     from keras import ops
     from keras.src.losses.loss import reduce_weighted_values, standardize_reduction

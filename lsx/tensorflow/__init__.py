@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from lsx import _compat
+
 try:
+    _compat.load_triton_first()  # before TensorFlow: Triton loaded after it aborts the process (see lsx._compat)
     import tensorflow as tf
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("lsx.tensorflow needs TensorFlow: pip install 'lsx[tensorflow]'") from error
