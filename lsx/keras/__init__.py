@@ -571,7 +571,7 @@ def _per_element(y_pred, target, opts, axis, from_logits, kind):
     """
     x = _tensor(y_pred)
     if "float" not in _dtype_name(x):
-        raise TypeError(f"logits must be floating point, got dtype {_dtype_name(x)}")
+        raise spec.logits_dtype_error(_dtype_name(x), _target_dtype(target))
     target_shape = _shape(target)
     layout = spec.check_layout(
         tuple(x.shape),

@@ -68,7 +68,7 @@ def loss(
     x = tf.convert_to_tensor(logits)
     t = tf.convert_to_tensor(target)
     if not x.dtype.is_floating:
-        raise TypeError(f"logits must be floating point, got dtype {x.dtype.name}")
+        raise spec.logits_dtype_error(x.dtype.name, t.dtype.name)
     kind = spec.target_kind(t.dtype.name)
     if x.shape.rank is None or t.shape.rank is None:
         raise ValueError("lsx.tensorflow.loss needs logits and target of known rank")
