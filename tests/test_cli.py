@@ -894,6 +894,51 @@ def test_explain_checks_the_class_count_like_loss(capsys):
     assert "--num-classes must be >= 1" in capsys.readouterr().err
 
 
+def test_explain_says_left_out_of_the_mean_only_for_a_mean_it_divides(capsys):
+    assert main(["explain"]) == 0
+    assert "elements with label -100: loss 0, gradient 0, left out of the mean" in capsys.readouterr().out
+    for argv in (["--reduction", "sum"], ["--reduction", "none"], ["--denominator", "32"]):
+        assert main(["explain", *argv]) == 0
+        out = capsys.readouterr().out
+        assert "elements with label -100: loss 0, gradient 0" in out and "left out of the mean" not in out, argv
+    assert main(["explain", "--denominator", "32"]) == 0
+    assert "(the mean divides by the denominator given, whatever they are)" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    import lsx
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"lsx {lsx.__version__}\n"
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
+        assert 'version = { attr = "lsx.__version__" }' in f.read()  # the metadata's version is this one
+    assert lsx.__version__ == "0.2.0"
+
+
+def test_explain_help_describes_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["explain", "--help"])
+    out = capsys.readouterr().out
+    options = [a for a in out.split() if a.startswith("--") and a != "--help"]
+    assert {"--label-smoothing", "--spread", "--z-loss", "--normalize", "--reduction", "--empty-mean"} <= set(options)
+    import argparse
+
+    explain = _explain_parser()
+    for action in explain._actions:
+        if action.option_strings and "--help" not in action.option_strings:
+            assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+
+
+def _explain_parser():
+    from lsx.cli import _parser
+
+    parser = _parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return subparsers.choices["explain"]
+
+
 def test_explain_rejects_bad_options(capsys):
     assert main(["explain", "--label-smoothing", "1.5"]) == 2
     err = capsys.readouterr().err
