@@ -674,7 +674,8 @@ def _reference_terms(logits: Any, target: Any, axis: int, convention: str | None
     # (no 0·∞); a NaN q_c makes the loss NaN and a negative one counts, as in torch
     wq = w * q
     contributes = wq != 0
-    cross_entropy = np.sum(np.where(contributes, wq * (lse[..., None] - x), 0.0), axis=-1)
+    with np.errstate(invalid="ignore"):  # 0·∞ where w_c q_c = 0 against x_c = −∞: computed, then not selected
+        cross_entropy = np.sum(np.where(contributes, wq * (lse[..., None] - x), 0.0), axis=-1)
     # a term whose coefficient is 0 is exactly 0: z_loss = 0 against an overflowing L² gives 0, not NaN
     z_term = opts.z_loss * w_y * lse**2 if opts.z_loss != 0 else 0.0
     # normalize: subtract the smoothed target's (weighted) entropy, the KL form whose minimum is 0
