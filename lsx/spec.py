@@ -45,6 +45,7 @@ __all__ = [
     "is_default",
     "label_row",
     "labels_as_int64",
+    "logits_dtype_error",
     "probability_row",
     "reduce_total",
     "reduction_scale",
@@ -595,12 +596,21 @@ def check_layout(
     if kind == "index":
         expected = logits_shape[:axis] + logits_shape[axis + 1 :]
         if target_shape != expected:
+            hint = ""
+            if axis != ndim - 1 and target_shape == logits_shape[:-1]:
+                hint = (
+                    f"; labels of shape {target_shape} fit logits with the classes on the last axis, "
+                    f"{logits_shape[-1]} of them (e.g. (batch, time, vocabulary)): pass axis=-1"
+                )
             raise ValueError(
                 f"target of integer labels must have shape {expected} (logits {logits_shape} without axis {axis}), "
-                f"got {target_shape}"
+                f"got {target_shape}{hint}"
             )
     elif target_shape != logits_shape:
-        raise ValueError(f"target of probabilities must have the logits' shape {logits_shape}, got {target_shape}")
+        hint = ""
+        if target_shape in (logits_shape[:axis] + logits_shape[axis + 1 :], logits_shape[:-1]):
+            hint = f"; {FLOAT_TARGET}"
+        raise ValueError(f"target of probabilities must have the logits' shape {logits_shape}, got {target_shape}{hint}")
     if num_classes == 0:
         raise ValueError(f"the class axis {axis} of logits {logits_shape} is empty")
     for name, shape in (("weight", weight_shape), ("class_mask", class_mask_shape)):
@@ -615,6 +625,41 @@ def check_layout(
     if class_mask_shape is None:
         check_class_count(num_classes, options)
     return Layout(axis=axis, num_classes=num_classes, kind=kind)
+
+
+#: why a floating-point target of the labels' shape is refused
+FLOAT_TARGET = (
+    "a floating-point target is read as probabilities, one per class; class labels need an integer dtype "
+    "(torch: target.long(); NumPy/JAX: target.astype('int64'); TensorFlow: tf.cast(target, tf.int64))"
+)
+
+
+def logits_dtype_error(logits_dtype: Any, target_dtype: Any = None) -> TypeError:
+    """The error for non-floating logits; when the target is floating the two were likely swapped (Keras
+    losses take ``(y_true, y_pred)``, lsx's functional losses ``(logits, target)``)."""
+    name = _dtype_name(logits_dtype)
+    message = f"logits must be floating point, got dtype {name}"
+    if target_dtype is not None and _is_floating(target_dtype):
+        message += (
+            f"; the target is {_dtype_name(target_dtype)}: were they passed in Keras's (y_true, y_pred) order? "
+            "loss takes (logits, target), logits first"
+        )
+    return TypeError(message)
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = getattr(dtype, "name", None) or str(dtype)
+    return name.replace("torch.", "").replace("<dtype: '", "").replace("'>", "")
+
+
+def _is_floating(dtype: Any) -> bool:
+    name = _dtype_name(dtype)
+    if name == "bfloat16":
+        return True
+    try:
+        return np.dtype(name).kind == "f"
+    except TypeError:
+        return False
 
 
 def check_class_count(valid_classes: int, options: Options) -> None:
@@ -728,7 +773,7 @@ def validate(
     """All checks for concrete NumPy inputs: returns the layout, float64 weight and bool class mask."""
     kind = target_kind(target.dtype)
     if np.asarray(logits).dtype.kind != "f":
-        raise TypeError(f"logits must be floating point, got dtype {np.asarray(logits).dtype}")
+        raise logits_dtype_error(np.asarray(logits).dtype, np.asarray(target).dtype)
     layout = check_layout(
         np.shape(logits),
         np.shape(target),

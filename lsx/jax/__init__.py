@@ -79,7 +79,7 @@ def loss(
 
     x = jnp.asarray(logits)
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"logits must be floating point, got dtype {x.dtype}")
+        raise spec.logits_dtype_error(x.dtype, getattr(target, "dtype", None))
     # whatever is concrete (not a tracer) is checked on the host with the caller's own values, before any
     # conversion: a NumPy array closed over by a jitted function included, and before JAX's 32-bit mode
     # narrows int64 labels

@@ -19,7 +19,10 @@ import math
 import numbers
 from typing import Any
 
+from lsx import _compat
+
 try:
+    _compat.load_triton_first()  # Keras imports TensorFlow on its default backend: Triton first (see lsx._compat)
     import keras
     from keras import ops
     from keras.src.losses.loss import reduce_weighted_values, standardize_reduction
@@ -592,7 +595,7 @@ def _per_element(y_pred, target, opts, axis, from_logits, kind):
     """
     x = _tensor(y_pred)
     if "float" not in _dtype_name(x):
-        raise TypeError(f"logits must be floating point, got dtype {_dtype_name(x)}")
+        raise spec.logits_dtype_error(_dtype_name(x), _target_dtype(target))
     target_shape = _shape(target)
     layout = spec.check_layout(
         tuple(x.shape),

@@ -16,7 +16,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lsx import _compat
+
 try:
+    _compat.load_triton_first()  # before TensorFlow: Triton loaded after it aborts the process (see lsx._compat)
     import tensorflow as tf
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("lsx.tensorflow needs TensorFlow: pip install 'lsx[tensorflow]'") from error
@@ -66,7 +69,7 @@ def loss(
     x = tf.convert_to_tensor(logits)
     t = tf.convert_to_tensor(target)
     if not x.dtype.is_floating:
-        raise TypeError(f"logits must be floating point, got dtype {x.dtype.name}")
+        raise spec.logits_dtype_error(x.dtype.name, t.dtype.name)
     kind = spec.target_kind(t.dtype.name)
     if x.shape.rank is None or t.shape.rank is None:
         raise ValueError("lsx.tensorflow.loss needs logits and target of known rank")

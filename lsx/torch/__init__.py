@@ -11,6 +11,13 @@ import functools
 import warnings
 from typing import Any
 
+from lsx import _compat
+
+# torch's Dynamo (imported below, and by torch.compile) imports Triton when it is installed: load it now, before
+# any TensorFlow. If TensorFlow came first, loading Triton would abort the process: keep it out and say so.
+if not _compat.load_triton_first():
+    _compat.block_triton()
+    warnings.warn(_compat.TRITON_BLOCKED, RuntimeWarning, stacklevel=2)
 try:
     import torch
     from torch import nn
