@@ -15,6 +15,7 @@ _FRAMEWORK_OF = {
     "lsx/tensorflow": "tensorflow",
     "lsx/keras": "keras",
     "lsx/numpy/_numba.py": "numba",
+    "lsx/torch/_engines/triton.py": "triton",
     "tests/identify_zoo.py": "torch",
 }
 

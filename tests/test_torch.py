@@ -16,8 +16,9 @@ F = torch.nn.functional
 import lsx.numpy  # noqa: E402
 import lsx.torch  # noqa: E402
 from lsx import spec  # noqa: E402
-from lsx.torch import _engine  # noqa: E402
 from lsx.torch import _function as _torch_function  # noqa: E402
+from lsx.torch._engines import numba as _numba_engine  # noqa: E402
+from lsx.torch._engines import ops as _ops_engine  # noqa: E402
 
 F64 = torch.float64
 # raised by torch's own imports when torch.compile loads Inductor
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is dep
 def engine(request, monkeypatch):
     """Both CPU engines: the default (the Numba kernel where installed) and the plain-torch one."""
     if request.param == "plain-torch":
-        monkeypatch.setattr(_torch_function, "_numba_engine", lambda: None)
+        monkeypatch.setenv("LSX_TORCH_ENGINE", "torch")
     return request.param
 
 
@@ -306,7 +307,7 @@ def test_cpu_engine_choice_and_the_kernel_contract(monkeypatch):
         calls.append(args[0].dtype)
         return lsx.numpy._numpy_engine(*args)
 
-    monkeypatch.setattr(_torch_function, "_numba_engine", lambda: counting_engine)
+    monkeypatch.setattr(_numba_engine, "kernel", lambda: counting_engine)
     x, y = _data((6, 7), "index", 4, ignore=-100)
     options = dict(label_smoothing=0.1, z_loss=0.01, weight=torch.linspace(0.5, 1.5, 7, dtype=F64))
     for dtype in (F64, torch.float32):
@@ -775,7 +776,7 @@ def test_unchecked_out_of_range_labels_give_nan_on_the_torch_engine(dtype):
         labels = torch.tensor([2**64 - 100, 5, 2**63, 7], dtype=torch.uint64)
     opts = spec.resolve_options(None, label_smoothing=0.1)
     grad = torch.empty_like(x)
-    per_element, _ = _engine.run(x, labels, "index", opts, None, None, grad)
+    per_element, _ = _ops_engine.run(x, labels, "index", opts, None, None, grad)
     bad = torch.tensor([True, False, dtype != torch.int8, False])
     assert torch.isnan(per_element[bad]).all() and torch.isnan(grad[bad]).all()
     assert torch.isfinite(per_element[~bad]).all() and torch.isfinite(grad[~bad]).all()

@@ -14,7 +14,8 @@ F = torch.nn.functional
 
 import lsx.torch  # noqa: E402
 from lsx import spec  # noqa: E402
-from lsx.torch import _linear  # noqa: E402
+from lsx.torch import _engines, _linear  # noqa: E402
+from lsx.torch._engines import numba as _numba_engine  # noqa: E402
 
 F64 = torch.float64
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -355,12 +356,12 @@ def test_module_forward_options_and_unbatched_input():
 
 def test_default_chunk_rows():
     """About 2**22 logits per chunk, evened out; an explicit chunk_size wins."""
-    assert _linear._rows_per_chunk(4096, 32768, None) == 128
-    assert _linear._rows_per_chunk(100, 32768, None) == 100
-    assert _linear._rows_per_chunk(200, 32768, None) == 100  # two even chunks of 100, not 128 + 72
-    assert _linear._rows_per_chunk(10, 1 << 23, None) == 1
-    assert _linear._rows_per_chunk(4096, 32768, 7) == 7
-    assert _linear._rows_per_chunk(5, 32768, 70) == 5
+    assert _engines.rows_per_chunk(4096, 32768, None) == 128
+    assert _engines.rows_per_chunk(100, 32768, None) == 100
+    assert _engines.rows_per_chunk(200, 32768, None) == 100  # two even chunks of 100, not 128 + 72
+    assert _engines.rows_per_chunk(10, 1 << 23, None) == 1
+    assert _engines.rows_per_chunk(4096, 32768, 7) == 7
+    assert _engines.rows_per_chunk(5, 32768, 70) == 5
 
 
 def test_chunking_via_torch_options():
@@ -423,7 +424,7 @@ def test_meta_tensors():
 def test_plain_torch_engine(name, reduction, monkeypatch):
     """Without the Numba kernel (as on accelerators): soft-capping, sample weights and the upstream gradient
     are applied around the plain-torch engine; the same loss and gradients as the float64 reference."""
-    monkeypatch.setattr(_linear._torch_function, "_numba_engine", lambda: None)
+    monkeypatch.setenv("LSX_TORCH_ENGINE", "torch")
     kind, options = OPTIONS[name]
     options = {key: value for key, value in options.items() if key not in ("convention", "denominator")}
     hidden, w, b, y = _problem((13,), kind, seed=21, ignore=options.get("ignore_index"))
@@ -471,7 +472,7 @@ def test_chunks_share_one_logits_buffer(engine, reduction, monkeypatch):
     w.requires_grad_(True)
     seen: list[int] = []
     if engine == "torch":
-        monkeypatch.setattr(_linear._torch_function, "_numba_engine", lambda: None)
+        monkeypatch.setenv("LSX_TORCH_ENGINE", "torch")
         original_impl = _linear._torch_function._fused_impl
 
         def spy_impl(x2, *args, **kwargs):
@@ -480,14 +481,14 @@ def test_chunks_share_one_logits_buffer(engine, reduction, monkeypatch):
 
         monkeypatch.setattr(_linear._torch_function, "_fused_impl", spy_impl)
     else:
-        kernel = _linear._torch_function._numba_engine()
+        kernel = _numba_engine.kernel()
 
         @functools.wraps(kernel)
         def spy_kernel(x, *args, **kwargs):
             seen.append(x.ctypes.data)
             return kernel(x, *args, **kwargs)
 
-        monkeypatch.setattr(_linear._torch_function, "_numba_engine", lambda: spy_kernel)
+        monkeypatch.setattr(_numba_engine, "kernel", lambda: spy_kernel)
     value = lsx.torch.linear_loss(hidden, w, y, linear_bias=b, reduction=reduction, chunk_size=3)
     assert len(seen) == 5 and len(set(seen)) == 1, seen
     seen.clear()

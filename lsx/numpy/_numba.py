@@ -684,6 +684,225 @@ if AVAILABLE:
             _prob_row(i, x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss, chain)
 
 
+    # ---- the two-step entries (statistics of a class slice, then the gradient from merged statistics) ----
+    # Used where the rows' statistics are merged across slices of the class axis before the gradient (lsx.torch's
+    # process_group= path); the fused kernels above serve the single-slice case.
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True, error_model="numpy")
+    def _statistics_range(
+        x, y, t, w, valid, has_w, has_mask, any_valid, params, ignore_index, offset, num_classes, out, lo, hi
+    ):
+        """Rows [lo, hi): the six statistics of the two-step contract (see :func:`statistics`) into ``out``
+        (6, N) float64. ``y`` (labels) is used when ``t`` has no columns, else ``t`` (probabilities)."""
+        k = x.shape[1]
+        a, b, smoothing, normalize, softcap, has_ignore = (
+            params[0], params[1], params[2] != 0.0, params[3] != 0.0, params[4], params[5] != 0.0
+        )  # fmt: skip
+        capped = softcap != 0.0
+        probs = t.shape[1] > 0
+        scratch = np.empty(2 * min(k, _BLOCK) if capped else 0, x.dtype)
+        zero = _to_dtype_of(0.0, x)
+        one = _to_dtype_of(1.0, x)
+        at = _to_dtype_of(a, x)
+        bt = _to_dtype_of(b, x)
+        for i in range(lo, hi):
+            xr = x[i]
+            for s in range(6):
+                out[s, i] = 0.0
+            if not any_valid:  # no valid class in this slice: nothing but the (−inf) maximum
+                out[0, i] = -np.inf
+                if probs:
+                    for c in range(k):
+                        if t[i, c] != zero:
+                            out[5, i] = 1.0
+                continue
+            if capped:
+                raw = _capped_row_max(xr, valid, has_mask, softcap, 1.0 / softcap)
+            else:
+                low = _to_dtype_of(-np.inf, x)
+                mx = low
+                if has_mask:
+                    for c in range(k):
+                        mx = _maxnum(mx, xr[c] if valid[c] else low)
+                else:
+                    for c in range(k):
+                        mx = _maxnum(mx, xr[c])
+                raw = np.float64(mx)
+            m = raw if math.isfinite(raw) else 0.0
+            if capped:
+                sum_e = 0.0
+                sum_x = 0.0
+                mt = _to_dtype_of(m, x)
+                ct = _to_dtype_of(softcap, x)
+                inv_c = _to_dtype_of(1.0 / softcap, x)
+                for start in range(0, k, _BLOCK):
+                    stop = min(start + _BLOCK, k)
+                    size = stop - start
+                    block_e, block_x = _block_cap_store(
+                        xr[start:stop], scratch[:size], scratch[size : 2 * size], w[start:stop], valid[start:stop],
+                        mt, ct, inv_c,
+                    )  # fmt: skip
+                    sum_e += block_e
+                    sum_x += block_x
+            else:
+                sum_e, sum_x = _exp_pass(xr, scratch, w, valid, not has_w, m, 0)  # (mode 0: never written)
+            out[0, i] = raw
+            out[1, i] = sum_e
+            if not probs:
+                if smoothing:
+                    out[4, i] = sum_x
+                label = y[i]
+                if has_ignore and label == ignore_index:
+                    continue
+                if label < 0 or label >= num_classes:
+                    continue
+                local = label - offset
+                if local < 0 or local >= k:
+                    continue
+                if has_mask and not valid[local]:  # w_y: 0 from the masked weights, 1 without weights
+                    out[2, i] = np.nan
+                    out[3, i] = 0.0 if params[6] != 0.0 else 1.0
+                    out[5, i] = 2.0
+                    continue
+                x_y = _cap_scalar(xr[local], softcap) if capped else xr[local]
+                out[2, i] = np.float64(x_y) - m
+                out[3, i] = np.float64(w[local]) if has_w else 1.0
+                out[5, i] = 1.0
+                continue
+            mt = _to_dtype_of(m, x)
+            sum_qx = 0.0
+            mass = 0.0
+            entropy = 0.0
+            masked_mass = False
+            for c in range(k):
+                ok = valid[c] if has_mask else True
+                if not ok:
+                    if t[i, c] != zero:
+                        masked_mass = True
+                    continue
+                q = at * t[i, c] + bt
+                wq = q * (w[c] if has_w else one)
+                if wq != zero:
+                    xc = _cap_scalar(xr[c], softcap) if capped else xr[c]
+                    sum_qx += np.float64(wq * (xc - mt))
+                    mass += np.float64(wq)
+                    if normalize:
+                        qd = np.float64(q)
+                        entropy += (np.float64(w[c]) if has_w else 1.0) * qd * math.log(qd)
+            out[2, i] = mass
+            out[3, i] = sum_qx
+            out[4, i] = entropy
+            out[5, i] = 1.0 if masked_mass else 0.0
+
+    @numba.njit(cache=True, parallel=True)
+    def _statistics_rows(
+        x, y, t, w, valid, has_w, has_mask, any_valid, params, ignore_index, offset, num_classes, out, chunks
+    ):
+        n = x.shape[0]
+        for chunk in prange(chunks):
+            _statistics_range(
+                x, y, t, w, valid, has_w, has_mask, any_valid, params, ignore_index, offset, num_classes, out,
+                chunk * n // chunks, (chunk + 1) * n // chunks,
+            )  # fmt: skip
+
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True, error_model="numpy")
+    def _gradient_range(
+        x, g, y, t, w, valid, has_w, has_mask, params, ignore_index, offset, num_classes, rows, nan_rows, lo, hi
+    ):
+        """Rows [lo, hi) of the gradient from the merged per-row factors ``rows`` (3, N) float64 (local_max,
+        p_scale, row_scale), written into ``g`` (which may be ``x``'s memory: each element is read first)."""
+        k = x.shape[1]
+        a, b, smoothing, softcap, has_ignore, has_nan_rows = (
+            params[0], params[1], params[2] != 0.0, params[4], params[5] != 0.0, params[6] != 0.0
+        )  # fmt: skip
+        capped = softcap != 0.0
+        probs = t.shape[1] > 0
+        zero = _to_dtype_of(0.0, x)
+        one = _to_dtype_of(1.0, x)
+        nan = _to_dtype_of(np.nan, x)
+        at = _to_dtype_of(a, x)
+        bt = _to_dtype_of(b, x)
+        ct = _to_dtype_of(softcap if capped else 1.0, x)
+        inv_c = _to_dtype_of(1.0 / softcap if capped else 1.0, x)
+        for i in range(lo, hi):
+            xr = x[i]
+            dst = g[i]
+            local = -1
+            bad = has_nan_rows and nan_rows[i]
+            if not probs:
+                label = y[i]
+                if has_ignore and label == ignore_index:
+                    for c in range(k):
+                        dst[c] = zero
+                    continue
+                if label < 0 or label >= num_classes:
+                    bad = True
+                elif label - offset >= 0 and label - offset < k:
+                    local = label - offset
+                    if has_mask and not valid[local]:
+                        bad = True
+            elif has_mask:
+                for c in range(k):
+                    if not valid[c] and t[i, c] != zero:
+                        bad = True
+            if bad:  # NaN on the valid classes, 0 on the masked ones
+                for c in range(k):
+                    dst[c] = nan if (valid[c] or not has_mask) else zero
+                continue
+            lm = _to_dtype_of(rows[0, i], x)
+            ps = _to_dtype_of(rows[1, i], x)
+            rs = _to_dtype_of(rows[2, i], x)
+            if probs:
+                st = rs
+                for c in range(k):
+                    wq = (at * t[i, c] + bt) * (w[c] if has_w else one)
+                    if capped:
+                        u = _tanh(xr[c] * inv_c)
+                        v = (_exp(ct * u - lm) * ps - st * wq) * (one - u * u)
+                    else:
+                        v = _exp(xr[c] - lm) * ps - st * wq
+                    dst[c] = v if (valid[c] or not has_mask) else zero
+                continue
+            bs = rs * bt if smoothing else zero
+            target = zero
+            if local >= 0:  # read before the row is overwritten (in place)
+                w_y = w[local] if has_w else one
+                target = rs * at * w_y
+                if capped:
+                    u_y = _tanh(xr[local] * inv_c)
+                    target = target * (one - u_y * u_y)
+            if capped:
+                for c in range(k):
+                    u = _tanh(xr[c] * inv_c)
+                    v = (_exp(ct * u - lm) * ps - bs * w[c]) * (one - u * u)
+                    dst[c] = v if valid[c] else zero
+            elif has_w:
+                for c in range(k):
+                    v = _exp(xr[c] - lm) * ps - bs * w[c]
+                    dst[c] = v if valid[c] else zero
+            else:
+                for c in range(k):
+                    dst[c] = _exp(xr[c] - lm) * ps - bs
+            if local >= 0:
+                dst[local] -= target
+
+    @numba.njit(cache=True, parallel=True)
+    def _gradient_rows(
+        x, g, y, t, w, valid, has_w, has_mask, params, ignore_index, offset, num_classes, rows, nan_rows, chunks
+    ):
+        n = x.shape[0]
+        for chunk in prange(chunks):
+            _gradient_range(
+                x, g, y, t, w, valid, has_w, has_mask, params, ignore_index, offset, num_classes, rows, nan_rows,
+                chunk * n // chunks, (chunk + 1) * n // chunks,
+            )  # fmt: skip
+
+
+def _xlogx(q: float) -> float:
+    from lsx import spec
+
+    return spec.xlogx(q)
+
+
 def _read_only(array: np.ndarray) -> np.ndarray:
     """A read-only view: the kernels only read their inputs, so every input reaches them typed read-only (one
     compiled specialisation, whether the caller's array is writeable, read-only, a memmap or a buffer)."""
@@ -859,3 +1078,117 @@ def _usable_out(out2: np.ndarray, x: np.ndarray, compute: type) -> bool:
         and out2.flags.c_contiguous
         and out2.flags.writeable
     )
+
+
+def _class_arrays(k: int, weight: np.ndarray | None, mask: np.ndarray | None, compute: type):
+    """(w, valid, has_w, has_mask): the weights in the compute dtype with 0 on the masked classes (ones
+    without weights), the valid classes, and the flags the kernels take."""
+    has_mask = mask is not None
+    has_w = weight is not None or has_mask
+    w = np.ones(k, compute) if weight is None else np.asarray(weight).astype(compute)
+    valid = np.ones(k, np.bool_) if mask is None else np.ascontiguousarray(mask, np.bool_)
+    if has_mask:
+        w = np.where(valid, w, 0).astype(compute)
+    return w, valid, has_w, has_mask
+
+
+def _row_inputs(n: int, k: int, labels: np.ndarray | None, probs: np.ndarray | None, compute: type):
+    if probs is None:
+        return _read_only(np.ascontiguousarray(labels, np.int64)), np.empty((n, 0), compute)
+    return np.zeros(1, np.int64), _read_only(np.ascontiguousarray(probs, compute))
+
+
+def _chunks(n: int, k: int) -> int:
+    return 1 if n * k < _PARALLEL_MIN_ELEMENTS else min(n, 4 * numba.get_num_threads())
+
+
+def statistics(
+    x: np.ndarray,
+    out: np.ndarray,
+    *,
+    labels: np.ndarray | None = None,
+    probs: np.ndarray | None = None,
+    weight: np.ndarray | None = None,
+    class_mask: np.ndarray | None = None,
+    softcap: float | None = None,
+    a: float = 1.0,
+    b: float = 0.0,
+    smoothing: bool = False,
+    normalize: bool = False,
+    offset: int = 0,
+    num_classes: int | None = None,
+    ignore_index: int | None = None,
+) -> None:
+    """Six float64 statistics per row of the (n, k) block ``x`` (the classes [offset, offset + k) of
+    ``num_classes``), written into ``out`` (6, n), C-contiguous float64; each relative to the row's own maximum
+    m over the valid classes (m = 0 when that maximum is not finite), on the soft-capped logits with ``softcap``.
+
+    Labels (``labels`` (n,) int64, global class ids): 0 the maximum (−inf without a valid class); 1 Σ exp(x − m)
+    over the valid classes; 2 x_y − m where this block owns the target y (NaN when y is masked); 3 w_y there;
+    4 Σ w_c (x_c − m) over the valid classes with w_c ≠ 0 when ``smoothing``; 5 the ownership flag (0 not owned,
+    1 owned, 2 owned on a masked class). Probabilities (``probs`` (n, k), q = a·t + b on the valid classes):
+    0, 1 as above; 2 Σ w q; 3 Σ w q (x − m); 4 Σ w·xlogx(q) when ``normalize``, over the classes with
+    w q ≠ 0; 5 1 where t puts mass on a masked class. ``weight`` (k,) and ``class_mask`` (k,) are the block's.
+    """
+    if not AVAILABLE:
+        raise ImportError("lsx.numpy._numba needs numba: pip install 'lsx[numba]'")
+    n, k = x.shape
+    compute = x.dtype.type
+    w, valid, has_w, has_mask = _class_arrays(k, weight, class_mask, compute)
+    y, t = _row_inputs(n, k, labels, probs, compute)
+    has_ignore = ignore_index is not None
+    params = np.array(
+        [a, b, float(smoothing), float(normalize), softcap or 0.0, float(has_ignore), float(weight is not None)],
+        np.float64,
+    )
+    any_valid = bool(k) and bool(valid.any())
+    if n:
+        _statistics_rows(
+            _read_only(x), y, t, w, valid, has_w, has_mask, any_valid, params,
+            int(ignore_index) if has_ignore else 0, int(offset), int(k if num_classes is None else num_classes),
+            out, _chunks(n, k),
+        )  # fmt: skip
+
+
+def gradient(
+    x: np.ndarray,
+    grad: np.ndarray,
+    *,
+    rows: np.ndarray,
+    labels: np.ndarray | None = None,
+    probs: np.ndarray | None = None,
+    weight: np.ndarray | None = None,
+    class_mask: np.ndarray | None = None,
+    softcap: float | None = None,
+    a: float = 1.0,
+    b: float = 0.0,
+    smoothing: bool = False,
+    offset: int = 0,
+    num_classes: int | None = None,
+    ignore_index: int | None = None,
+    nan_rows: np.ndarray | None = None,
+) -> None:
+    """The block's gradient from merged per-row factors, written into ``grad`` (``x``'s shape and dtype,
+    C-contiguous; may be ``x`` itself). ``rows`` (3, n) float64: the maximum the statistics used, p_scale and
+    row_scale. Labels: exp(x − m)·p_scale − row_scale·(b·w_c·[smoothing] + a·w_y·[c = y − offset]);
+    probabilities: exp(x − m)·p_scale − row_scale·w_c·q_c; 0 on the masked classes, the whole row 0 for an
+    ignored label, NaN (on the valid classes) for an invalid label, a label or probability mass on a masked
+    class, or ``nan_rows``; times 1 − tanh²(x/c) with ``softcap``."""
+    if not AVAILABLE:
+        raise ImportError("lsx.numpy._numba needs numba: pip install 'lsx[numba]'")
+    n, k = x.shape
+    compute = x.dtype.type
+    w, valid, has_w, has_mask = _class_arrays(k, weight, class_mask, compute)
+    y, t = _row_inputs(n, k, labels, probs, compute)
+    has_ignore = ignore_index is not None
+    has_nan_rows = nan_rows is not None
+    params = np.array(
+        [a, b, float(bool(smoothing)), 0.0, softcap or 0.0, float(has_ignore), float(has_nan_rows)], np.float64
+    )
+    flags = np.ascontiguousarray(nan_rows, np.bool_) if has_nan_rows else np.zeros(1, np.bool_)
+    if n and k:
+        _gradient_rows(
+            x, grad, y, t, w, valid, has_w, has_mask, params,
+            int(ignore_index) if has_ignore else 0, int(offset), int(k if num_classes is None else num_classes),
+            np.ascontiguousarray(rows, np.float64), flags, _chunks(n, k),
+        )  # fmt: skip

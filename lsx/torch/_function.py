@@ -14,12 +14,14 @@ Two front doors share that body (:func:`_fused_impl`):
   travel into the op as values, so a schedule or a changed module attribute gives the right loss without a
   trace-time constant; the string and bool options are compile-time constants.
 
-Engines, chosen per call:
+Engines, chosen per call by :func:`lsx.torch._engines.choose` (``LSX_TORCH_ENGINE`` forces one):
 
 - CPU, contiguous float32/float64 logits and Numba installed: the fused Numba kernel of :mod:`lsx.numpy`,
-  on zero-copy NumPy views of the tensors.
-- everything else (CUDA, meta, float16/bfloat16, strided logits, no Numba): the plain-torch engine of
-  :mod:`lsx.torch._engine`.
+  on zero-copy NumPy views of the tensors (:mod:`lsx.torch._engines.numba`).
+- CUDA logits when Triton imports: the Triton kernels (:mod:`lsx.torch._engines.triton`), statistics then
+  gradient, launched directly in eager calls and behind the custom op under ``torch.compile``.
+- everything else (meta, CPU float16/bfloat16, strided logits, no Numba): the plain-torch engine
+  (:mod:`lsx.torch._engines.ops`).
 
 Value checks (labels in range, weight finite and >= 0, class_mask) run on CPU tensors and raise
 ``ValueError``. On other devices they would synchronise the device, so they are skipped: an out-of-range
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 from typing import Any, NamedTuple
 
@@ -39,7 +40,9 @@ import torch
 from torch.autograd import forward_ad
 
 from lsx import spec
-from lsx.torch import _engine
+from lsx.torch import _engines
+from lsx.torch._engines import numba as _numba
+from lsx.torch._engines import ops as _ops
 
 __all__ = ["TracedOptions", "cross_entropy", "traced_options"]
 
@@ -351,25 +354,32 @@ def _fused_full(
         den_value = spec.check_denominator(denominator.detach().to(torch.float64).numpy())
 
     compute = torch.float64 if x2.dtype == torch.float64 else torch.float32
-    kernel = _numba_engine() if on_cpu and x2.dtype in (torch.float32, torch.float64) and x2.is_contiguous() else None
+    kernel = None
+    engine = _engines.choose(x2, strided=False)
+    if engine == "numba":
+        kernel = _numba.kernel()
+        x2 = x2.contiguous()  # (a strided input reaches here only when the Numba engine is forced)
     if kernel is not None and sample_weight is not None:
-        if sw_np is None or "sample_weight" not in _keywords(kernel):
+        if sw_np is None or "sample_weight" not in _numba.keywords(kernel):
             kernel = None
     if kernel is not None and denominator is not None and den_value is None:
         kernel = None
     if kernel is not None:
         kernel_opts = opts if den_value is None else dataclasses.replace(opts, denominator=den_value)
-        per_element_np, local, grad = _run_numba(kernel, x2, t2, kind, kernel_opts, weight_np, mask_np, sw_np)
+        per_element_np, local, grad = _numba.run(kernel, x2, t2, kind, kernel_opts, weight_np, mask_np, sw_np)
         if sample_weight is None and not den_grad:  # reduced in NumPy: cheaper than torch ops on scalars
-            return _reduce_numpy(per_element_np, local, opts), grad, _NOTHING, _NOTHING
+            return _numba.reduce_numpy(per_element_np, local, opts), grad, _NOTHING, _NOTHING
         per_element = torch.from_numpy(per_element_np)
         d: Any = local
     else:
         grad = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-        per_element, d = _engine.run(x2, t2, kind, opts, weight, class_mask, grad, sample_weight, denominator)
+        if engine == "triton":  # the two steps with a one-block merge
+            per_element, d = _engines.run(engine, x2, t2, kind, opts, weight, class_mask, grad, sample_weight, denominator)
+        else:
+            per_element, d = _ops.run(x2, t2, kind, opts, weight, class_mask, grad, sample_weight, denominator)
     sw = None if sample_weight is None else sample_weight.detach().to(device=x2.device, dtype=compute).reshape(-1)
     weighted = per_element if sw is None else per_element * sw
-    value = _engine.reduce(weighted, d, opts, x2.dtype)
+    value = _ops.reduce(weighted, d, opts, x2.dtype)
     dsw, dden = _NOTHING, _NOTHING
     if sw_grad or den_grad:
         scale = spec.reduction_scale(opts.reduction, d, where=torch.where)
@@ -394,7 +404,7 @@ def _denominator_weights(t2, kind, weight, opts, compute) -> torch.Tensor | floa
     (0 for the ignored ones), 1 for probability targets."""
     if kind == "probs":
         return 1.0
-    labels, too_big = _engine._labels_as_int64(t2.detach())
+    labels, too_big = _engines.labels_as_int64(t2.detach())
     active = torch.ones_like(labels, dtype=torch.bool) if opts.ignore_index is None else labels != opts.ignore_index
     if too_big is not None:
         active = active | too_big
@@ -691,69 +701,3 @@ def _check_labels(labels: np.ndarray, k: int, opts: spec.Options, mask: np.ndarr
 def _unsigned_view(dtype: np.dtype) -> tuple[np.dtype, int, int]:
     limits = np.iinfo(dtype)
     return np.dtype(dtype.str.replace("i", "u")), int(limits.min), int(limits.max)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Numba engine (CPU): zero-copy NumPy views of the tensors
-# --------------------------------------------------------------------------------------------------------
-def _numba_engine():
-    return _numba_kernel()
-
-
-@functools.cache
-def _numba_kernel():
-    from lsx import numpy as lsx_numpy
-
-    return lsx_numpy._numba_kernel()
-
-
-_KEYWORDS: dict[Any, frozenset[str]] = {}
-
-
-def _keywords(kernel) -> frozenset[str]:
-    """The keyword parameters ``kernel`` accepts (cached: ``inspect.signature`` dominates a small call)."""
-    known = _KEYWORDS.get(kernel)
-    if known is None:
-        try:
-            known = frozenset(inspect.signature(kernel).parameters)
-        except (TypeError, ValueError):
-            known = frozenset()
-        _KEYWORDS[kernel] = known
-    return known
-
-
-def _run_numba(kernel, x2, t2, kind, opts, weight_np, mask_np, sw_np=None):
-    """(per-element losses as a NumPy array in the compute dtype, the mean's denominator, the gradient)."""
-    compute = np.float64 if x2.dtype == torch.float64 else np.float32
-    x_np = x2.detach().numpy()
-    t_np = t2.numpy() if kind == "index" else t2.detach().to(x2.dtype).contiguous().numpy()
-    keywords = _keywords(kernel)
-    extra: dict[str, Any] = {}
-    grad = None
-    if "out2" in keywords:  # write straight into the buffer that autograd will save
-        # allocated by NumPy, which asks for huge pages: measured ~0.4 s fewer page faults per 512 MiB than torch.empty
-        extra["out2"] = np.empty(x2.shape, compute)
-        grad = torch.from_numpy(extra["out2"])
-    if "scale_mean" in keywords:  # fold the mean's 1/D into the gradient pass
-        extra["scale_mean"] = True
-    if sw_np is not None:
-        extra["sample_weight"] = sw_np
-    per_element, denominator, grad_np = kernel(x_np, t_np, kind, opts, weight_np, mask_np, compute, True, **extra)
-    if grad is None or not np.shares_memory(grad_np, extra["out2"]):
-        grad = torch.from_numpy(np.ascontiguousarray(grad_np, dtype=compute))
-    if opts.reduction == "mean" and "scale_mean" not in extra:
-        grad.mul_(1.0 / denominator if denominator != 0 else 0.0)
-    return np.asarray(per_element, dtype=compute), denominator, grad
-
-
-def _reduce_numpy(per_element: np.ndarray, denominator: float, opts: spec.Options) -> torch.Tensor:
-    """The reduced loss from the kernel's per-element losses, in NumPy as lsx.numpy does (a few torch ops on
-    scalars would cost more than the kernel on small inputs)."""
-    compute = per_element.dtype.type
-    if opts.reduction == "none":
-        return torch.from_numpy(per_element)
-    total = per_element.sum(dtype=compute)
-    if opts.reduction == "mean":
-        empty = compute(np.nan if opts.empty_mean == "nan" else 0.0)
-        total = total / compute(denominator) if denominator != 0 else empty
-    return torch.from_numpy(np.asarray(total, dtype=compute))

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,13 +30,11 @@ from torch import nn
 
 from lsx import spec
 from lsx.spec import default
-from lsx.torch import _engine
+from lsx.torch import _engines
 from lsx.torch import _function as _torch_function
+from lsx.torch._engines import numba as _numba
 
 __all__ = ["LinearCrossEntropyLoss", "linear_loss"]
-
-#: a chunk of logits holds about this many elements when ``chunk_size`` is None (16 MiB in float32)
-CHUNK_ELEMENTS = 1 << 22
 
 
 def linear_loss(
@@ -155,31 +152,12 @@ Example:
 # --------------------------------------------------------------------------------------------------------
 # Validation and the autograd-visible composition
 # --------------------------------------------------------------------------------------------------------
-def _check_chunk_size(chunk_size: Any) -> int | None:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got chunk_size={chunk_size!r}")
-    return int(chunk_size)
-
-
-def _rows_per_chunk(n: int, v: int, chunk_size: int | None) -> int:
-    """Rows per chunk: the caller's, or about CHUNK_ELEMENTS logits per chunk, evened out over the chunks."""
-    if chunk_size is not None:
-        return max(1, min(chunk_size, n))
-    rows = max(1, CHUNK_ELEMENTS // max(v, 1))
-    if n <= rows:
-        return max(n, 1)
-    chunks = -(-n // rows)
-    return -(-n // chunks)
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _linear_loss(input, linear_weight, target, linear_bias, weight, class_mask, sample_weight, opts, chunk_size):
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = _engines.check_chunk_size(chunk_size)
     if not isinstance(input, torch.Tensor) or not input.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got {_torch_function._describe(input)}")
     if input.dim() < 1:
@@ -241,7 +219,7 @@ def _linear_loss(input, linear_weight, target, linear_bias, weight, class_mask, 
     h2 = input.reshape(n, h)
     t2 = target.reshape(n) if kind == "index" else target.reshape(n, v)
     sw2 = None if sample_weight is None else sample_weight.to(device=device, dtype=compute).reshape(n)
-    rows = _rows_per_chunk(n, v, chunk_size)
+    rows = _engines.rows_per_chunk(n, v, chunk_size)
     scalars = (opts.label_smoothing, opts.spread, opts.ignore_index, opts.z_loss, opts.normalize, opts.softcap)
     grad_on = torch.is_grad_enabled()
     need = (
@@ -272,7 +250,7 @@ def _denominator(t2, kind, weight, sw2, ignore_index, v, n, compute, device):
     """The mean's D: Σ sample_weight·w_y over the non-ignored elements (labels), Σ sample_weight (probabilities)."""
     if kind == "probs":
         return n if sw2 is None else sw2.sum()
-    labels, too_big = _engine._labels_as_int64(t2.detach().to(device))
+    labels, too_big = _engines.labels_as_int64(t2.detach().to(device))
     active = torch.ones_like(labels, dtype=torch.bool) if ignore_index is None else labels != ignore_index
     if too_big is not None:
         active = active | too_big
@@ -310,35 +288,17 @@ def _engine_options(label_smoothing, spread, ignore_index, z_loss, normalize) ->
     return opts if opts.softcap is None else dataclasses.replace(opts, softcap=None)
 
 
-class _Numba(NamedTuple):
-    """The Numba row kernel with the chunk-independent arguments, checked once for the whole call."""
-
-    kernel: Any
-    kind: str
-    opts: spec.Options
-    weight: np.ndarray | None
-    mask: np.ndarray | None
-    compute: type
-
-
-def _numba_for(h2, t2, weight, class_mask, opts, softcap) -> _Numba | None:
-    """The Numba kernel for CPU float32/float64 when it takes the call (in place, soft-capping in its sweep,
-    per-row gradient scales); None sends every chunk through ``_fused_impl`` (plain-torch engine)."""
-    if h2.device.type != "cpu" or _compute_dtype(h2.dtype) != h2.dtype or _torch_function._is_traced(h2):
+def _numba_for(h2, t2, weight, class_mask, opts, softcap) -> _numba.Prepared | str | None:
+    """The chunks' engine: the fused Numba kernel (CPU; the chunks' logits are float32 or float64), ``"triton"``
+    (the two steps in place, CUDA), or None: every chunk through ``_fused_impl`` (the plain-torch engine)."""
+    if _torch_function._is_traced(h2):
         return None
-    kernel = _torch_function._numba_engine()
-    if kernel is None or not {"out2", "sample_weight"} <= _torch_function._keywords(kernel):
+    engine = _engines.choose(h2, dtype=_compute_dtype(h2.dtype))
+    if engine == "triton":
+        return engine
+    if engine != "numba":
         return None
-    kind = "probs" if t2.is_floating_point() else "index"
-    k = weight.shape[0] if weight is not None else None
-    v = class_mask.shape[0] if class_mask is not None else k
-    mask_np = None if class_mask is None else spec.check_class_mask(class_mask.numpy(), v, opts)
-    weight_np = None if weight is None else spec.check_weight(weight.to(torch.float64).numpy(), weight.shape[0])
-    return _Numba(kernel, kind, dataclasses.replace(opts, softcap=softcap), weight_np, mask_np, _np_dtype(h2.dtype))
-
-
-def _np_dtype(dtype: torch.dtype) -> type:
-    return np.float64 if dtype == torch.float64 else np.float32
+    return _numba.prepare(h2.dtype, t2, weight, class_mask, opts, softcap)
 
 
 def _logits_buffer(rows, w) -> torch.Tensor:
@@ -351,25 +311,17 @@ def _chunk(h2, w, b, t2, weight, class_mask, opts, softcap, start, stop, numba, 
     dtype; ``row_scale`` (rows,) or None. The logits are written into ``buffer``'s leading rows (shared by
     every chunk of the call, so that no chunk allocates a logits-sized tensor); the gradient returned may
     live there too, and is valid until the next chunk."""
-    hc = h2[start:stop].to(w.dtype)
-    logits = buffer[: stop - start]
-    if b is None:
-        torch.mm(hc, w.T, out=logits)
-    else:
-        torch.addmm(b, hc, w.T, out=logits)
+    hc, logits = _engines.chunk_logits(h2, w, b, start, stop, buffer)
     tc = t2[start:stop]
+    if numba == "triton":  # in place: statistics, a one-block merge, the gradient over the logits
+        kind = "probs" if tc.is_floating_point() else "index"
+        chunk_opts = dataclasses.replace(opts, softcap=softcap)
+        target = logits if want_grad else None
+        loss, _ = _engines.run("triton", logits, tc, kind, chunk_opts, weight, class_mask, target, row_scale)
+        return loss, target, hc
     if numba is not None:  # in place: the logits' buffer becomes their gradient
-        x_np = logits.numpy()
-        t_np = tc.numpy() if numba.kind == "index" else tc.to(logits.dtype).contiguous().numpy()
-        scale_np = None if row_scale is None else row_scale.detach().to(torch.float64).numpy()
-        per_element, _, grad_np = numba.kernel(
-            x_np, t_np, numba.kind, numba.opts, numba.weight, numba.mask, numba.compute, want_grad,
-            out2=x_np if want_grad else None, sample_weight=scale_np,
-        )  # fmt: skip
-        grad = None
-        if want_grad:
-            grad = logits if np.shares_memory(grad_np, x_np) else torch.from_numpy(grad_np)
-        return torch.from_numpy(np.asarray(per_element)), grad, hc
+        loss, grad = _numba.chunk(numba, logits, tc, row_scale, want_grad)
+        return loss, grad, hc
     chain = None
     if softcap is not None:
         tanh = logits.div_(softcap).tanh_()
@@ -477,7 +429,7 @@ def _forward_none(h2, w, b, t2, weight, class_mask, scalars, rows):
         stop = min(n, start + rows)
         chunk = _chunk(
             h2, wc, bc, t2, weight, class_mask, opts, softcap, start, stop, numba, None, buffer, numba is None
-        )
+        )  # (the plain-torch engine computes the gradient anyway)
         per_element[start:stop] = chunk[0]
         del chunk
     return per_element
@@ -713,7 +665,7 @@ class LinearCrossEntropyLoss(nn.Module):
         opts = spec.resolve_options(convention, **given)
         if chunk_size is None and options is not None:
             chunk_size = getattr(options, "batch_chunk_size", None)
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = _engines.check_chunk_size(chunk_size)
         if weight is not None and tuple(torch.as_tensor(weight).shape) != (num_classes,):
             raise ValueError(f"weight must have shape ({num_classes},), got {tuple(torch.as_tensor(weight).shape)}")
         self.num_classes = num_classes

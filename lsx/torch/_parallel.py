@@ -42,7 +42,9 @@ import torch
 import torch.distributed as dist
 
 from lsx import spec
-from lsx.torch import _engine
+from lsx.torch import _engines, _function
+from lsx.torch._engines import chunk_logits as _chunk_logits
+from lsx.torch._engines import ops as _ops
 
 __all__ = ["cross_entropy"]
 
@@ -68,6 +70,7 @@ _DTYPE_CODES = {
     if dtype is not None
 }
 
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
 #: error codes exchanged in the header
 _ERRORS = {1: "weight", 2: "class_mask", 3: "target", 4: "sample_weight or denominator", 5: "input's shapes or types"}
 #: the header's columns
@@ -296,7 +299,7 @@ class _Call:
             else:
                 header[_WEIGHT] = (w.double() if mask is None else w.double().masked_fill(~mask, 0)).sum()
             if self.kind == "index" and n:
-                labels, _ = _engine._labels_as_int64(t2)
+                labels, _ = _engines.labels_as_int64(t2)
                 as_float = labels.to(torch.float64)
                 header[_SUM1] = as_float.sum()
                 header[_SUM2] = (as_float * (torch.arange(n, device=device, dtype=torch.float64) % 251 + 1)).sum()
@@ -333,244 +336,117 @@ class _Call:
 
     # ---- the arithmetic, shared by the single call and the chunked (fused linear) one ----------------
     def setup(self, dtype: torch.dtype, device: torch.device) -> None:
-        """What every row block of the call shares: the compute dtype, this rank's masked weights, the labels'
-        per-row facts (ownership, local index, w_y) for all N rows. No logits-sized tensor."""
+        """What every row block of the call shares: the engine for blocks of ``dtype`` on ``device``, the
+        compute dtype, the engine's per-call arguments, the labels' per-row facts (active, invalid) for all
+        N rows. No logits-sized tensor."""
         opts, kind = self.opts, self.kind
-        n, k = self.x2.shape
+        k = self.x2.shape[1]
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         self.compute, self.device, self.k = compute, device, k
-        mask = self.mask
-        w = None if self.weight is None else self.weight.to(compute)
-        if w is not None and mask is not None:
-            w = w.masked_fill(~mask, 0)
-        self.w = w
+        self.engine = _engines.choose(self.x2, dtype=dtype)
         self.smoothing = opts.label_smoothing != 0
+        coefficients = self.coefficients
+        self.arguments = dict(
+            weight=None if self.weight is None else self.weight.to(compute),
+            class_mask=self.mask,
+            softcap=opts.softcap,
+            a=coefficients.a,
+            b=coefficients.b,
+            smoothing=self.smoothing,
+            offset=self.offset,
+            num_classes=self.total_classes,
+            ignore_index=opts.ignore_index,
+        )
+        self.labels = self.active = self.invalid = None
         if kind != "index":
             return
-        labels, too_big = _engine._labels_as_int64(self.t2.to(device))
-        active = torch.ones(n, dtype=torch.bool, device=device)
-        if opts.ignore_index is not None:
-            active = labels != opts.ignore_index
-        invalid = (labels < 0) | (labels >= self.total_classes)
-        if too_big is not None:
-            active = active | too_big
-            invalid = invalid | too_big
-        invalid = invalid & active
-        local = labels - self.offset
-        owns = active & ~invalid & (local >= 0) & (local < k)
-        zeros = torch.zeros(n, dtype=compute, device=device)
-        self.labels, self.active, self.invalid, self.owns = labels, active, invalid, owns
-        self.y_local = torch.where(owns, local, torch.zeros_like(local))
-        self.w_y, self.owned, self.on_masked = zeros, owns.to(compute), None
-        if k:
-            self.w_y = torch.where(owns, torch.ones_like(zeros) if w is None else w[self.y_local], zeros)
-            if mask is not None:  # a label on a masked class: flagged (2), NaN where it cannot raise
-                self.on_masked = owns & ~mask[self.y_local]
-                self.owned = torch.where(self.on_masked, 2.0, self.owned)
-        # Σ_c w_c (x_c − m_r) as Σ_c w_c x_c − (Σ_c w_c)·m_r over the classes with w_c ≠ 0
-        self.linear, self.linear_total = None, float(k)
-        if self.smoothing and k and (mask is not None or w is not None):
-            linear = torch.ones(k, dtype=torch.bool, device=device) if mask is None else mask
-            if w is not None:
-                linear = linear & (w != 0)
-            self.linear = linear
-            self.linear_total = linear.sum().to(compute) if w is None else w.masked_fill(~linear, 0).sum()
+        self.labels, self.active, self.invalid = _engines.label_facts(
+            self.t2.to(device), opts.ignore_index, self.total_classes
+        )
 
-    def soft_cap(self, x: torch.Tensor, *, in_place: bool, chain: bool) -> tuple[torch.Tensor, Any]:
-        """(c·tanh(x/c), 1 − tanh²(x/c) or None) for ``softcap=c``, (x, None) without; in ``x``'s storage when
-        ``in_place``."""
-        c = self.opts.softcap
-        if c is None:
-            return x, None
-        tanh = x.div_(c).tanh_() if in_place else torch.tanh(x / c)
-        factor = (1.0 - tanh * tanh) if chain else None
-        return (tanh.mul_(c) if in_place else c * tanh), factor
-
-    def exponentials(self, x: torch.Tensor, local_max: torch.Tensor, *, in_place: bool) -> torch.Tensor:
-        """exp(x − m_r) over the valid classes (0 on masked ones), in ``x``'s storage when ``in_place``."""
-        mask = self.mask
-        if in_place:
-            if mask is not None:
-                x.masked_fill_(~mask, -math.inf)
-            return x.sub_(local_max.unsqueeze(1)).exp_()
-        x_soft = x if mask is None else x.masked_fill(~mask, -math.inf)
-        return torch.exp(x_soft - local_max.unsqueeze(1))
-
-    def target_weights(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q, w∘q) of rows ``rows`` (probabilities; this rank's classes), in the compute dtype."""
-        q = self.coefficients.a * self.t2[rows].to(device=self.device, dtype=self.compute) + self.coefficients.b
-        if self.mask is not None:
-            q = q.masked_fill(~self.mask, 0)
-        return q, (q if self.w is None else q * self.w)
-
-    def statistics(self, x: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """(this rank's six float64 statistics of rows ``rows``, shaped (6, rows); exp(x − m_r); w∘q or None),
-        from the (soft-capped) logits ``x`` of those rows in the compute dtype (not modified)."""
-        opts, compute, device, k = self.opts, self.compute, self.device, self.k
-        n = x.shape[0]
-        mask, w = self.mask, self.w
-        zeros = torch.zeros(n, dtype=compute, device=device)
-        x_soft = x if mask is None else x.masked_fill(~mask, -math.inf)
-        raw_max = x_soft.amax(dim=1) if k else torch.full((n,), -math.inf, dtype=compute, device=device)
-        del x_soft
-        local_max = torch.where(torch.isfinite(raw_max), raw_max, 0.0)
-        g = self.exponentials(x, local_max, in_place=False)
-        wq = None
+    def _rows(self, rows: slice) -> dict[str, Any]:
+        """The per-row arguments of the engine for rows ``rows``: labels, or this rank's probabilities."""
         if self.kind == "index":
-            owns, y_local = self.owns[rows], self.y_local[rows]
-            x_y = zeros
-            if k:
-                x_y = torch.where(owns, x.gather(1, y_local.unsqueeze(1)).squeeze(1) - local_max, 0.0)
-                if self.on_masked is not None:
-                    x_y = torch.where(self.on_masked[rows], math.nan, x_y)
-            weighted_sum = zeros
-            if self.smoothing and k:
-                linear_x = x if self.linear is None else x.masked_fill(~self.linear, 0)
-                weighted = linear_x.sum(dim=1) if w is None else linear_x @ w
-                weighted_sum = weighted - self.linear_total * local_max
-            columns = [raw_max, g.sum(dim=1), x_y, self.w_y[rows], weighted_sum, self.owned[rows]]
-        else:
-            q, wq = self.target_weights(rows)
-            contributes = wq != 0
-            entropy = zeros
-            if opts.normalize:
-                h = spec.xlogx(q, where=torch.where, log=torch.log)
-                h = h if w is None else h * w
-                entropy = torch.where(contributes, h, torch.zeros_like(h)).sum(dim=1)
-            shifted = x - local_max.unsqueeze(1)
-            weighted = torch.where(contributes, wq * shifted, torch.zeros_like(x)).sum(dim=1)
-            columns = [raw_max, g.sum(dim=1), wq.sum(dim=1), weighted, entropy, zeros]
-        return torch.stack([c.to(torch.float64) for c in columns]), g, wq
+            return dict(labels=self.labels[rows])
+        return dict(probs=self.t2[rows].to(self.device))
+
+    def statistics(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """This rank's six float64 statistics (6, rows) of rows ``rows`` from their logits ``x`` (not modified)."""
+        out = torch.empty((6, x.shape[0]), dtype=torch.float64, device=self.device)
+        _engines.statistics(self.engine, x, out, normalize=self.opts.normalize, **self._rows(rows), **self.arguments)
+        return out
 
     def merge(self, stats: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """(the loss before the reduction, the per-row factors of the gradient) from every rank's statistics
-        (P, 6, N), merged in rank order (spec.merge_max / spec.reshift): the same bits on every rank."""
-        opts, kind, coefficients, device = self.opts, self.kind, self.coefficients, self.device
+        (P, 6, N), merged in rank order (:func:`lsx.torch._engines.merge`): the same bits on every rank."""
+        opts, kind, device = self.opts, self.kind, self.device
         n = stats.shape[-1]
-        raws = stats[:, 0]
-        top = raws.amax(dim=0)
-        m = torch.where(torch.isfinite(top), top, 0.0)
-        # a rank without a finite valid logit in the row has only zeros and −inf in its shifted sums
-        delta = torch.where(torch.isfinite(raws), raws - m, 0.0)
-        factor = torch.exp(delta)
-        sum_exp = (stats[:, 1] * factor).sum(dim=0)
-        sum_exp = torch.where(top == math.inf, math.nan, sum_exp)
-        log_sum_exp = sum_exp.log()
-        if kind == "index":
-            if self.t2.device.type == "cpu":
-                flagged = (stats[:, 5] == 2).any(dim=0)
-                if bool(flagged.any()):
-                    label = int(self.labels[flagged][0])
-                    raise ValueError(f"target has label {label}, a class that class_mask marks as absent")
-            owner_shift = torch.where(stats[:, 5] != 0, delta, 0.0).sum(dim=0)
-            x_y_global = stats[:, 2].sum(dim=0) + owner_shift
-            w_y_global = stats[:, 3].sum(dim=0)
-            weighted_sum_global = 0.0
-            if self.smoothing:
-                totals = torch.tensor(self.weight_totals, dtype=torch.float64, device=device).unsqueeze(1)
-                weighted_sum_global = (stats[:, 4] + torch.where(totals != 0, totals * delta, 0.0)).sum(dim=0)
-            loss, coef = spec.label_row(
-                coefficients,
-                log_sum_exp=log_sum_exp,
-                row_max=m,
-                w_y=w_y_global,
-                x_y=x_y_global,
-                weighted_sum=weighted_sum_global,
-                where=torch.where,
-                log=torch.log,
-            )
-        else:
-            mass = stats[:, 2]
-            loss, coef = spec.probability_row(
-                coefficients,
-                log_sum_exp=log_sum_exp,
-                row_max=m,
-                target_mass=mass.sum(dim=0),
-                weighted_sum=(stats[:, 3] + torch.where(mass != 0, mass * delta, 0.0)).sum(dim=0),
-                weighted_xlogx=stats[:, 4].sum(dim=0),
-            )
-        sw = None if self.sample_weight is None else self.sample_weight.to(torch.float64)
-        if opts.denominator is not None:
-            denominator: Any = torch.as_tensor(opts.denominator, device=device).detach().to(torch.float64).reshape(())
-        elif kind == "index":
-            w_y_active = torch.where(self.active, w_y_global, 0.0)
-            denominator = (w_y_active if sw is None else w_y_active * sw).sum()
-        else:
-            denominator = torch.full((), float(n), dtype=torch.float64, device=device) if sw is None else sw.sum()
-        self.denominator = denominator
-        scale = spec.reduction_scale(opts.reduction, denominator, where=torch.where)
-        row_scale = torch.full_like(m, scale) if isinstance(scale, float) else scale.expand_as(m)
-        if sw is not None:
-            loss = loss * sw
-            row_scale = row_scale * sw
-        if kind == "index":
-            row_scale = torch.where(self.active, row_scale, 0.0)
-            loss = torch.where(self.active, loss, 0.0).masked_fill(self.invalid, math.nan)
-        own = raws[self.rank]  # this rank's m_r, as its statistics used it
-        local_max = torch.where(torch.isfinite(own), own, 0.0)
-        merged = dict(
-            coef=coef, row_scale=row_scale, own_factor=factor[self.rank], sum_exp=sum_exp, local_max=local_max
+        merged = _engines.merge(
+            stats,
+            rank=self.rank,
+            kind=kind,
+            coefficients=self.coefficients,
+            smoothing=self.smoothing,
+            weight_totals=self.weight_totals,
         )
-        return loss, merged
+        flagged = merged["flagged"]
+        if kind == "index" and self.t2.device.type == "cpu" and bool(flagged.any()):
+            label = int(self.labels[flagged][0])
+            raise ValueError(f"target has label {label}, a class that class_mask marks as absent")
+        loss, self.denominator, factors = _engines.finish(
+            merged,
+            kind=kind,
+            opts=opts,
+            n=n,
+            active=self.active,
+            invalid=self.invalid,
+            sample_weight=self.sample_weight,
+            denominator=None
+            if opts.denominator is None
+            else torch.as_tensor(opts.denominator, device=device).detach().to(torch.float64).reshape(()),
+        )
+        if self.sample_weight is not None:
+            loss = loss * self.sample_weight.to(torch.float64)
+        return loss, factors
 
     def reduce(self, loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return _engine.reduce(loss, self.denominator, self.opts, dtype)
+        return _ops.reduce(loss, self.denominator, self.opts, dtype)
 
-    def gradient(self, g, chain, rows: slice, merged: dict[str, Any], wq: Any, upstream: Any = None) -> torch.Tensor:
+    def gradient(
+        self, x: torch.Tensor, grad: torch.Tensor, rows: slice, merged: dict[str, Any], upstream: Any = None
+    ) -> torch.Tensor:
         """This rank's slice of the gradient of rows ``rows``, ``(coef · p − w∘q) · scale`` (× the soft-cap's
-        chain factor, × ``upstream``, per row or a scalar), written into ``g`` = exp(x − m_r) in place."""
-        coefficients, compute, device, k, mask = self.coefficients, self.compute, self.device, self.k, self.mask
+        chain factor, × ``upstream``, per row or a scalar), from their logits ``x`` into ``grad`` (which may be
+        ``x``)."""
         row_scale = merged["row_scale"][rows]
         if upstream is not None:
             row_scale = row_scale * upstream
-        coef, own_factor, sum_exp = (merged[name][rows] for name in ("coef", "own_factor", "sum_exp"))
-        g.mul_((coef * row_scale * own_factor / sum_exp).to(compute).unsqueeze(1))
-        row_scale_c = row_scale.to(compute)
-        if self.kind == "index":
-            active, invalid = self.active[rows], self.invalid[rows]
-            if self.smoothing and k:
-                b_row = coefficients.b * (torch.ones(k, dtype=compute, device=device) if self.w is None else self.w)
-                if mask is not None:
-                    b_row = b_row.masked_fill(~mask, 0)
-                g.addcmul_(row_scale_c.unsqueeze(1), b_row.unsqueeze(0), value=-1)
-            if k and coefficients.a != 0:
-                target_part = torch.where(self.owns[rows], -coefficients.a * self.w_y[rows] * row_scale_c, 0.0)
-                g.scatter_add_(1, self.y_local[rows].unsqueeze(1), target_part.unsqueeze(1))
-            on_cpu = device.type == "cpu"  # there, skip the logits-sized passes when no row needs them
-            if not on_cpu or not bool(active.all()):
-                g.masked_fill_(~active.unsqueeze(1), 0)
-            if not on_cpu or bool(invalid.any()):
-                g.masked_fill_(invalid.unsqueeze(1), math.nan)
-        else:
-            g.addcmul_(row_scale_c.unsqueeze(1), wq, value=-1)
-            if mask is not None:  # probability mass on a masked class (the CPU raises for it before)
-                t = self.t2[rows].to(device=device, dtype=compute)
-                g.masked_fill_((t.masked_fill(mask, 0) != 0).any(dim=1).unsqueeze(1), math.nan)
-        if mask is not None:
-            g.masked_fill_(~mask, 0)
-        if chain is not None:
-            g.mul_(chain)
-        return g
-
-    def masked_mass_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """NaN for the rows whose probabilities put mass on a class masked on this rank (accelerators)."""
-        if self.kind == "index" or self.mask is None or self.k == 0:
-            return loss
-        t = self.t2.to(device=self.device, dtype=self.compute)
-        return loss.masked_fill((t.masked_fill(self.mask, 0) != 0).any(dim=1), math.nan)
+        _engines.gradient(
+            self.engine,
+            x,
+            grad,
+            local_max=merged["local_max"][rows],
+            p_scale=merged["p_factor"][rows] * row_scale,
+            row_scale=row_scale,
+            nan_rows=merged["nan_rows"][rows],
+            **self._rows(rows),
+            **self.arguments,
+        )
+        return grad
 
     # ---- collective 2 for one call of ``loss``: every row at once ------------------------------------
     def run(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the loss in x2's dtype, this rank's slice of the reduced loss's gradient)."""
         self.setup(x2.dtype, x2.device)
         every = slice(None)
-        x, chain = self.soft_cap(x2.to(self.compute), in_place=False, chain=True)
-        local, g, wq = self.statistics(x, every)
-        del x
+        local = self.statistics(x2, every)
         loss, merged = self.merge(_gather(local, self.group))  # (P, 6, N)
-        loss = self.masked_mass_loss(loss)
         value = self.reduce(loss, x2.dtype)
-        return value, self.gradient(g, chain, every, merged, wq).to(x2.dtype)
+        if x2.device.type == "cpu" and x2.dtype in _NUMPY_DTYPES:  # NumPy asks for huge pages: fewer page faults
+            grad = torch.from_numpy(np.empty(tuple(x2.shape), _NUMPY_DTYPES[x2.dtype]))
+        else:
+            grad = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+        return value, self.gradient(x2, grad, every, merged)
 
 
 class _ParallelFused(torch.autograd.Function):
@@ -586,9 +462,8 @@ class _ParallelFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value):
         (grad,) = ctx.saved_tensors
-        scale = grad_value.to(grad.dtype)
-        scale = scale.reshape(-1, 1) if ctx.per_element else scale
-        return grad * scale, None
+        # the single-device rule: first-order only; the saved buffer scaled in place once the graph is released
+        return _function._input_grad(ctx, grad_value, grad), None
 
 
 def _all_reduce(tensor: torch.Tensor, group: Any) -> torch.Tensor:
@@ -621,8 +496,6 @@ def linear_cross_entropy(
     and pushes it through the projection: ``grad_h = g @ W_r`` (summed over the group by one all-reduce of
     an (N, H) tensor), ``grad_W_r += g.T @ h``, ``grad_b_r += Σ g``.
     """
-    from lsx.torch import _linear
-
     if not isinstance(opts, spec.Options):
         raise NotImplementedError("process_group is not supported under torch.compile; call the loss eagerly")
     if not dist.is_available() or not dist.is_initialized():
@@ -635,7 +508,7 @@ def linear_cross_entropy(
     need = tuple(grad_on and isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)
     call.input_grad = need[0]
     try:  # every local failure travels in the header, so that the other ranks raise too
-        chunk_size = _linear._check_chunk_size(chunk_size)
+        chunk_size = _engines.check_chunk_size(chunk_size)
         lead, h = _check_linear(input, linear_weight, linear_bias)
         v = linear_weight.shape[0]
         # a stride-0 stand-in with the logits' shape, dtype and device: prepare() checks the layout on it
@@ -645,7 +518,7 @@ def linear_cross_entropy(
         call.fail(error, 5)
     call.exchange_header(input)
     n = call.x2.shape[0]
-    rows = _linear._rows_per_chunk(n, linear_weight.shape[0], chunk_size)
+    rows = _engines.rows_per_chunk(n, linear_weight.shape[0], chunk_size)
     h2 = input.reshape(n, h)
     if any(need):
         value = _ParallelLinear.apply(h2, linear_weight, linear_bias, call, rows)
@@ -684,31 +557,19 @@ def _check_linear(input: Any, linear_weight: Any, linear_bias: Any) -> tuple[tup
     return tuple(input.shape[:-1]), h
 
 
-def _chunk_logits(h2, wc, bc, start, stop, buffer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows [start, stop) of ``h2`` in the compute dtype, their logits written into ``buffer``'s rows)."""
-    hc = h2[start:stop].to(wc.dtype)
-    logits = buffer[: stop - start]
-    if bc is None:
-        torch.mm(hc, wc.T, out=logits)
-    else:
-        torch.addmm(bc, hc, wc.T, out=logits)
-    return hc, logits
-
-
 def _linear_forward(call: _Call, h2, w, b, rows):
     """Pass 1 and the collectives: (the loss in h2's dtype, the merged per-row factors)."""
-    call.setup(h2.dtype, h2.device)
+    compute = torch.float64 if h2.dtype == torch.float64 else torch.float32
+    call.setup(compute, h2.device)
     n = h2.shape[0]
-    wc, bc = w.to(call.compute), None if b is None else b.to(call.compute)
-    buffer = torch.empty((min(rows, n), wc.shape[0]), dtype=call.compute, device=h2.device)
+    wc, bc = w.to(compute), None if b is None else b.to(compute)
+    buffer = torch.empty((min(rows, n), wc.shape[0]), dtype=compute, device=h2.device)
     local = torch.empty((6, n), dtype=torch.float64, device=h2.device)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         _, logits = _chunk_logits(h2, wc, bc, start, stop, buffer)
-        x, _ = call.soft_cap(logits, in_place=True, chain=False)
-        local[:, start:stop], _, _ = call.statistics(x, slice(start, stop))
+        local[:, start:stop] = call.statistics(logits, slice(start, stop))
     loss, merged = call.merge(_gather(local, call.group))  # (P, 6, N)
-    loss = call.masked_mass_loss(loss)
     return call.reduce(loss, h2.dtype), merged
 
 
@@ -730,17 +591,14 @@ def _linear_backward(call: _Call, h2, w, b, merged, upstream, rows, need):
         stop = min(n, start + rows)
         block = slice(start, stop)
         hc, logits = _chunk_logits(h2, wc, bc, start, stop, buffer)
-        x, chain = call.soft_cap(logits, in_place=True, chain=True)
-        g = call.exponentials(x, merged["local_max"][block].to(compute), in_place=True)
-        wq = None if call.kind == "index" else call.target_weights(block)[1]
-        g = call.gradient(g, chain, block, merged, wq, upstream[block] if per_row else upstream)
+        g = call.gradient(logits, logits, block, merged, upstream[block] if per_row else upstream)  # in place
         if grad_h is not None:
             torch.mm(g, wc, out=grad_h[block])
         if grad_w is not None:
             grad_w.addmm_(g.T, hc)
         if grad_b is not None:
             grad_b.add_(g.sum(dim=0))
-        del g, wq, chain, x, logits, hc
+        del g, logits, hc
     return grad_h, grad_w, grad_b
 
 

@@ -1,6 +1,9 @@
 """The plain-torch engine of :mod:`lsx.torch`: any device, any floating dtype.
 
-It reduces each row of logits to the statistics of :mod:`lsx.spec`'s per-row algebra, taken relative to the
+Both forms of the engine interface (:mod:`lsx.torch._engines`): the fused single-slice call :func:`run`, and the
+two steps :func:`statistics` / :func:`gradient` over a slice of the class axis.
+
+:func:`run` reduces each row of logits to the statistics of :mod:`lsx.spec`'s per-row algebra, taken relative to the
 row maximum m (log Σ exp(x − m), x_y − m, Σ w_c (x_c − m); for probabilities Σ w q, Σ w q (x − m) and
 Σ w·xlogx(q)), gets the per-element loss and the gradient's row coefficient from ``spec.label_row`` /
 ``spec.probability_row``, and writes the gradient ``(coef · p − w∘q) · reduction_scale`` into the caller's
@@ -18,7 +21,7 @@ import torch
 
 from lsx import spec
 
-__all__ = ["CHUNK_ELEMENTS", "reduce", "run"]
+__all__ = ["CHUNK_ELEMENTS", "gradient", "reduce", "run", "statistics"]
 
 #: float16/bfloat16 logits are processed in row chunks of about this many elements, to bound the float32
 #: temporaries (smaller chunks only add per-op overhead: measured slower on CPU too).
@@ -230,3 +233,170 @@ def reduce(
         return per_element.to(dtype)
     total = spec.reduce_total(opts.reduction, per_element.sum(), denominator, opts.empty_mean, where=torch.where)
     return total.to(dtype)
+
+
+
+# --------------------------------------------------------------------------------------------------------
+# The two steps: statistics of a class slice, then the gradient from the merged statistics
+# --------------------------------------------------------------------------------------------------------
+def _capped(x: torch.Tensor, softcap: float | None, chain: bool) -> tuple[torch.Tensor, Any]:
+    """(c·tanh(x/c), 1 − tanh²(x/c) or None) for ``softcap=c``; (x, None) without."""
+    if softcap is None:
+        return x, None
+    tanh = torch.tanh(x / softcap)
+    factor = (1.0 - tanh * tanh) if chain else None
+    return tanh * softcap, factor
+
+
+def _owned(labels, k, offset, num_classes, ignore_index):
+    """(active, valid id, this block owns the target, the target's local index (0 where not owned))."""
+    active = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
+    valid_id = (labels >= 0) & (labels < num_classes)
+    local = labels - offset
+    owns = active & valid_id & (local >= 0) & (local < k)
+    return active, valid_id, owns, torch.where(owns, local, torch.zeros_like(local))
+
+
+def statistics(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    class_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    a: Any = 1.0,
+    b: Any = 0.0,
+    smoothing: bool = False,
+    normalize: bool = False,
+    offset: int = 0,
+    num_classes: int | None = None,
+    ignore_index: int | None = None,
+) -> None:
+    """The six statistics per row of the block ``x`` into ``out`` (6, n) (the contract of
+    :mod:`lsx.torch._engines`), with torch ops on ``x``'s device (no host read)."""
+    n, k = x.shape
+    device = x.device
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    num_classes = k if num_classes is None else num_classes
+    x, _ = _capped(x.to(compute), softcap, False)
+    mask = class_mask
+    w = None if weight is None else weight.to(device=device, dtype=compute)
+    if w is not None and mask is not None:
+        w = w.masked_fill(~mask, 0)
+    zeros = torch.zeros(n, dtype=compute, device=device)
+    x_soft = x if mask is None else x.masked_fill(~mask, -math.inf)
+    raw_max = x_soft.amax(dim=1) if k else torch.full((n,), -math.inf, dtype=compute, device=device)
+    local_max = torch.where(torch.isfinite(raw_max), raw_max, 0.0)
+    sum_exp = torch.exp(x_soft - local_max.unsqueeze(1)).sum(dim=1)
+    del x_soft
+    if probs is None:
+        _, _, owns, y_local = _owned(labels, k, offset, num_classes, ignore_index)
+        x_y = w_y = owned = zeros
+        if k:
+            x_y = torch.where(owns, x.gather(1, y_local.unsqueeze(1)).squeeze(1) - local_max, 0.0)
+            w_y = owns.to(compute) if w is None else torch.where(owns, w[y_local], 0.0)
+            owned = owns.to(compute)
+            if mask is not None:  # a label on a masked class: flagged (2), its x_y NaN
+                on_masked = owns & ~mask[y_local]
+                x_y = torch.where(on_masked, math.nan, x_y)
+                owned = torch.where(on_masked, 2.0, owned)
+        weighted_sum = zeros
+        if smoothing and k:
+            linear = None  # the classes with w_c ≠ 0 among the valid ones
+            if mask is not None or w is not None:
+                linear = torch.ones(k, dtype=torch.bool, device=device) if mask is None else mask
+                if w is not None:
+                    linear = linear & (w != 0)
+            shifted = x - local_max.unsqueeze(1)
+            if linear is not None:
+                shifted = shifted.masked_fill(~linear, 0)
+            weighted_sum = shifted.sum(dim=1) if w is None else shifted @ w
+        columns = [raw_max, sum_exp, x_y, w_y, weighted_sum, owned]
+    else:
+        t = probs.to(device=device, dtype=compute)
+        q = a * t + b
+        if mask is not None:
+            q = q.masked_fill(~mask, 0)
+        wq = q if w is None else q * w
+        contributes = wq != 0
+        entropy = zeros
+        if normalize:
+            h = spec.xlogx(q, where=torch.where, log=torch.log)
+            h = h if w is None else h * w
+            entropy = torch.where(contributes, h, torch.zeros_like(h)).sum(dim=1)
+        shifted = x - local_max.unsqueeze(1)
+        weighted = torch.where(contributes, wq * shifted, torch.zeros_like(x)).sum(dim=1)
+        masked_mass = zeros if mask is None else (t.masked_fill(mask, 0) != 0).any(dim=1).to(compute)
+        columns = [raw_max, sum_exp, wq.sum(dim=1), weighted, entropy, masked_mass]
+    out.copy_(torch.stack(columns))
+
+
+def gradient(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    local_max: torch.Tensor,
+    p_scale: torch.Tensor,
+    row_scale: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    class_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    a: Any = 1.0,
+    b: Any = 0.0,
+    smoothing: bool = False,
+    offset: int = 0,
+    num_classes: int | None = None,
+    ignore_index: int | None = None,
+    nan_rows: torch.Tensor | None = None,
+) -> None:
+    """The block's gradient from the merged per-row factors into ``grad`` (may be ``x`` itself), the
+    contract of :mod:`lsx.torch._engines`, with torch ops on ``x``'s device (no host read)."""
+    n, k = x.shape
+    device = x.device
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    num_classes = k if num_classes is None else num_classes
+    x, chain = _capped(x.to(compute), softcap, True)
+    mask = class_mask
+    w = None if weight is None else weight.to(device=device, dtype=compute)
+    if w is not None and mask is not None:
+        w = w.masked_fill(~mask, 0)
+    x_soft = x if mask is None else x.masked_fill(~mask, -math.inf)
+    g = torch.exp(x_soft - local_max.to(compute).unsqueeze(1))
+    del x_soft, x
+    g.mul_(p_scale.to(compute).unsqueeze(1))
+    rs = row_scale.to(compute)
+    bad = None if nan_rows is None else nan_rows
+    if probs is None:
+        active, valid_id, owns, y_local = _owned(labels, k, offset, num_classes, ignore_index)
+        if smoothing and k:
+            b_row = b * (torch.ones(k, dtype=compute, device=device) if w is None else w)
+            if mask is not None:
+                b_row = b_row.masked_fill(~mask, 0)
+            g.addcmul_(rs.unsqueeze(1), b_row.unsqueeze(0), value=-1)
+        if k and (isinstance(a, torch.Tensor) or a != 0):
+            w_y = torch.ones(n, dtype=compute, device=device) if w is None else w[y_local]
+            g.scatter_add_(1, y_local.unsqueeze(1), torch.where(owns, -a * w_y * rs, 0.0).unsqueeze(1))
+        invalid = active & ~valid_id
+        if mask is not None and k:
+            invalid = invalid | (owns & ~mask[y_local])
+        bad = invalid if bad is None else bad | invalid
+        g.masked_fill_(~active.unsqueeze(1), 0)
+    else:
+        t = probs.to(device=device, dtype=compute)
+        q = a * t + b
+        if mask is not None:
+            q = q.masked_fill(~mask, 0)
+            masked_mass = (t.masked_fill(mask, 0) != 0).any(dim=1)
+            bad = masked_mass if bad is None else bad | masked_mass
+        g.addcmul_(rs.unsqueeze(1), q if w is None else q * w, value=-1)
+    if bad is not None:
+        g.masked_fill_(bad.unsqueeze(1), math.nan)
+    if mask is not None:
+        g.masked_fill_(~mask, 0)
+    if chain is not None:
+        g.mul_(chain)
+    grad.copy_(g)
