@@ -156,7 +156,7 @@ def test_rst_in_docstrings_becomes_markdown():
 
 def test_mkdocs_build_strict(tmp_path):
     needed = {"mkdocs": "docs", "material": "docs", "mkdocstrings_handlers.python": "docs"}
-    needed |= {module: "all" for module in ("torch", "jax", "tensorflow", "keras")}
+    needed |= {module: "all" for module in ("torch", "jax", "tensorflow", "keras", "transformers")}
     missing = sorted(f"{module} (extra {extra})" for module, extra in needed.items() if not _installed(module))
     if missing:
         pytest.skip("the site's build needs " + ", ".join(missing))
@@ -178,6 +178,9 @@ def test_mkdocs_build_strict(tmp_path):
     numpy_page = (site / "numpy" / "index.html").read_text(encoding="utf-8")
     assert 'id="lsx.numpy.loss_and_grad"' in numpy_page
     assert "1.4178" in numpy_page
+    transformers_page = (site / "transformers" / "index.html").read_text(encoding="utf-8")
+    assert 'id="lsx.transformers.apply"' in transformers_page
+    assert 'id="lsx.transformers.loss_function"' in transformers_page
     for page in site.rglob("*.html"):
         text = page.read_text(encoding="utf-8")
         assert ".. math::" not in text and ":func:`" not in text, f"reStructuredText left in {page}"
