@@ -4,6 +4,7 @@ One command::
 
     python -m benchmarks.overhead            # writes benchmarks/results/overhead.md and prints it
     python -m benchmarks.overhead --rounds 9 # fewer timing rounds (default 25)
+    python -m benchmarks.overhead --threads 1  # one intra-op thread (steadier on a busy shared machine)
 
 What it measures, float32 logits on the CPU, integer labels (none ignored: an image classifier's batch):
 
@@ -389,7 +390,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"`python -m benchmarks.overhead`: {report['machine']}; load average {report['load_before']} before,"
         f" {report['load_after']} after (a shared machine: the lsx and built-in figures of one table are timed"
         " in interleaved rounds, so load slows them alike). float32 on the CPU, forward + backward, median ms"
-        " per call.",
+        f" per call; intra-op threads: {report['threads']}.",
         "",
         "## PyTorch: lsx against torch.nn.functional.cross_entropy",
         "",
@@ -441,8 +442,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=25, help="interleaved timing rounds per table")
     parser.add_argument("--out", type=Path, default=RESULTS / "overhead.md")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for torch and Numba in the timing tables (default: theirs); 1 keeps a busy shared"
+        " machine from stalling multi-threaded calls",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        import numba
+        import torch
+
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
     if args.worker:
         work = {"jax": _jax_worker, "tensorflow": _tensorflow_worker}[args.worker]
         print("RESULT " + json.dumps(work(args.rounds)), flush=True)
@@ -453,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python"
         f" {platform.python_version()}, {_versions()}",
         "load_before": load_before,
+        "threads": "default" if not args.threads else str(args.threads),
     }
     print("PyTorch and NumPy, side by side", flush=True)
     report["torch"] = torch_rows(args.rounds)
