@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 #: served by docs/_hooks.py under the same path in the site as in the repository
 MOUNTED = "benchmarks/results"
-#: the README's future text: its links are relative to the repository root, as README.md's are
-README_DRAFT = DOCS / "_readme_draft.md"
+#: the front page: its links are relative to the repository root; its doctest runs through --doctest-glob
+README = ROOT / "README.md"
 
 _FENCE = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1[ \t]*$", re.MULTILINE | re.DOTALL)
 _CODE_SPAN = re.compile(r"(`+).+?\1", re.DOTALL)
@@ -82,7 +82,7 @@ def broken_links(page: Path, *, in_site: bool) -> list[str]:
             except ValueError:
                 resolved = None  # a link out of docs/: not part of the site
         else:
-            resolved = (ROOT if page == README_DRAFT else page.parent) / target if target else page
+            resolved = page.parent / target if target else page
             resolved = resolved if resolved.exists() else None
         if resolved is None:
             problems.append(f"{page.relative_to(ROOT)}: {link} (no such file)")
@@ -104,25 +104,21 @@ def test_every_relative_link_resolves():
     pages = site_pages()
     assert pages, "no pages under docs/"
     problems = [problem for page in pages for problem in broken_links(page, in_site=True)]
-    for page in (ROOT / "README.md", README_DRAFT):
-        if page.exists():
-            problems += broken_links(page, in_site=False)
+    problems += broken_links(README, in_site=False)
     assert not problems, "broken links:\n" + "\n".join(problems)
 
 
-#: the README's quick starts: the draft while it exists, README.md once it has replaced it
-FRONT_PAGE = README_DRAFT if README_DRAFT.exists() else ROOT / "README.md"
 _PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
 def quick_starts() -> list[str]:
     """The front page's Python blocks that are scripts (the ``>>>`` ones are doctests)."""
-    return [block for block in _PYTHON_BLOCK.findall(FRONT_PAGE.read_text(encoding="utf-8")) if ">>>" not in block]
+    return [block for block in _PYTHON_BLOCK.findall(README.read_text(encoding="utf-8")) if ">>>" not in block]
 
 
 @pytest.mark.parametrize(
     "page",
-    [page for page in [*site_pages(), README_DRAFT] if page.exists() and ">>>" in page.read_text(encoding="utf-8")],
+    [page for page in site_pages() if ">>>" in page.read_text(encoding="utf-8")],
     ids=lambda page: page.name,
 )
 def test_page_examples_run(page):
@@ -146,7 +142,7 @@ def test_front_page_quick_start_runs(number, tmp_path):
     result = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
-    assert result.returncode == 0, f"quick start {number} of {FRONT_PAGE.name} failed:\n{code}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, f"quick start {number} of README.md failed:\n{code}\n{result.stderr[-4000:]}"
 
 
 def test_rst_in_docstrings_becomes_markdown():
@@ -160,7 +156,7 @@ def test_rst_in_docstrings_becomes_markdown():
 
 def test_mkdocs_build_strict(tmp_path):
     needed = {"mkdocs": "docs", "material": "docs", "mkdocstrings_handlers.python": "docs"}
-    needed |= {module: "all" for module in ("torch", "jax", "tensorflow", "keras")}
+    needed |= {module: "all" for module in ("torch", "jax", "tensorflow", "keras", "transformers")}
     missing = sorted(f"{module} (extra {extra})" for module, extra in needed.items() if not _installed(module))
     if missing:
         pytest.skip("the site's build needs " + ", ".join(missing))
@@ -182,6 +178,9 @@ def test_mkdocs_build_strict(tmp_path):
     numpy_page = (site / "numpy" / "index.html").read_text(encoding="utf-8")
     assert 'id="lsx.numpy.loss_and_grad"' in numpy_page
     assert "1.4178" in numpy_page
+    transformers_page = (site / "transformers" / "index.html").read_text(encoding="utf-8")
+    assert 'id="lsx.transformers.apply"' in transformers_page
+    assert 'id="lsx.transformers.loss_function"' in transformers_page
     for page in site.rglob("*.html"):
         text = page.read_text(encoding="utf-8")
         assert ".. math::" not in text and ":func:`" not in text, f"reStructuredText left in {page}"
@@ -192,3 +191,22 @@ def _installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # a missing parent package
         return False
+
+
+def test_front_page_is_short_and_starts_where_users_start():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) < 200, "README.md is the front page: the reference belongs under docs/"
+    blocks = quick_starts()
+    wanted = {
+        "a PyTorch classifier": lambda code: "lsx.torch.CrossEntropyLoss" in code and ".backward()" in code,
+        "an LM head with linear_loss and gradient accumulation": lambda code: "linear_loss(" in code
+        and "denominator=" in code,
+        "Keras fit": lambda code: "lsx.keras" in code and ".fit(" in code,
+        "a jitted optax step": lambda code: "jax.jit" in code and "optax" in code,
+    }
+    missing = [name for name, found in wanted.items() if not any(found(code) for code in blocks)]
+    assert not missing, f"README.md has no quick start for {', '.join(missing)}"
+    # the CPU-only torch comes before the install command that would pull the CUDA build
+    cpu = text.index("--index-url https://download.pytorch.org/whl/cpu")
+    assert cpu < text.index('pip install -e ".[all')
+    assert "lsx parity" in text and "python -m pytest" in text
