@@ -317,8 +317,11 @@ def _index_weight_grad(cfg: Config, k: spec.RowCoefficients, xc, lse, g, active,
     local_classes = xc.shape[-1]
     rows = tuple(range(xc.ndim - 1))
     g = jnp.where(bad, jnp.nan, g)
-    x_y = jnp.take_along_axis(xc, local[..., None], axis=-1)[..., 0]
-    on_label = spec.scaled(k.a, g * (lse - x_y), where=jnp.where)
+    if k.empty_target:  # q_y = 0: x_y is never read (see lsx.jax._engine._index_weight_grad)
+        on_label = -spec.scaled(k.b, g * lse, where=jnp.where)
+    else:
+        x_y = jnp.take_along_axis(xc, local[..., None], axis=-1)[..., 0]
+        on_label = spec.scaled(k.a, g * (lse - x_y), where=jnp.where)
     if k.z != 0:
         on_label = on_label + k.z * g * lse * lse
     if k.normalize:
@@ -326,7 +329,10 @@ def _index_weight_grad(cfg: Config, k: spec.RowCoefficients, xc, lse, g, active,
     on_label = jnp.where(active & owns, on_label, 0)
     bar = jnp.zeros(local_classes, cfg.compute).at[local.reshape(-1)].add(on_label.reshape(-1))
     if not (isinstance(k.b, float) and k.b == 0):
-        valid_x = jnp.where(active[..., None], g[..., None] * (xc if mask is None else jnp.where(mask, xc, 0)), 0)
+        counted = active[..., None]
+        if k.empty_target:
+            counted = counted & ~(owns[..., None] & (jnp.arange(local_classes, dtype=local.dtype) == local[..., None]))
+        valid_x = jnp.where(counted, g[..., None] * (xc if mask is None else jnp.where(mask, xc, 0)), 0)
         bar = bar + spec.scaled(
             k.b, jnp.sum(jnp.where(active, g * lse, 0)) - jnp.sum(valid_x, axis=rows), where=jnp.where
         )

@@ -373,8 +373,8 @@ def reduced_loss(
             grads = [tf.cast(logits_grad(weighted_scale, saved), logits.dtype)]
             if weight_input:
                 grads.append(weight_grad(weighted_scale, saved))
-            if sw is not None:
-                grads.append(sample_weight_grad(scale, saved))
+            if sw is not None:  # a bad traced weight (NaN by now) has a NaN derivative too
+                grads.append(tf.where(tf.math.is_nan(sw), nan, sample_weight_grad(scale, saved)))
             if d is not None:
                 grads.append(denominator_grad(upstream, saved))
             if probs is not None:
