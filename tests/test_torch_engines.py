@@ -146,6 +146,7 @@ def test_two_steps_merged_equal_the_fused_loss(engine, dtype, case, splits):
         module.statistics(x[:, part].contiguous(), out, normalize=opts.normalize, **args)
         stats.append(out)
     stats = torch.stack(stats)
+
     def weight_total(part):  # each slice's Σ w over its valid classes (its valid class count without weights)
         valid = torch.ones(part.stop - part.start, dtype=torch.bool) if mask is None else mask[part]
         return float(valid.sum()) if weight is None else float(torch.where(valid, weight[part], 0.0).sum())

@@ -400,7 +400,8 @@ def _bad_linear_input(rank, size, splits, y):
     # the input requires grad on one rank only (the backward's all-reduce would hang)
     _raises("disagree on the input's requires_grad", lambda: run(inputs=h.requires_grad_(rank == 0)))
     h.requires_grad_(False)
-    # the logits exist a chunk at a time: chunk_size rows in the forward's and the backward's passes
+    # the logits exist a chunk at a time, chunk_size rows: computed once per chunk for "mean" (statistics,
+    # their all-gather and the gradient in the forward pass), twice for "none" (the backward recomputes them)
     shapes = []
     original = _parallel._chunk_logits
 
@@ -413,8 +414,11 @@ def _bad_linear_input(rank, size, splits, y):
         leaf = h.clone().requires_grad_(True)
         value = run(inputs=leaf, chunk_size=4)
         value.backward()
+        assert shapes == [(4, splits[rank])] * 2, shapes
+        shapes.clear()
+        run(inputs=leaf, chunk_size=4, reduction="none").sum().backward()
+        assert shapes == [(4, splits[rank])] * 4, shapes
     finally:
         _parallel._chunk_logits = original
-    assert shapes == [(4, splits[rank])] * 4, shapes
     with torch.no_grad():
         assert torch.equal(run(chunk_size=4), value.detach())

@@ -376,10 +376,16 @@ class _Call:
         _engines.statistics(self.engine, x, out, normalize=self.opts.normalize, **self._rows(rows), **self.arguments)
         return out
 
-    def merge(self, stats: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """(the loss before the reduction, the per-row factors of the gradient) from every rank's statistics
-        (P, 6, N), merged in rank order (:func:`lsx.torch._engines.merge`): the same bits on every rank."""
+    def merge(
+        self, stats: torch.Tensor, rows: slice = slice(None), reduction: str | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(the loss before the reduction, the per-row factors of the gradient) of rows ``rows`` from every
+        rank's statistics (P, 6, rows), merged in rank order (:func:`lsx.torch._engines.merge`): the same bits
+        on every rank. ``reduction`` overrides the options' (``"sum"``: row scales without the mean's 1/D);
+        ``self.denominator`` is then these rows' share of the mean's denominator (or the caller's)."""
         opts, kind, device = self.opts, self.kind, self.device
+        if reduction is not None:
+            opts = dataclasses.replace(opts, reduction=reduction)
         n = stats.shape[-1]
         merged = _engines.merge(
             stats,
@@ -391,44 +397,51 @@ class _Call:
         )
         flagged = merged["flagged"]
         if kind == "index" and self.t2.device.type == "cpu" and bool(flagged.any()):
-            label = int(self.labels[flagged][0])
+            label = int(self.labels[rows][flagged][0])
             raise ValueError(f"target has label {label}, a class that class_mask marks as absent")
         loss, self.denominator, factors = _engines.finish(
             merged,
             kind=kind,
             opts=opts,
             n=n,
-            active=self.active,
-            invalid=self.invalid,
-            sample_weight=self.sample_weight,
+            active=None if self.active is None else self.active[rows],
+            invalid=None if self.invalid is None else self.invalid[rows],
+            sample_weight=None if self.sample_weight is None else self.sample_weight[rows],
             denominator=None
             if opts.denominator is None
             else torch.as_tensor(opts.denominator, device=device).detach().to(torch.float64).reshape(()),
         )
         if self.sample_weight is not None:
-            loss = loss * self.sample_weight.to(torch.float64)
+            loss = loss * self.sample_weight[rows].to(torch.float64)
         return loss, factors
 
     def reduce(self, loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return _ops.reduce(loss, self.denominator, self.opts, dtype)
 
     def gradient(
-        self, x: torch.Tensor, grad: torch.Tensor, rows: slice, merged: dict[str, Any], upstream: Any = None
+        self,
+        x: torch.Tensor,
+        grad: torch.Tensor,
+        rows: slice,
+        merged: dict[str, Any],
+        upstream: Any = None,
+        factor_rows: slice | None = None,
     ) -> torch.Tensor:
         """This rank's slice of the gradient of rows ``rows``, ``(coef · p − w∘q) · scale`` (× the soft-cap's
         chain factor, × ``upstream``, per row or a scalar), from their logits ``x`` into ``grad`` (which may be
-        ``x``)."""
-        row_scale = merged["row_scale"][rows]
+        ``x``). ``merged``'s factors are for all N rows, or for rows ``factor_rows`` of them."""
+        rows_in_factors = rows if factor_rows is None else factor_rows
+        row_scale = merged["row_scale"][rows_in_factors]
         if upstream is not None:
             row_scale = row_scale * upstream
         _engines.gradient(
             self.engine,
             x,
             grad,
-            local_max=merged["local_max"][rows],
-            p_scale=merged["p_factor"][rows] * row_scale,
+            local_max=merged["local_max"][rows_in_factors],
+            p_scale=merged["p_factor"][rows_in_factors] * row_scale,
             row_scale=row_scale,
-            nan_rows=merged["nan_rows"][rows],
+            nan_rows=merged["nan_rows"][rows_in_factors],
             **self._rows(rows),
             **self.arguments,
         )
@@ -521,7 +534,7 @@ def linear_cross_entropy(
     rows = _engines.rows_per_chunk(n, linear_weight.shape[0], chunk_size)
     h2 = input.reshape(n, h)
     if any(need):
-        value = _ParallelLinear.apply(h2, linear_weight, linear_bias, call, rows)
+        value = _ParallelLinear.apply(h2, linear_weight, linear_bias, call, rows, need)
     else:
         value, _ = _linear_forward(call, h2.detach(), linear_weight.detach(), _detach(linear_bias), rows)
     return value.reshape(lead) if opts.reduction == "none" else value
@@ -602,31 +615,88 @@ def _linear_backward(call: _Call, h2, w, b, merged, upstream, rows, need):
     return grad_h, grad_w, grad_b
 
 
+def _linear_fused(call: _Call, h2, w, b, rows, need):
+    """``"mean"``/``"sum"``: each chunk's logits computed once, in the forward: the matmul, this rank's
+    statistics, one all-gather of the chunk's statistics (6 float64 per row), the merge, the gradient in place,
+    pushed through the projection. Three matmuls per chunk in all. Returns (the loss in h2's dtype, the
+    gradients of the reduced loss in the compute dtype: ∂/∂h (already summed over the group), ∂/∂W_r, ∂/∂b_r,
+    each None unless ``need`` asks for it)."""
+    need_h, need_w, need_b = need
+    compute = torch.float64 if h2.dtype == torch.float64 else torch.float32
+    call.setup(compute, h2.device)
+    n = h2.shape[0]
+    device = h2.device
+    wc, bc = w.to(compute), None if b is None else b.to(compute)
+    grad_h = torch.empty(h2.shape, dtype=compute, device=device) if need_h else None
+    grad_w = torch.zeros(wc.shape, dtype=compute, device=device) if need_w else None
+    grad_b = torch.zeros(wc.shape[:1], dtype=compute, device=device) if need_b else None
+    buffer = torch.empty((min(rows, n), wc.shape[0]), dtype=compute, device=device)
+    losses = torch.empty(n, dtype=torch.float64, device=device)
+    denominator = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        block = slice(start, stop)
+        hc, logits = _chunk_logits(h2, wc, bc, start, stop, buffer)
+        local = call.statistics(logits, block)
+        # the row scales without the mean's 1/D (known after the last chunk): every gradient is linear in it
+        losses[block], merged = call.merge(_gather(local, call.group), block, reduction="sum")
+        denominator = denominator + call.denominator
+        g = call.gradient(logits, logits, block, merged, factor_rows=slice(None))  # in place
+        if grad_h is not None:
+            torch.mm(g, wc, out=grad_h[block])
+        if grad_w is not None:
+            grad_w.addmm_(g.T, hc)
+        if grad_b is not None:
+            grad_b.add_(g.sum(dim=0))
+        del g, logits, hc
+    opts = call.opts
+    if opts.denominator is not None:
+        denominator = torch.as_tensor(opts.denominator, device=device).detach().to(torch.float64).reshape(())
+    call.denominator = denominator
+    value = call.reduce(losses, h2.dtype)
+    if opts.reduction == "mean":
+        scale = spec.reduction_scale("mean", denominator, where=torch.where).to(compute)
+        for grad in (grad_h, grad_w, grad_b):
+            if grad is not None:
+                grad.mul_(scale)
+    if grad_h is not None:  # every rank holds part of it: summed here, so callers must not reduce it again
+        grad_h = _all_reduce(grad_h, call.group)
+    return value, (grad_h, grad_w, grad_b)
+
+
 class _ParallelLinear(torch.autograd.Function):
-    """Pass 1 and the collectives in the forward; pass 2 and the all-reduce of the input's gradient in the
-    backward, with the upstream gradient (a scalar, or per row for ``reduction="none"``) folded into each row's
-    scale."""
+    """``"mean"``/``"sum"``: everything in the forward (:func:`_linear_fused`, the input's gradient all-reduced
+    there); the backward scales the gradients by the upstream scalar. ``"none"``: pass 1 and the collectives in
+    the forward; pass 2 (the logits recomputed) and the all-reduce of the input's gradient in the backward,
+    with the upstream gradient (per row) folded into each row's scale."""
 
     @staticmethod
-    def forward(ctx, h2, w, b, call, rows):
+    def forward(ctx, h2, w, b, call, rows, need):
+        ctx.call, ctx.dtypes = call, (h2.dtype, w.dtype, None if b is None else b.dtype)
+        if call.opts.reduction != "none":
+            value, ctx.grads = _linear_fused(call, h2.detach(), w.detach(), _detach(b), rows, need)
+            return value
         value, merged = _linear_forward(call, h2.detach(), w.detach(), _detach(b), rows)
         ctx.save_for_backward(h2, w, b)
-        ctx.call, ctx.merged, ctx.rows = call, merged, rows
+        ctx.merged, ctx.rows = merged, rows
+        ctx.grads = None
         return value
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_value):
-        h2, w, b = ctx.saved_tensors
         call = ctx.call
-        need = (call.input_grad, ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        grad_h, grad_w, grad_b = _linear_backward(call, h2, w, b, ctx.merged, grad_value, ctx.rows, need)
-        if grad_h is not None:  # every rank holds part of it: summed here, so callers must not reduce it again
-            grad_h = _all_reduce(grad_h, call.group).to(h2.dtype)
-        return (
-            grad_h if ctx.needs_input_grad[0] else None,
-            None if grad_w is None else grad_w.to(w.dtype),
-            None if grad_b is None else grad_b.to(b.dtype),
-            None,
-            None,
-        )
+        if ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None
+            scale = grad_value.detach()
+            grads = [None if g is None else g * scale.to(g.dtype) for g in grads]
+        else:
+            h2, w, b = ctx.saved_tensors
+            need = (call.input_grad, ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+            grads = list(_linear_backward(call, h2, w, b, ctx.merged, grad_value, ctx.rows, need))
+            if grads[0] is not None:  # every rank holds part of it: summed here, so callers must not reduce it again
+                grads[0] = _all_reduce(grads[0], call.group)
+        outputs = [None if g is None or dtype is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        if not ctx.needs_input_grad[0]:
+            outputs[0] = None
+        return (*outputs, None, None, None)
