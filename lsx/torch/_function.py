@@ -175,7 +175,10 @@ def cross_entropy(
         forward = route == "transform" or forward_ad._current_level >= 0
         needs = tuple(t is not None and (forward or t.requires_grad) for t in extra)  # type: ignore[assignment]
     if route == "function":
-        value = _EagerFused.apply(x2, t2, weight, class_mask, opts, *extra, needs)
+        if weight is None and class_mask is None and sample_weight is None and denominator is None:
+            value = _EagerPlain.apply(x2, t2, opts)  # the usual call: fewer arguments for autograd to bind
+        else:
+            value = _EagerFused.apply(x2, t2, weight, class_mask, opts, *extra, needs)
     elif route == "transform":
         value, *_ = _Fused.apply(x2, t2, weight, class_mask, opts, *extra, needs)
     elif route == "direct":  # nothing to differentiate: no autograd bookkeeping
@@ -593,6 +596,39 @@ class _EagerFused(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         return _Fused.jvp(ctx, *tangents)[0]
+
+
+class _EagerPlain(torch.autograd.Function):
+    """:class:`_EagerFused` without weight, class_mask, sample_weight and denominator (the usual call): only
+    the logits are differentiated, and the backward of a plain ``loss.backward()`` is a short path."""
+
+    @staticmethod
+    def forward(ctx, x2, t2, opts):
+        value, grad, _, _ = _fused_full(x2, t2, None, None, opts)
+        ctx.set_materialize_grads(False)
+        ctx.needs = (False, False)
+        ctx.save_for_backward(grad)
+        if forward_ad._current_level >= 0:
+            ctx.save_for_forward(grad)
+        ctx.per_element = opts.reduction == "none"
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        if grad_value is None or torch.is_grad_enabled() or type(grad_value) is not torch.Tensor or _graph_kept():
+            return _backward(ctx, grad_value)[0], None, None
+        # released after this call, plain tensors, no create_graph: _input_grad's in-place case
+        (grad,) = ctx.saved_tensors
+        scale = grad_value if grad_value.dtype == grad.dtype else grad_value.to(grad.dtype)
+        if ctx.per_element:
+            return grad.mul_(scale.reshape(-1, 1)), None, None
+        if grad.device.type == "cpu" and scale.item() == 1.0:
+            return grad, None, None
+        return grad.mul_(scale), None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, _t, _o):
+        return _Fused.jvp(ctx, x_tangent, None, None, None, None)[0]
 
 
 def _to_save(needs, grad, dsw, dden) -> tuple[torch.Tensor, ...]:
