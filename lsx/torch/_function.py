@@ -10,9 +10,10 @@ Two front doors share that body (:func:`_fused_impl`):
   (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``vmap``) and ``torch.autograd.forward_ad``;
 - the custom op ``lsx::fused_cross_entropy`` (``torch.library.custom_op``), which ``torch.compile``
   (``fullgraph=True``), fake/meta tracing, tensor subclasses and torch-function modes treat as one opaque
-  node. Under ``torch.compile`` the numeric options (``label_smoothing``, ``z_loss``, ``ignore_index``)
-  travel into the op as values, so a schedule or a changed module attribute gives the right loss without a
-  trace-time constant; the string and bool options are compile-time constants.
+  node. Under ``torch.compile`` the numeric options travel into the op as values (``label_smoothing``,
+  ``z_loss`` and ``softcap`` as one float64 tensor built in the graph, ``ignore_index`` as an int), so a
+  schedule or a changed module attribute gives the right loss without a trace-time constant (and recompiles
+  at most once); the string and bool options are compile-time constants.
 
 Engines, chosen per call by :func:`lsx.torch._engines.choose` (``LSX_TORCH_ENGINE`` forces one):
 
