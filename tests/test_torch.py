@@ -690,6 +690,53 @@ def test_compile_follows_changing_option_values():
         _assert_close(compiled_preset(x, y, eps), preset(x, y, eps))
 
 
+@pytest.mark.parametrize(
+    "option, values",
+    [
+        ("label_smoothing", [0.0, 0.02, 0.05, 0.1, 0.15, 0.2]),
+        ("z_loss", [0.0, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3]),
+        ("softcap", [10.0, 15.0, 20.0, 30.0, 40.0, 50.0]),
+    ],
+)
+def test_compile_schedule_of_six_values_makes_at_most_two_graphs(option, values):
+    """The numeric options reach the op as values: a schedule recompiles at most once (dynamo's automatic
+    dynamic: one graph with the first value as a constant, then one for every later value), and every call
+    gives the eager loss and gradient bit for bit."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    x, y = _data((16, 10), "index", 21, dtype=torch.float32)
+    counter = CompileCounter()
+
+    def step(x, y, value):
+        return lsx.torch.loss(x, y, **{option: value})
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for value in values:
+        actual = _loss_and_grad(compiled, x, y, value)
+        expected = _loss_and_grad(step, x, y, value)
+        assert torch.equal(actual[0], expected[0]), (option, value)
+        assert torch.equal(actual[1], expected[1]), (option, value)
+    assert counter.frame_count <= 2, (option, counter.frame_count)
+    torch._dynamo.reset()
+
+
+def test_import_does_not_load_dynamo_and_the_constant_mark_is_dynamos():
+    """``import lsx.torch`` leaves torch._dynamo unloaded (it marks its trace-time constant itself, as
+    ``torch.compiler.assume_constant_result`` does)."""
+    import subprocess
+    import sys
+
+    code = "import sys, lsx.torch; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    names = [name for name in dir(marked) if name.startswith("_dynamo")]
+    assert names
+    for name in names:
+        assert getattr(_torch_function._resolve_constant, name) == getattr(marked, name)
+
+
 def test_compile_inductor_label_smoothing_schedule():
     torch._dynamo.reset()
     x, y = _data((6, 7), "index", 14, ignore=-100, dtype=torch.float32)

@@ -67,7 +67,8 @@ def loss(
         empty_mean=empty_mean,
         softcap=softcap,
     )
-    if softcap is not None:  # validated above: a positive finite number
+    if softcap is not None and not torch.compiler.is_compiling():  # validated above: a positive finite number
+        # (under torch.compile the op checks it when it runs: float() would make the value a trace constant)
         spec.check_softcap(float(softcap), input.dtype)
     if denominator is not None:
         spec.check_real_number_type(denominator)
