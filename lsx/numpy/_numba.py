@@ -485,11 +485,26 @@ if AVAILABLE:
             x_y_t = _cap_scalar(xr[label], softcap)
             x_y = np.float64(x_y_t)
             m = _capped_row_max(xr, valid, has_mask, softcap, 1.0 / softcap)
-            sum_e, sum_x = _cap_pass(xr, dst, chain, w, valid, m, softcap, mode)
         else:
             x_y_t = xr[label]
             x_y = np.float64(x_y_t)
             m = _row_max(xr, valid, has_mask)
+        # q_y = 0 (ε = 1, spread "others"): the target's logit stays out, even at −inf, so the loss takes
+        # Σ_{c≠y} w_c (x_c − m). Summed here, before the pass: in place (mode 2) the pass overwrites the
+        # logits with exp(x − m)
+        empty_target = params[9] != 0.0
+        others = 0.0
+        if empty_target and b != 0.0:
+            for c in range(k):
+                if c != label and valid[c] and (not has_w or w[c] != 0):
+                    if capped:
+                        xc = np.float64(_cap_scalar(xr[c], softcap))
+                    else:
+                        xc = np.float64(xr[c])
+                    others += (np.float64(w[c]) if has_w else 1.0) * (xc - m)
+        if capped:
+            sum_e, sum_x = _cap_pass(xr, dst, chain, w, valid, m, softcap, mode)
+        else:
             sum_e, sum_x = _exp_pass(xr, dst, w, valid, not has_w, m, mode)
         w_y = np.float64(w[label]) if has_w else 1.0
         lse_shifted = math.log(sum_e)
@@ -497,16 +512,8 @@ if AVAILABLE:
         # a term whose coefficient is 0 adds exactly 0: a target of weight 0 at x_y = −inf, a z-loss of 0
         # against an overflowing L² (float64 logits above ~1.3e154)
         value = 0.0
-        if params[9] != 0.0:  # q_y = 0 (ε = 1, spread "others"): the target's logit stays out, even at −inf
+        if empty_target:
             if b != 0.0:
-                others = 0.0
-                for c in range(k):
-                    if c != label and valid[c] and (not has_w or w[c] != 0):
-                        if capped:
-                            xc = np.float64(_cap_scalar(xr[c], softcap))
-                        else:
-                            xc = np.float64(xr[c])
-                        others += (np.float64(w[c]) if has_w else 1.0) * (xc - m)
                 value += b * ((total_w - w_y) * lse_shifted - others)
         else:
             if a != 0.0 and w_y != 0.0:
@@ -767,6 +774,13 @@ if AVAILABLE:
                 out[2, i] = np.float64(x_y) - m
                 out[3, i] = np.float64(w[local]) if has_w else 1.0
                 out[5, i] = 1.0
+                if smoothing and params[7] != 0.0:  # a massless target: Σ w (x − m) without it, even at −inf
+                    others = 0.0
+                    for c in range(k):
+                        if c != local and valid[c] and (not has_w or w[c] != 0):
+                            xc = np.float64(_cap_scalar(xr[c], softcap) if capped else xr[c])
+                            others += (np.float64(w[c]) if has_w else 1.0) * (xc - m)
+                    out[4, i] = others
                 continue
             mt = _to_dtype_of(m, x)
             sum_qx = 0.0
@@ -1118,6 +1132,7 @@ def statistics(
     offset: int = 0,
     num_classes: int | None = None,
     ignore_index: int | None = None,
+    exclude_target: bool = False,
 ) -> None:
     """Six float64 statistics per row of the (n, k) block ``x`` (the classes [offset, offset + k) of
     ``num_classes``), written into ``out`` (6, n), C-contiguous float64; each relative to the row's own maximum
@@ -1129,6 +1144,8 @@ def statistics(
     1 owned, 2 owned on a masked class). Probabilities (``probs`` (n, k), q = a·t + b on the valid classes):
     0, 1 as above; 2 Σ w q; 3 Σ w q (x − m); 4 Σ w·xlogx(q) when ``normalize``, over the classes with
     w q ≠ 0; 5 1 where t puts mass on a masked class. ``weight`` (k,) and ``class_mask`` (k,) are the block's.
+    ``exclude_target`` (labels, a target without mass: q_y = 0): statistic 4 leaves out the target class where
+    this block owns it, so that it never reads x_y (which may be −inf).
     """
     if not AVAILABLE:
         raise ImportError("lsx.numpy._numba needs numba: pip install 'lsx[numba]'")
@@ -1138,9 +1155,12 @@ def statistics(
     y, t = _row_inputs(n, k, labels, probs, compute)
     has_ignore = ignore_index is not None
     params = np.array(
-        [a, b, float(smoothing), float(normalize), softcap or 0.0, float(has_ignore), float(weight is not None)],
+        [
+            a, b, float(smoothing), float(normalize), softcap or 0.0, float(has_ignore), float(weight is not None),
+            float(bool(exclude_target)),
+        ],
         np.float64,
-    )
+    )  # fmt: skip
     any_valid = bool(k) and bool(valid.any())
     if n:
         _statistics_rows(

@@ -373,7 +373,15 @@ class _Call:
     def statistics(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         """This rank's six float64 statistics (6, rows) of rows ``rows`` from their logits ``x`` (not modified)."""
         out = torch.empty((6, x.shape[0]), dtype=torch.float64, device=self.device)
-        _engines.statistics(self.engine, x, out, normalize=self.opts.normalize, **self._rows(rows), **self.arguments)
+        _engines.statistics(
+            self.engine,
+            x,
+            out,
+            normalize=self.opts.normalize,
+            exclude_target=self.coefficients.empty_target,
+            **self._rows(rows),
+            **self.arguments,
+        )
         return out
 
     def merge(

@@ -187,6 +187,7 @@ def statistics(
     offset=0,
     num_classes=None,
     ignore_index=None,
+    exclude_target=False,
 ) -> None:
     """The six statistics per row (the contract of :mod:`lsx.torch._engines`) into ``out`` (6, n)."""
     x_np = x.detach().contiguous().numpy()
@@ -204,6 +205,7 @@ def statistics(
         offset=offset,
         num_classes=num_classes,
         ignore_index=ignore_index,
+        exclude_target=exclude_target,
     )
     if not direct:
         out.copy_(torch.from_numpy(out_np))
