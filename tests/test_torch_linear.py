@@ -496,3 +496,17 @@ def test_chunks_share_one_logits_buffer(engine, reduction, monkeypatch):
     if reduction == "none":  # the backward recomputes the chunks, in one buffer of its own
         assert len(seen) == 5 and len(set(seen)) == 1, seen
     _close(value, lsx.torch.loss(hidden.detach() @ w.detach().T + b, y, reduction=reduction))
+
+
+def test_label_check_never_reads_a_device_class_mask():
+    """A CPU target with a class mask elsewhere (meta here, CUDA in use): the labels are still checked on the
+    CPU, the mask is never read on the host."""
+    opts = _linear._engine_options(0.0, "all", -100, 0.0, False)
+    mask = torch.ones(V, dtype=torch.bool, device="meta")
+    _linear._check_labels(torch.tensor([1, 2, -100]), V, opts, mask)  # no host read of the mask
+    with pytest.raises(ValueError, match="label"):
+        _linear._check_labels(torch.tensor([1, V]), V, opts, mask)
+    probs = torch.full((2, V), 1.0 / V, dtype=F64)
+    _linear._check_labels(probs, V, opts, mask)
+    with pytest.raises(ValueError, match="class_mask"):  # a CPU mask is still read
+        _linear._check_labels(probs, V, opts, torch.arange(V) > 0)

@@ -336,11 +336,12 @@ def _fused_full(
     k = x2.shape[1]
     on_cpu = x2.device.type == "cpu"
     mask_np = None
-    if class_mask is not None and class_mask.device.type == "cpu":
+    if class_mask is not None and class_mask.device.type == "cpu" and not _is_traced(class_mask):
         mask_np = spec.check_class_mask(class_mask.numpy(), k, opts)
     weight_np = None
     if on_cpu:
         weight_np = None if weight is None else spec.check_weight(weight.to(torch.float64).numpy(), k)
+    if on_cpu and t2.device.type == "cpu":  # (every tensor read on the host is a CPU one)
         if kind == "index":
             _check_labels(t2.numpy(), k, opts, mask_np)
         elif mask_np is not None:
@@ -630,7 +631,7 @@ def _input_grad(ctx, grad_value: torch.Tensor | None, grad: torch.Tensor, logits
     # The graph is released after this call: reuse the saved buffer as the result (no copy), so that
     # fwd+bwd holds a single logits-sized buffer. On the CPU, skip the pass for the usual loss.backward();
     # elsewhere reading the scalar would synchronise the device, so the buffer is always scaled.
-    if grad.device.type == "cpu" and scale.numel() == 1 and float(scale) == 1.0:
+    if grad.device.type == "cpu" and scale.device.type == "cpu" and scale.numel() == 1 and float(scale) == 1.0:
         return grad
     return grad.mul_(scale)
 

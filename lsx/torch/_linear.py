@@ -355,7 +355,9 @@ def _check_labels(t2, v, opts, class_mask):
     """The labels (or the probabilities' mass on removed classes), once for the whole call, on the CPU."""
     if t2.device.type != "cpu" or _torch_function._is_traced(t2):
         return
-    mask_np = None if class_mask is None else class_mask.numpy()
+    # the mask is read only where it lives on the CPU too (a device mask is never read on the host)
+    on_cpu = class_mask is not None and class_mask.device.type == "cpu" and not _torch_function._is_traced(class_mask)
+    mask_np = class_mask.numpy() if on_cpu else None
     if t2.is_floating_point():
         if mask_np is not None:
             spec.check_probability_target_mask(t2.to(torch.float64).numpy(), -1, mask_np)
@@ -504,7 +506,7 @@ def _sum_backward(ctx, grad_total, *_unused):
     scale = grad_total.to(per_element.dtype)
     traced = torch.compiler.is_compiling() or any(map(_torch_function._is_traced, (scale, per_element)))
     in_place = not traced and not keep and not torch.is_grad_enabled()
-    unit = in_place and scale.device.type == "cpu" and float(scale) == 1.0
+    unit = in_place and scale.device.type == "cpu" and per_element.device.type == "cpu" and float(scale) == 1.0
     grads = [grad_h, grad_w, grad_b]
     del grad_h, grad_w, grad_b
     for index, dtype in enumerate(ctx.dtypes):

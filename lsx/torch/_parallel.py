@@ -268,9 +268,9 @@ class _Call:
                 spec.check_denominator(torch.as_tensor(den).detach().cpu().numpy())
         except (ValueError, TypeError) as error:
             return self.fail(error, 4)
-        if self.kind == "probs" and mask is not None and t2.device.type == "cpu":
+        if self.kind == "probs" and mask is not None and t2.device.type == "cpu" and mask.device.type == "cpu":
             try:
-                spec.check_probability_target_mask(t2.detach().to(torch.float64).numpy(), -1, mask.cpu().numpy())
+                spec.check_probability_target_mask(t2.detach().to(torch.float64).numpy(), -1, mask.numpy())
             except ValueError as error:
                 return self.fail(error, 3)
         return None
@@ -390,7 +390,7 @@ class _Call:
             weight_totals=self.weight_totals,
         )
         flagged = merged["flagged"]
-        if kind == "index" and self.t2.device.type == "cpu" and bool(flagged.any()):
+        if kind == "index" and self.t2.device.type == "cpu" and flagged.device.type == "cpu" and bool(flagged.any()):
             label = int(self.labels[flagged][0])
             raise ValueError(f"target has label {label}, a class that class_mask marks as absent")
         loss, self.denominator, factors = _engines.finish(
