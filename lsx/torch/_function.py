@@ -339,9 +339,9 @@ def _fused_full(
     if class_mask is not None and class_mask.device.type == "cpu" and not _is_traced(class_mask):
         mask_np = spec.check_class_mask(class_mask.numpy(), k, opts)
     weight_np = None
-    if on_cpu:
-        weight_np = None if weight is None else spec.check_weight(weight.to(torch.float64).numpy(), k)
-    if on_cpu and t2.device.type == "cpu":  # (every tensor read on the host is a CPU one)
+    if on_cpu and weight is not None and not _is_traced(weight):
+        weight_np = spec.check_weight(weight.to(torch.float64).numpy(), k)
+    if on_cpu and t2.device.type == "cpu" and not _is_traced(t2):  # (every tensor read on the host: CPU, concrete)
         if kind == "index":
             _check_labels(t2.numpy(), k, opts, mask_np)
         elif mask_np is not None:
@@ -350,6 +350,8 @@ def _fused_full(
     if sample_weight is not None and sample_weight.device.type == "cpu" and not _is_traced(sample_weight):
         concrete = sample_weight.detach().to(torch.float64).numpy()
         sw_np = spec.check_sample_weight(concrete, tuple(sample_weight.shape)).reshape(-1)
+    if weight_np is not None or sw_np is not None:  # the concrete ones (a device tensor is trusted)
+        spec.check_weight_range(x2.dtype, weight=weight_np, sample_weight=sw_np, num_elements=x2.shape[0])
     den_value = None
     if denominator is not None and denominator.device.type == "cpu" and not _is_traced(denominator):
         den_value = spec.check_denominator(denominator.detach().to(torch.float64).numpy())
