@@ -700,3 +700,23 @@ def test_a_denominator_that_is_not_a_real_number_raises_naming_it(bad):
         lsx.torch.linear_loss(hidden, w, y, denominator=bad)
     with pytest.raises(ValueError, match="denominator"):
         lsx.torch.LinearCrossEntropyLoss(H, V, dtype=F64)(hidden, y, denominator=bad)
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_no_mass_on_the_target_with_gradients(engine, softcap, monkeypatch):
+    """ε = 1 with spread="others" (q_y = 0): the Numba kernel writes the gradient over the chunk's logits in
+    place, and the loss must not read them afterwards: the same loss with and without autograd."""
+    monkeypatch.setenv("LSX_TORCH_ENGINE", engine)
+    hidden, w, b, y = _problem((9,), "index", 39)
+    options = dict(label_smoothing=1.0, spread="others", z_loss=0.01, normalize=True, softcap=softcap, reduction="sum")
+    plain = lsx.torch.linear_loss(hidden, w, y, linear_bias=b, chunk_size=4, **options)
+    leaf = hidden.clone().requires_grad_(True)
+    value = lsx.torch.linear_loss(leaf, w, y, linear_bias=b, chunk_size=4, **options)
+    expected = _loss_of_logits(hidden, w, b, y, **options)
+    torch.testing.assert_close(plain, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(value.detach(), expected, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(value, leaf)
+    x = F.linear(hidden, w, b).requires_grad_(True)
+    (grad_x,) = torch.autograd.grad(lsx.torch.loss(x, y, **options), x)
+    torch.testing.assert_close(grad, grad_x @ w, rtol=1e-10, atol=1e-12)

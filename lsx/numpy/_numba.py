@@ -485,11 +485,24 @@ if AVAILABLE:
             x_y_t = _cap_scalar(xr[label], softcap)
             x_y = np.float64(x_y_t)
             m = _capped_row_max(xr, valid, has_mask, softcap, 1.0 / softcap)
-            sum_e, sum_x = _cap_pass(xr, dst, chain, w, valid, m, softcap, mode)
         else:
             x_y_t = xr[label]
             x_y = np.float64(x_y_t)
             m = _row_max(xr, valid, has_mask)
+        # q_y = 0 (ε = 1, spread "others"): the target's logit stays out, even at −inf; the other classes'
+        # shifted sum is read before the pass (which may overwrite the row in place with the gradient)
+        others = 0.0
+        if params[9] != 0.0 and b != 0.0:
+            for c in range(k):
+                if c != label and valid[c] and (not has_w or w[c] != 0):
+                    if capped:
+                        xc = np.float64(_cap_scalar(xr[c], softcap))
+                    else:
+                        xc = np.float64(xr[c])
+                    others += (np.float64(w[c]) if has_w else 1.0) * (xc - m)
+        if capped:
+            sum_e, sum_x = _cap_pass(xr, dst, chain, w, valid, m, softcap, mode)
+        else:
             sum_e, sum_x = _exp_pass(xr, dst, w, valid, not has_w, m, mode)
         w_y = np.float64(w[label]) if has_w else 1.0
         lse_shifted = math.log(sum_e)
@@ -497,16 +510,8 @@ if AVAILABLE:
         # a term whose coefficient is 0 adds exactly 0: a target of weight 0 at x_y = −inf, a z-loss of 0
         # against an overflowing L² (float64 logits above ~1.3e154)
         value = 0.0
-        if params[9] != 0.0:  # q_y = 0 (ε = 1, spread "others"): the target's logit stays out, even at −inf
+        if params[9] != 0.0:
             if b != 0.0:
-                others = 0.0
-                for c in range(k):
-                    if c != label and valid[c] and (not has_w or w[c] != 0):
-                        if capped:
-                            xc = np.float64(_cap_scalar(xr[c], softcap))
-                        else:
-                            xc = np.float64(xr[c])
-                        others += (np.float64(w[c]) if has_w else 1.0) * (xc - m)
                 value += b * ((total_w - w_y) * lse_shifted - others)
         else:
             if a != 0.0 and w_y != 0.0:
