@@ -75,7 +75,9 @@ _NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
 _ERRORS = {1: "weight", 2: "class_mask", 3: "target", 4: "sample_weight or denominator", 5: "input's shapes or types"}
 #: the header's columns
 _ERROR, _ELEMENTS, _X_DTYPE, _T_DTYPE, _KIND, _CLASSES, _VALID, _WEIGHT, _SUM1, _SUM2, _OPTIONS, _INPUT_GRAD = range(12)
-_HEADER = 12
+#: the digests of what is replicated: sample_weight's (two 32-bit halves), the denominator's value
+_SW1, _SW2, _DEN = range(12, 15)
+_HEADER = 15
 #: what every rank must agree on, with the error's wording
 _AGREE = (
     (_ELEMENTS, "element count (batch shape)"),
@@ -83,8 +85,11 @@ _AGREE = (
     (_T_DTYPE, "target dtype"),
     (_KIND, "target kind (labels or probabilities)"),
     (_OPTIONS, "options"),
-    (_SUM1, "labels (their checksum)"),
-    (_SUM2, "labels (their checksum)"),
+    (_SUM1, "labels (their digest)"),
+    (_SUM2, "labels (their digest)"),
+    (_SW1, "sample_weight (its digest)"),
+    (_SW2, "sample_weight (its digest)"),
+    (_DEN, "denominator"),
     (_INPUT_GRAD, "input's requires_grad (linear_loss all-reduces the input's gradient in the backward)"),
 )
 
@@ -160,6 +165,32 @@ def _options_code(opts: spec.Options) -> float:
         opts.denominator is None,
     )
     return float(zlib.crc32(repr(scalars).encode()))
+
+
+#: the constants of SplitMix64 (as signed int64: torch multiplies int64 modulo 2**64)
+_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
+_LOW32 = (1 << 32) - 1
+
+
+def _shift(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """z >> bits as an unsigned 64-bit shift."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _digest(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 64-bit digest of int64 ``keys`` and their positions, as two float64 halves (exact in the header),
+    computed on the keys' device (no host read): the sum modulo 2**64 of SplitMix64(key·φ + position), so a
+    changed value or two swapped positions change it (but for a 2**-64 chance), whatever the distance."""
+    keys = keys.reshape(-1)
+    positions = torch.arange(1, keys.numel() + 1, device=keys.device, dtype=torch.int64)
+    z = keys * _GOLDEN + positions * _MIX2
+    z = z ^ _shift(z, 30)
+    z = z * _MIX1
+    z = z ^ _shift(z, 27)
+    z = z * _MIX2
+    z = z ^ _shift(z, 31)
+    total = z.sum()
+    return (_shift(total, 32)).to(torch.float64), (total & _LOW32).to(torch.float64)
 
 
 def _gather(tensor: torch.Tensor, group: Any) -> torch.Tensor:
@@ -299,10 +330,16 @@ class _Call:
             else:
                 header[_WEIGHT] = (w.double() if mask is None else w.double().masked_fill(~mask, 0)).sum()
             if self.kind == "index" and n:
-                labels, _ = _engines.labels_as_int64(t2)
-                as_float = labels.to(torch.float64)
-                header[_SUM1] = as_float.sum()
-                header[_SUM2] = (as_float * (torch.arange(n, device=device, dtype=torch.float64) % 251 + 1)).sum()
+                labels, too_big = _engines.labels_as_int64(t2)
+                if too_big is not None:  # (a uint64 label above 2**63 - 1 keeps its own key)
+                    labels = torch.where(too_big, t2.view(torch.int64), labels) ^ too_big.to(torch.int64)
+                header[_SUM1], header[_SUM2] = _digest(labels.to(device))
+            sw = self.sample_weight
+            if sw is not None and sw.numel():
+                # the bits of each value (+ 0.0 makes −0.0 the same key as 0.0)
+                header[_SW1], header[_SW2] = _digest((sw.to(device=device, dtype=torch.float64) + 0.0).view(torch.int64))
+        den = opts.denominator
+        header[_DEN] = -1.0 if den is None else torch.as_tensor(den, dtype=torch.float64).to(device).reshape(())
         rows = _gather(header, self.group).cpu().tolist()
         if self.error is not None:
             raise self.error
@@ -403,7 +440,7 @@ class _Call:
             sample_weight=self.sample_weight,
             denominator=None
             if opts.denominator is None
-            else torch.as_tensor(opts.denominator, device=device).detach().to(torch.float64).reshape(()),
+            else torch.as_tensor(opts.denominator, dtype=torch.float64).detach().to(device).reshape(()),
         )
         if self.sample_weight is not None:
             loss = loss * self.sample_weight.to(torch.float64)
@@ -615,8 +652,11 @@ class _ParallelLinear(torch.autograd.Function):
         return value
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_value):
+        if torch.is_grad_enabled():  # create_graph=True: the single-device rule, first-order only
+            from lsx.torch._linear import _FIRST_ORDER
+
+            raise RuntimeError(_FIRST_ORDER)
         h2, w, b = ctx.saved_tensors
         call = ctx.call
         need = (call.input_grad, ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
