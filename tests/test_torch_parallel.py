@@ -470,6 +470,19 @@ def _replicated_worker(rank, size):
         for fn in (run, run_linear):
             with pytest.raises(ValueError, match="disagree on the denominator"):
                 fn(denominator=mine if rank == 0 else theirs)
+    # weights that overflow float32's sums, a softcap outside float32's range: raised on every rank
+    huge = torch.full((n,), 3e38, dtype=torch.float32)
+    _raises("sample_weight", lambda: lsx.torch.loss(part.float(), y, process_group=group, sample_weight=huge))
+    _raises(
+        "sample_weight",
+        lambda: lsx.torch.linear_loss(h.float(), head.float(), y, process_group=group, sample_weight=huge),
+    )
+    big = torch.full((splits[rank],), 1e38 if rank == 1 else 1.0)
+    message = "weight \\(max" if rank == 1 else "rank 1 .* rejected its weight"
+    _raises(message, lambda: lsx.torch.loss(part.float(), y, big, process_group=group))
+    for fn in (lambda: lsx.torch.loss(part.float(), y, process_group=group, softcap=1e39),
+               lambda: lsx.torch.linear_loss(h.float(), head.float(), y, process_group=group, softcap=1e39)):
+        _raises("softcap", fn)
     # sample_weight on one rank only
     _raises("disagree on the options", lambda: run(sample_weight=sw if rank == 0 else None))
     # the group is still usable; a Python float denominator is not rounded to float32: the single-device loss

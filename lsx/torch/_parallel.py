@@ -286,14 +286,18 @@ class _Call:
         """Value checks of this rank's slices (CPU tensors only); failures are recorded, not raised."""
         opts = self.opts
         weight, mask, t2 = self.weight, self.mask, self.t2
+        weight_np = sw_np = None
         try:
             if weight is not None and weight.device.type == "cpu":
-                spec.check_weight(weight.to(torch.float64).numpy(), weight.shape[0])
+                weight_np = spec.check_weight(weight.to(torch.float64).numpy(), weight.shape[0])
+                # this rank's slice: the rank holding the largest weight names it
+                spec.check_weight_range(self.x2.dtype, weight=weight_np, num_elements=self.x2.shape[0])
         except (ValueError, TypeError) as error:
             return self.fail(error, 1)
         try:
             if self.sample_weight is not None and self.sample_weight.device.type == "cpu":
-                spec.check_sample_weight(self.sample_weight.double().numpy(), tuple(self.sample_weight.shape))
+                sw_np = spec.check_sample_weight(self.sample_weight.double().numpy(), tuple(self.sample_weight.shape))
+                spec.check_weight_range(self.x2.dtype, weight=weight_np, sample_weight=sw_np)
             den = opts.denominator
             if den is not None and (not isinstance(den, torch.Tensor) or den.device.type == "cpu"):
                 spec.check_denominator(torch.as_tensor(den).detach().cpu().numpy())
