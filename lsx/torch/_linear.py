@@ -135,7 +135,9 @@ Args:
 Returns:
     The loss in the input's dtype: a scalar, or ``input.shape[:-1]`` for ``reduction="none"``.
     Differentiable once in ``input``, ``linear_weight``, ``linear_bias`` and ``sample_weight`` (with every
-    reduction, ``"none"`` with any upstream gradient); works under ``torch.compile``.
+    reduction, ``"none"`` with any upstream gradient; a second derivative, ``create_graph=True``, raises);
+    forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) gives the directional derivative;
+    ``torch.func.grad``/``vjp``/``functional_call`` work; works under ``torch.compile``.
 
 Raises:
     ValueError: a bad ``chunk_size``, an ``input`` whose last dim is not ``linear_weight``'s H, a
