@@ -9,7 +9,8 @@ Only per-row statistics travel, never logits: two collectives per call, both all
 
 1. A header of a few numbers per rank: its class count, valid class count and weight total (the global K, W
    and the slice offsets follow, in rank order), and what every rank must agree on (element count, dtypes,
-   target kind, a checksum of the labels, the options) or an error code when this rank rejected its input.
+   target kind, the options, a 64-bit digest of the labels and of sample_weight, the denominator's value)
+   or an error code when this rank rejected its input.
    Its size depends only on the group's size, so ranks whose batches or dtypes disagree get a ``ValueError``
    (on every rank) before any collective whose size depends on the batch, never a hang.
 2. Six float64 statistics per row (48 bytes), each taken relative to this rank's own row maximum m_r over
