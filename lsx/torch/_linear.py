@@ -218,7 +218,8 @@ def _linear_loss(input, linear_weight, target, linear_bias, weight, class_mask, 
             sw_np = spec.check_sample_weight(sample_weight.detach().to(torch.float64).numpy(), lead)
     if weight is not None and weight.device.type == "cpu" and not compiling and not _torch_function._is_traced(weight):
         weight_np = spec.check_weight(weight.to(torch.float64).numpy(), v)
-    spec.check_weight_range(input.dtype, weight=weight_np, sample_weight=sw_np, num_elements=math.prod(lead))
+    if weight_np is not None or sw_np is not None:
+        spec.check_weight_range(input.dtype, weight=weight_np, sample_weight=sw_np, num_elements=math.prod(lead))
     denominator = opts.denominator
     if isinstance(denominator, torch.Tensor) and denominator.device.type == "cpu" and not compiling:
         if not _torch_function._is_traced(denominator):
