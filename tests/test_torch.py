@@ -1201,3 +1201,28 @@ def test_a_denominator_that_is_not_a_real_number_raises_naming_it(bad):
         lsx.torch.loss(x, y, denominator=bad)
     with pytest.raises(ValueError, match="denominator"):
         lsx.torch.CrossEntropyLoss()(x, y, denominator=bad)
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weights_that_overflow_the_compute_dtype_raise(engine, strided, reduction, monkeypatch):
+    """sample_weight or class weight whose weighted sums overflow float32: a ValueError naming the argument on
+    every engine and layout, the module form and compiled calls included; float64 logits hold them."""
+    monkeypatch.setenv("LSX_TORCH_ENGINE", engine)
+    x = torch.randn(5, 8, 3)[:, :, 0] if strided else torch.randn(5, 8)
+    assert x.is_contiguous() is not strided
+    y = torch.tensor([2, 1, 0, 7, 3])
+    huge = torch.full((5,), 3e38)
+    with pytest.raises(ValueError, match="sample_weight"):
+        lsx.torch.loss(x, y, sample_weight=huge, reduction=reduction)
+    with pytest.raises(ValueError, match="sample_weight"):
+        lsx.torch.loss(x.requires_grad_(True), y, sample_weight=huge, reduction=reduction)
+    with pytest.raises(ValueError, match="weight"):
+        lsx.torch.CrossEntropyLoss(weight=torch.full((8,), 1e38), reduction=reduction)(x, y)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="sample_weight"):
+        torch.compile(lambda x, s: lsx.torch.loss(x, y, sample_weight=s, reduction=reduction), backend="aot_eager")(
+            x, huge
+        )
+    assert torch.isfinite(lsx.torch.loss(x.double(), y, sample_weight=huge.double(), reduction=reduction)).all()

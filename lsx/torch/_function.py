@@ -349,11 +349,12 @@ def _fused_full(
     k = x2.shape[1]
     on_cpu = x2.device.type == "cpu"
     mask_np = None
-    if class_mask is not None and class_mask.device.type == "cpu":
+    if class_mask is not None and class_mask.device.type == "cpu" and not _is_traced(class_mask):
         mask_np = spec.check_class_mask(class_mask.numpy(), k, opts)
     weight_np = None
-    if on_cpu:
-        weight_np = None if weight is None else spec.check_weight(weight.to(torch.float64).numpy(), k)
+    if on_cpu and weight is not None and not _is_traced(weight):
+        weight_np = spec.check_weight(weight.to(torch.float64).numpy(), k)
+    if on_cpu and t2.device.type == "cpu" and not _is_traced(t2):  # (every tensor read on the host: CPU, concrete)
         if kind == "index":
             _check_labels(t2.numpy(), k, opts, mask_np)
         elif mask_np is not None:
@@ -362,6 +363,8 @@ def _fused_full(
     if sample_weight is not None and sample_weight.device.type == "cpu" and not _is_traced(sample_weight):
         concrete = sample_weight.detach().to(torch.float64).numpy()
         sw_np = spec.check_sample_weight(concrete, tuple(sample_weight.shape)).reshape(-1)
+    if weight_np is not None or sw_np is not None:  # the concrete ones (a device tensor is trusted)
+        spec.check_weight_range(x2.dtype, weight=weight_np, sample_weight=sw_np, num_elements=x2.shape[0])
     den_value = None
     if denominator is not None and denominator.device.type == "cpu" and not _is_traced(denominator):
         den_value = spec.check_denominator(denominator.detach().to(torch.float64).numpy())
@@ -687,7 +690,7 @@ def _input_grad(ctx, grad_value: torch.Tensor | None, grad: torch.Tensor, logits
     # The graph is released after this call: reuse the saved buffer as the result (no copy), so that
     # fwd+bwd holds a single logits-sized buffer. On the CPU, skip the pass for the usual loss.backward();
     # elsewhere reading the scalar would synchronise the device, so the buffer is always scaled.
-    if grad.device.type == "cpu" and scale.numel() == 1 and float(scale) == 1.0:
+    if grad.device.type == "cpu" and scale.device.type == "cpu" and scale.numel() == 1 and float(scale) == 1.0:
         return grad
     return grad.mul_(scale)
 
