@@ -2,8 +2,15 @@
 
 import importlib.util
 
+from lsx import _compat
+
+# Collection imports lsx/keras (TensorFlow) before lsx/torch, and tests call torch.compile: with Triton installed
+# it must be loaded before TensorFlow, in this process and in every xdist worker (see lsx._compat).
+_compat.load_triton_first()
+
 _FRAMEWORK_OF = {
     "lsx/torch": "torch",
+    "lsx/transformers": "transformers",
     "lsx/jax": "jax",
     "lsx/tensorflow": "tensorflow",
     "lsx/keras": "keras",

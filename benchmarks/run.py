@@ -226,6 +226,9 @@ def _jax_methods(logits, labels):
 
 
 def _tensorflow_methods(logits, labels):
+    from lsx import _compat
+
+    _compat.load_triton_first()  # Triton loaded after TensorFlow aborts the process (lsx._compat)
     import tensorflow as tf
 
     x = tf.constant(logits)

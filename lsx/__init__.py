@@ -13,6 +13,6 @@ The semantics live in :mod:`lsx.spec`.
 
 from lsx.spec import CONVENTIONS, Options, reference_grad, reference_loss, resolve_options
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["CONVENTIONS", "Options", "__version__", "reference_grad", "reference_loss", "resolve_options"]

@@ -37,17 +37,22 @@ __all__ = [
     "check_labels",
     "check_layout",
     "check_probability_target_mask",
+    "check_softcap",
     "check_weight",
+    "check_weight_range",
+    "compute_dtype",
     "default",
     "is_default",
     "label_row",
     "labels_as_int64",
+    "logits_dtype_error",
     "probability_row",
     "reduce_total",
     "reduction_scale",
     "reference_grad",
     "reference_loss",
     "resolve_options",
+    "resolve_options_cached",
     "scaled",
     "smoothing_coefficients",
     "target_kind",
@@ -319,9 +324,10 @@ def resolve_options(convention: str | None = None, **given: Any) -> Options:
         if reduction != "mean":
             raise ValueError(f'denominator is only for reduction="mean", got reduction={reduction!r}')
         if isinstance(denominator, bool) or (
-            not isinstance(denominator, numbers.Real) and np.ndim(denominator) != 0  # a 0-d array or tensor
+            not isinstance(denominator, numbers.Real) and _ndim(denominator) != 0  # a 0-d array or tensor
         ):
             raise ValueError(f"denominator must be a number or a 0-d array, got {_describe_value(denominator)}")
+        check_real_number_type(denominator)
         if isinstance(denominator, numbers.Real):
             check_denominator(denominator)
     return Options(
@@ -340,6 +346,48 @@ def resolve_options(convention: str | None = None, **given: Any) -> Options:
     )
 
 
+def _ndim(value: Any) -> int:
+    """The number of dimensions from the shape alone: never reads a (traced) tensor's values."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, (str, bytes)):
+        return len(tuple(shape))
+    return int(np.ndim(value))
+
+
+#: resolved scalar option sets, keyed by the values given and their types (see resolve_options_cached)
+_RESOLVED: dict[Any, Options] = {}
+_RESOLVED_MAX = 256
+
+
+def resolve_options_cached(convention: str | None = None, **given: Any) -> Options:
+    """:func:`resolve_options`, memoised when every array option (``weight``, ``class_mask``,
+    ``sample_weight``, ``denominator``) is None: resolution is then a pure function of hashable scalars, and
+    most calls repeat the same few option sets. The key holds each value's type, so a marked default and the
+    same value passed explicitly, ``True`` and ``1``, ``0`` and ``0.0`` stay apart. Invalid options raise as
+    :func:`resolve_options` does, every time (only valid results are stored). For eager adapters; traced
+    code (``torch.compile``) should call :func:`resolve_options`.
+    """
+    if (
+        given.get("weight") is not None
+        or given.get("class_mask") is not None
+        or given.get("sample_weight") is not None
+        or given.get("denominator") is not None
+    ):
+        return resolve_options(convention, **given)
+    values = tuple(given.values())
+    key = (convention, type(convention), tuple(given), values, tuple(map(type, values)))
+    try:
+        hit = _RESOLVED.get(key)
+    except TypeError:  # an unhashable value: resolved (or rejected) uncached
+        return resolve_options(convention, **given)
+    if hit is None:
+        hit = resolve_options(convention, **given)
+        if len(_RESOLVED) >= _RESOLVED_MAX:
+            _RESOLVED.clear()
+        _RESOLVED[key] = hit
+    return hit
+
+
 def _describe_value(value: Any) -> str:
     shape = getattr(value, "shape", None)
     if shape is not None:
@@ -347,12 +395,126 @@ def _describe_value(value: Any) -> str:
     return f"{value!r} of type {type(value).__name__}"
 
 
+def _dtype_name(dtype: Any) -> str:
+    """A NumPy, torch, TensorFlow, JAX or Keras dtype's plain name (``"float32"``, ``"bfloat16"``, ...)."""
+    if isinstance(dtype, type) and issubclass(dtype, np.generic):
+        dtype = np.dtype(dtype)
+    name = getattr(dtype, "name", None)
+    if not isinstance(name, str):
+        name = str(dtype)
+    return name.replace("torch.", "")
+
+
+def check_real_number_type(denominator: Any) -> None:
+    """A ``denominator`` must hold a real number: a Python int or float, or a 0-d array or tensor of a real
+    (integer or floating, not bool) dtype; a string, a complex number or a bool is a ``ValueError``. Looks at
+    types only, so it runs under tracing."""
+    if isinstance(denominator, bool) or isinstance(denominator, (str, bytes)):
+        raise ValueError(f"denominator must be a real number, got {denominator!r} of type {type(denominator).__name__}")
+    if isinstance(denominator, numbers.Real):
+        return
+    dtype = getattr(denominator, "dtype", None)
+    name = None if dtype is None else _dtype_name(dtype)
+    real = name is not None and (name == "bfloat16" or any(name.startswith(p) for p in ("float", "int", "uint")))
+    if not real:
+        # arrays are described, not printed: a traced one has no values to show
+        got = f"{_describe_value(denominator)} of dtype {name}" if name is not None else _describe_value(denominator)
+        raise ValueError(f"denominator must be a real number or a 0-d array of a real dtype, got {got}")
+
+
 def check_denominator(denominator: Any) -> float:
-    """A concrete ``denominator``: finite and >= 0 (0 follows ``empty_mean``)."""
+    """A concrete ``denominator``: a real number, finite and >= 0 (0 follows ``empty_mean``)."""
+    check_real_number_type(denominator)
     value = float(np.asarray(denominator))
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"denominator must be finite and >= 0, got denominator={value!r}")
     return value
+
+
+#: the float dtypes accumulated in float64 (every other floating dtype accumulates in float32)
+_FLOAT64_NAMES = ("float64", "double", "longdouble", "float96", "float128")
+
+
+def _compute_name(dtype: Any) -> str:
+    """``"float64"`` or ``"float32"``: plain string work, so it also runs while a compiler traces."""
+    return "float64" if _dtype_name(dtype) in _FLOAT64_NAMES else "float32"
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    """The accumulation dtype of logits of ``dtype`` on every backend: float64 for float64 (and wider), float32
+    for float32, float16 and bfloat16."""
+    return np.dtype(_compute_name(dtype))
+
+
+def _softcap_bounds(name: str) -> tuple[float, float]:
+    info = np.finfo(name)
+    return float(info.tiny), float(info.eps) / float(info.tiny)
+
+
+_SOFTCAP_RANGES = {name: _softcap_bounds(name) for name in ("float32", "float64")}
+
+
+def softcap_range(dtype: Any) -> tuple[float, float]:
+    """The caps c that logits of ``dtype`` can be soft-capped with, c·tanh(x/c) in :func:`compute_dtype`.
+
+    From the smallest normal number (below it c, or x/c for small x, is flushed to zero where denormals are)
+    to eps/tiny: above it x/c is subnormal (flushed to 0 on XLA and GPUs) for logits as large as eps, so
+    the capped logits would lose more than one unit of rounding. float32: [1.2e-38, 1.0e31]; float64:
+    [2.2e-308, 1.0e292].
+    """
+    return _SOFTCAP_RANGES[_compute_name(dtype)]
+
+
+def check_softcap(softcap: float | None, dtype: Any) -> None:
+    """``softcap`` outside :func:`softcap_range` of the logits' dtype is a ``ValueError`` naming both: the
+    capped logits would overflow or underflow (NaN or a silently wrong loss on some engine). Call it with the
+    resolved option and the logits' dtype, before any computation; it reads no array values (plain Python,
+    so it also runs under ``torch.compile``)."""
+    if softcap is None:
+        return
+    low, high = softcap_range(dtype)
+    if not low <= softcap <= high:
+        name, computed = _dtype_name(dtype), _compute_name(dtype)
+        where = name if name == computed else f"{name} (computed in {computed})"
+        raise ValueError(
+            f"softcap={softcap!r} is outside the range [{low:.3g}, {high:.3g}] that {where} logits can be capped "
+            f"with: c or x/c would underflow or overflow {computed}"
+        )
+
+
+def check_weight_range(
+    dtype: Any, *, weight: Any = None, sample_weight: Any = None, num_elements: int | None = None
+) -> None:
+    """Concrete (already checked) weights whose weighted sums could overflow the compute dtype are a
+    ``ValueError`` naming the argument.
+
+    The loss multiplies each element by ``sample_weight`` and its class weights, and the mean divides by
+    Σ sample_weight·w_y: with N elements these stay below N·max(weight)·max(sample_weight), which must not
+    exceed finfo.max·eps of :func:`compute_dtype` (float32: 4.1e31, float64: 4.0e292), leaving the loss values
+    themselves 1/eps of headroom. Pass the weights as NumPy arrays (or None); ``num_elements`` defaults to
+    ``sample_weight``'s size (or 1).
+    """
+    computed = compute_dtype(dtype)
+    info = np.finfo(computed)
+    limit = float(info.max) * float(info.eps)
+    w_max = 1.0 if weight is None else float(np.max(np.asarray(weight, np.float64), initial=0.0))
+    s = None if sample_weight is None else np.asarray(sample_weight, np.float64)
+    s_max = 1.0 if s is None else float(np.max(s, initial=0.0))
+    n = num_elements if num_elements is not None else (1 if s is None else s.size)
+    bound = max(n, 1) * w_max * s_max
+    if bound <= limit:
+        return
+    if s is not None and (weight is None or s_max * max(n, 1) > limit):
+        culprit = f"sample_weight (max {s_max!r})"
+    elif s is None or w_max * max(n, 1) > limit:
+        culprit = f"weight (max {w_max!r})"
+    else:
+        culprit = f"weight (max {w_max!r}) with sample_weight (max {s_max!r})"
+    raise ValueError(
+        f"{culprit} is too large for {_dtype_name(dtype)} logits (computed in {computed.name}): "
+        f"N·max(weight)·max(sample_weight) = {bound:.3g} over N = {n} element(s) exceeds "
+        f"finfo({computed.name}).max·eps = {limit:.3g}, so the weighted sums could overflow"
+    )
 
 
 def check_sample_weight(sample_weight: Any, element_shape: tuple[int, ...]) -> np.ndarray:
@@ -385,6 +547,8 @@ def target_kind(dtype: Any) -> Literal["index", "probs"]:
 
     ``dtype`` is anything ``numpy.dtype`` accepts, or a framework dtype with a NumPy-compatible name.
     """
+    if isinstance(dtype, np.dtype) and dtype.kind in "iuf":  # the common case, without parsing the name
+        return "index" if dtype.kind in "iu" else "probs"
     name = getattr(dtype, "name", None) or str(dtype)
     name = name.replace("torch.", "")
     if name in ("bfloat16",):
@@ -432,12 +596,21 @@ def check_layout(
     if kind == "index":
         expected = logits_shape[:axis] + logits_shape[axis + 1 :]
         if target_shape != expected:
+            hint = ""
+            if axis != ndim - 1 and target_shape == logits_shape[:-1]:
+                hint = (
+                    f"; labels of shape {target_shape} fit logits with the classes on the last axis, "
+                    f"{logits_shape[-1]} of them (e.g. (batch, time, vocabulary)): pass axis=-1"
+                )
             raise ValueError(
                 f"target of integer labels must have shape {expected} (logits {logits_shape} without axis {axis}), "
-                f"got {target_shape}"
+                f"got {target_shape}{hint}"
             )
     elif target_shape != logits_shape:
-        raise ValueError(f"target of probabilities must have the logits' shape {logits_shape}, got {target_shape}")
+        hint = ""
+        if target_shape in (logits_shape[:axis] + logits_shape[axis + 1 :], logits_shape[:-1]):
+            hint = f"; {FLOAT_TARGET}"
+        raise ValueError(f"target of probabilities must have the logits' shape {logits_shape}, got {target_shape}{hint}")
     if num_classes == 0:
         raise ValueError(f"the class axis {axis} of logits {logits_shape} is empty")
     for name, shape in (("weight", weight_shape), ("class_mask", class_mask_shape)):
@@ -452,6 +625,41 @@ def check_layout(
     if class_mask_shape is None:
         check_class_count(num_classes, options)
     return Layout(axis=axis, num_classes=num_classes, kind=kind)
+
+
+#: why a floating-point target of the labels' shape is refused
+FLOAT_TARGET = (
+    "a floating-point target is read as probabilities, one per class; class labels need an integer dtype "
+    "(torch: target.long(); NumPy/JAX: target.astype('int64'); TensorFlow: tf.cast(target, tf.int64))"
+)
+
+
+def logits_dtype_error(logits_dtype: Any, target_dtype: Any = None) -> TypeError:
+    """The error for non-floating logits; when the target is floating the two were likely swapped (Keras
+    losses take ``(y_true, y_pred)``, lsx's functional losses ``(logits, target)``)."""
+    name = _dtype_name(logits_dtype)
+    message = f"logits must be floating point, got dtype {name}"
+    if target_dtype is not None and _is_floating(target_dtype):
+        message += (
+            f"; the target is {_dtype_name(target_dtype)}: were they passed in Keras's (y_true, y_pred) order? "
+            "loss takes (logits, target), logits first"
+        )
+    return TypeError(message)
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = getattr(dtype, "name", None) or str(dtype)
+    return name.replace("torch.", "").replace("<dtype: '", "").replace("'>", "")
+
+
+def _is_floating(dtype: Any) -> bool:
+    name = _dtype_name(dtype)
+    if name == "bfloat16":
+        return True
+    try:
+        return np.dtype(name).kind == "f"
+    except TypeError:
+        return False
 
 
 def check_class_count(valid_classes: int, options: Options) -> None:
@@ -527,6 +735,15 @@ def check_labels(labels: Any, num_classes: int, options: Options, class_mask: np
     any narrowing conversion of the labels.
     """
     raw = np.asarray(labels)
+    if class_mask is None and raw.dtype.kind in "iu" and (raw.dtype.itemsize < 8 or raw.dtype.kind == "i"):
+        # the common case, every label in [0, K) or ignored, settled in a few passes (as unsigned, a
+        # negative label is above K); anything else is reported below
+        y = raw.astype(np.int64, copy=False)
+        inside = y.view(np.uint64) < num_classes
+        if options.ignore_index is not None:
+            inside |= y == options.ignore_index
+        if inside.all():
+            return
     y, too_big = labels_as_int64(raw)
     active = y != options.ignore_index if options.ignore_index is not None else np.ones(y.shape, bool)
     active |= too_big
@@ -556,7 +773,7 @@ def validate(
     """All checks for concrete NumPy inputs: returns the layout, float64 weight and bool class mask."""
     kind = target_kind(target.dtype)
     if np.asarray(logits).dtype.kind != "f":
-        raise TypeError(f"logits must be floating point, got dtype {np.asarray(logits).dtype}")
+        raise logits_dtype_error(np.asarray(logits).dtype, np.asarray(target).dtype)
     layout = check_layout(
         np.shape(logits),
         np.shape(target),
@@ -568,11 +785,17 @@ def validate(
         sample_weight_shape=None if options.sample_weight is None else np.shape(options.sample_weight),
     )
     k = layout.num_classes
+    check_softcap(options.softcap, np.asarray(logits).dtype)
+    elements = element_shape(np.shape(logits), layout.axis)
+    sample_weight = None
     if options.sample_weight is not None:
-        check_sample_weight(options.sample_weight, element_shape(np.shape(logits), layout.axis))
+        sample_weight = check_sample_weight(options.sample_weight, elements)
     if options.denominator is not None:
         check_denominator(options.denominator)
     weight = None if options.weight is None else check_weight(options.weight, k)
+    check_weight_range(
+        np.asarray(logits).dtype, weight=weight, sample_weight=sample_weight, num_elements=math.prod(elements)
+    )
     mask = None if options.class_mask is None else check_class_mask(options.class_mask, k, options)
     if kind == "index":
         check_labels(target, k, options, mask)
@@ -629,7 +852,8 @@ def _reference_terms(logits: Any, target: Any, axis: int, convention: str | None
     # (no 0·∞); a NaN q_c makes the loss NaN and a negative one counts, as in torch
     wq = w * q
     contributes = wq != 0
-    cross_entropy = np.sum(np.where(contributes, wq * (lse[..., None] - x), 0.0), axis=-1)
+    with np.errstate(invalid="ignore"):  # 0·∞ where w_c·q_c = 0 is computed, then left out
+        cross_entropy = np.sum(np.where(contributes, wq * (lse[..., None] - x), 0.0), axis=-1)
     # a term whose coefficient is 0 is exactly 0: z_loss = 0 against an overflowing L² gives 0, not NaN
     z_term = opts.z_loss * w_y * lse**2 if opts.z_loss != 0 else 0.0
     # normalize: subtract the smoothed target's (weighted) entropy, the KL form whose minimum is 0
@@ -753,6 +977,9 @@ class RowCoefficients:
     z: float
     normalize: bool
     total_weight: Any
+    #: the target class carries no mass, q_y = a + b = 0 (ε = 1 with ``spread="others"``): its logit must not
+    #: enter the loss at all, so engines leave it out of ``weighted_sum`` (see :func:`label_row`)
+    empty_target: bool = False
 
     @classmethod
     def of(cls, options: Options, valid_classes: Any, total_weight: Any = None) -> RowCoefficients:
@@ -763,6 +990,7 @@ class RowCoefficients:
             z=options.z_loss,
             normalize=options.normalize,
             total_weight=valid_classes if total_weight is None else total_weight,
+            empty_target=options.spread == "others" and options.label_smoothing == 1.0,
         )
 
 
@@ -776,6 +1004,7 @@ def label_row(
     weighted_sum: Any,
     where: Any = None,
     log: Any = None,
+    target_excluded: bool = False,
 ) -> tuple[Any, Any]:
     """(per-element loss, gradient row coefficient) for an integer label y.
 
@@ -783,14 +1012,31 @@ def label_row(
 
     - ``log_sum_exp``: log Σ_c exp(x_c − m) over the valid classes (so L = m + log_sum_exp);
     - ``w_y``: the target's class weight; ``x_y``: x_y − m;
-    - ``weighted_sum``: Σ_c w_c (x_c − m) over the valid classes with w_c ≠ 0 (only read when b ≠ 0).
+    - ``weighted_sum``: Σ_c w_c (x_c − m) over the valid classes with w_c ≠ 0 (only read when b ≠ 0); with
+      ``target_excluded``, over those classes other than y.
 
     With A = a·w_y + b·W and B = a·w_y·(x_y − m) + b·Σ_c w_c (x_c − m)::
 
         loss = A·(L − m) − B + s·w_y·L² − [normalize]·H_w(q),   −H_w(q) = w_y·xlogx(a + b) + (W − w_y)·xlogx(b)
         coef = A + 2·s·w_y·L
+
+    When q_y = a + b = 0 (``k.empty_target``) the target class contributes nothing, even against x_y = −inf:
+    engines then pass ``target_excluded=True`` with the sum over the other classes, and the loss is
+    b·((W − w_y)·(L − m) − Σ_{c≠y} w_c (x_c − m)) (plus the z-loss), which never reads x_y.
     """
     big_w = k.total_weight
+    if target_excluded:
+        if not k.empty_target:
+            raise ValueError("target_excluded is only for a target class without mass (q_y = a + b = 0)")
+        loss = scaled(k.b, (big_w - w_y) * log_sum_exp - weighted_sum, where=where)
+        coef = scaled(k.b, big_w - w_y, where=where)
+        if k.z != 0:
+            lse = row_max + log_sum_exp
+            loss = loss + k.z * w_y * lse * lse
+            coef = coef + (2 * k.z) * w_y * lse
+        if k.normalize:
+            loss = loss + (big_w - w_y) * xlogx(k.b, where=where, log=log)
+        return loss, coef
     # a target of weight 0 contributes nothing, even against x_y = −inf (no 0·∞)
     target_term = w_y * (log_sum_exp - x_y)
     if isinstance(w_y, numbers.Real):

@@ -172,6 +172,21 @@ class LabelSmoothingLoss(nn.Module):
         return torch.mean(torch.sum(-true_dist * pred, dim=self.dim))
 
 
+class SmoothingDefaultsToZero(nn.Module):
+    """A blog class whose smoothing defaults to 0: plain torch cross-entropy, batch mean, until ε is passed."""
+
+    def __init__(self, smoothing=0.0):
+        super().__init__()
+        self.smoothing = smoothing
+
+    def forward(self, logits, target):
+        logp = F.log_softmax(logits, dim=-1)
+        nll = F.nll_loss(logp, target)  # ignores -100, mean over the others (NaN when there are none)
+        keep = target != -100
+        smooth = -logp.mean(dim=-1)[keep].mean()
+        return (1 - self.smoothing) * nll + self.smoothing * smooth
+
+
 class NeedsArguments(nn.Module):
     def __init__(self, margin):
         super().__init__()
@@ -184,6 +199,14 @@ def raises(logits, labels):
 
 def wrong_shape(logits, labels):
     return F.cross_entropy(logits, labels, reduction="none")[:, None].expand(-1, 2)
+
+
+def returns_none(logits, labels):
+    F.cross_entropy(logits, labels)  # the forgotten return
+
+
+def returns_tuple(logits, labels):
+    return F.cross_entropy(logits, labels), logits.softmax(-1)
 
 
 NOT_CALLABLE = 3

@@ -52,14 +52,28 @@ def close(got, want, what):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=RTOL, atol=ATOL, err_msg=what)
 
 
-def run_case(n: int, kind: str, opts: dict, *, use_weight: bool, use_mask: bool, check_vma: bool = True, seed=0):
-    """Loss and gradients (logits, weight, probability target) of the shard_map loss against the unsharded."""
+def run_case(
+    n: int,
+    kind: str,
+    opts: dict,
+    *,
+    use_weight: bool,
+    use_mask: bool,
+    check_vma: bool = True,
+    seed=0,
+    minus_inf_targets: bool = False,
+):
+    """Loss and gradients (logits, weight, probability target) of the shard_map loss against the unsharded.
+
+    ``minus_inf_targets``: some rows' target logits are −inf (finite only where the target has no mass)."""
     k = 4 * n if not use_mask else 4 * n + 4  # a padded tail: the last shard's last classes are masked
     mask = None
     if use_mask:
         mask = np.ones(k, bool)
         mask[-5:] = False
     x, t, w = data(k, kind, seed, mask)
+    if minus_inf_targets:
+        x[[0, 2, 5], t[[0, 2, 5]]] = -np.inf
     mesh = mesh_of(n)
     reduction = opts.get("reduction", "mean")
     cot = np.random.default_rng(seed + 1).normal(size=ROWS) if reduction == "none" else 1.0
@@ -142,6 +156,11 @@ def extras() -> int:
             opts = dict(label_smoothing=0.15, spread="others", z_loss=1e-3, normalize=True, reduction="mean")
             run_case(4, kind, opts, use_weight=True, use_mask=True, check_vma=check_vma, seed=11)
             cases += 1
+    # ε = 1 with spread="others": the target has no mass, so a −inf target logit leaves everything finite
+    for n in (4, 2):
+        opts = dict(label_smoothing=1.0, spread="others", z_loss=1e-3, reduction="sum")
+        run_case(n, "index", opts, use_weight=True, use_mask=n == 4, seed=13, minus_inf_targets=True)
+        cases += 1
     # softcap, sample_weight and denominator, where lsx.jax.loss takes them
     import inspect
 

@@ -317,10 +317,10 @@ def assert_same_as_reference(result, name):
         (
             "torch_builtin",
             dict(label_smoothing=0.1, spread="all", reduction="mean", ignore_index=-100),
-            {"torch", "hf"},
+            {"hf"},  # "torch" needs label_smoothing=0.1 added
         ),
         ("KDistSmoothing", dict(label_smoothing=0.1, spread="all", reduction="mean", ignore_index=None), {"timm"}),
-        ("fairseq_style", dict(label_smoothing=0.1, spread="others", reduction="sum", ignore_index=1), {"fairseq"}),
+        ("fairseq_style", dict(label_smoothing=0.1, spread="others", reduction="sum", ignore_index=1), set()),
         ("summed", dict(label_smoothing=0.1, spread="all", reduction="sum", ignore_index=-100), set()),
         ("per_element", dict(label_smoothing=0.2, reduction="none", ignore_index=-100), set()),
         ("KLForm", dict(label_smoothing=0.1, spread="others", normalize=True, reduction="mean"), set()),
@@ -337,9 +337,127 @@ def test_identify_exact_matches(name, expected, conventions):
             else result.options[option] == value
         )
     assert result.options["label_smoothing"] == pytest.approx(expected.get("label_smoothing", 0.1), abs=1e-6)
-    assert conventions <= set(result.conventions)
+    assert set(result.conventions) == conventions
+    if name == "fairseq_style":  # fairseq's preset leaves ε at 0
+        assert result.convention_options == {"fairseq": {"label_smoothing": 0.1}}
     assert result.framework == "torch" and result.deviation < 1e-5
     assert_same_as_reference(result, name)
+
+
+ZOO_LOSSES = [
+    "torch_builtin",
+    "KDistSmoothing",
+    "fairseq_style",
+    "WeightedNllOnly",
+    "WeightedEverywhere",
+    "mean_over_all_rows",
+    "smoothing_on_padding_too",
+    "summed",
+    "per_element",
+    "KLForm",
+    "with_z_loss",
+    "smoothing_on_probs",
+    "eps_over_k_slip",
+    "HFLabelSmoother",
+    "LabelSmoothingLoss",
+    "SmoothingDefaultsToZero",
+    "optax_style",
+    "t5x_style",
+]
+
+
+def test_zoo_list_is_complete():
+    import inspect
+
+    fn, _ = _identify.load(f"{ZOO}:torch_builtin")
+    module = sys.modules[fn.__module__]
+    losses = {
+        name
+        for name, value in vars(module).items()
+        if (inspect.isfunction(value) or inspect.isclass(value))
+        and value.__module__ == module.__name__
+        and name not in ("NeedsArguments", "raises", "wrong_shape", "returns_none", "returns_tuple")
+    }
+    assert losses == set(ZOO_LOSSES)
+
+
+def _outcome(call):
+    """A loss as an array, or "raises"."""
+    try:
+        return np.asarray(call(), dtype=np.float64)
+    except (_identify.CallError, ValueError):
+        return "raises"
+
+
+def _same(a, b):
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return a.shape == b.shape and np.allclose(a, b, rtol=1e-5, atol=1e-9, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ZOO_LOSSES)
+def test_identify_names_only_conventions_that_reproduce_it(name):
+    """A convention is named only if ``convention=that`` (plus the options printed with it) gives the callable's
+    loss, and every convention that does alone is named: checked on fresh inputs (random, an empty batch, an
+    all-ignored one, labels it rejects), none of them the probes'."""
+    if name == "optax_style":
+        pytest.importorskip("optax")
+    fn, _ = _identify.load(f"{ZOO}:{name}")
+    result = _identify.identify(fn)
+    claimed = {c: {} for c in result.conventions} | result.convention_options
+    if not result.matches:
+        assert claimed == {}
+        return
+    assert claimed, f"{name}: some convention reproduces every exact match, with options added"
+    assert not (result.conventions and result.convention_options)  # alone, or else the fewest additions
+    caller = _identify.make_caller(fn, result.framework)
+    k = len(result.options.get("weight") or []) or 6
+    rng = np.random.default_rng(2024)
+    ignore = result.options.get("ignore_index")
+    batches = [(rng.normal(size=(9, k)), rng.integers(0, k, size=9)), (np.zeros((0, k)), np.zeros(0, np.int64))]
+    if ignore is not None:
+        y = rng.integers(0, k, size=9)
+        y[::3] = ignore
+        batches += [(rng.normal(size=(9, k)), y), (rng.normal(size=(3, k)), np.full(3, ignore))]
+    else:
+        batches += [(rng.normal(size=(3, k)), np.array([0, label, 1])) for label in (-100, -1)]
+    theirs = [_outcome(lambda x=x, y=y: caller(x, y)) for x, y in batches]
+    for convention in spec.CONVENTIONS:
+        extra = {n: np.asarray(v) if n == "weight" else v for n, v in claimed.get(convention, {}).items()}
+        ours = [
+            _outcome(lambda x=x, y=y, c=convention, e=extra: spec.reference_loss(x, y, convention=c, **e))
+            for x, y in batches
+        ]
+        agree = all(_same(a, b) for a, b in zip(theirs, ours))
+        if convention in claimed:
+            assert agree, f"{name}: convention={convention!r} {extra} is named but differs: {theirs} vs {ours}"
+        elif convention not in result.convention_options:
+            assert not agree, f"{name}: convention={convention!r} alone reproduces it but is not named"
+
+
+def test_identify_zero_smoothing_class():
+    """ε defaults to 0: the plain torch mean (NaN for an empty batch) is the torch convention, not keras (0 for
+    an empty batch, no ignore index) nor timm/hf (ε = 0.1); the hint says how to reveal the spread."""
+    result = identify("SmoothingDefaultsToZero")
+    assert result.verdict == "exact" and result.options["label_smoothing"] == 0.0
+    assert result.conventions == ["torch"] and result.convention_options == {}
+    assert result.options.get("empty_mean", "nan") == "nan"
+    smoothing = next(f for f in result.findings if f.topic == "smoothing")
+    assert "ε = 0" in smoothing.text and "--init 'smoothing=0.1'" in smoothing.text
+    revealed = _identify.identify(_identify.load(f"{ZOO}:SmoothingDefaultsToZero", init="smoothing=0.1")[0])
+    assert revealed.verdict == "exact" and revealed.options["label_smoothing"] == pytest.approx(0.1)
+    assert revealed.options["spread"] == "all" and revealed.conventions == ["hf"]
+
+
+def test_identify_command_prints_conventions(capsys):
+    assert main(["identify", f"{ZOO}:SmoothingDefaultsToZero"]) == 0
+    out = capsys.readouterr().out
+    assert "the same as convention(s) torch, alone: e.g. lsx.torch.loss(logits, labels, convention='torch')" in out
+    assert "keras" not in out and "timm" not in out
+    assert main(["identify", f"{ZOO}:fairseq_style"]) == 0
+    out = capsys.readouterr().out
+    assert "no convention alone reproduces it; with options added:" in out
+    assert "lsx.torch.loss(logits, labels, convention='fairseq', label_smoothing=0.1)" in out
 
 
 def test_identify_weights_on_every_term():
@@ -525,6 +643,8 @@ def test_identify_rounds_to_the_probe_precision():
         (f"{ZOO}:NeedsArguments", "no value for margin; pass it with --init 'margin=...'"),
         (f"{ZOO}:raises", "RuntimeError: boom"),
         (f"{ZOO}:wrong_shape", "shape (5, 2)"),
+        (f"{ZOO}:returns_none", "it returned None (a missing `return`?); expected the loss: a scalar, or one"),
+        (f"{ZOO}:returns_tuple", "it returned a tuple of 2 (Tensor, Tensor); expected the loss"),
     ],
 )
 def test_identify_errors(capsys, target, message):
@@ -772,6 +892,51 @@ def test_explain_checks_the_class_count_like_loss(capsys):
     assert "with K=1: q_y = 1 (there is no other class)" in out and "q_c = 0.1 (c ≠ y)" not in out
     assert main(["explain", "-K", "0"]) == 2
     assert "--num-classes must be >= 1" in capsys.readouterr().err
+
+
+def test_explain_says_left_out_of_the_mean_only_for_a_mean_it_divides(capsys):
+    assert main(["explain"]) == 0
+    assert "elements with label -100: loss 0, gradient 0, left out of the mean" in capsys.readouterr().out
+    for argv in (["--reduction", "sum"], ["--reduction", "none"], ["--denominator", "32"]):
+        assert main(["explain", *argv]) == 0
+        out = capsys.readouterr().out
+        assert "elements with label -100: loss 0, gradient 0" in out and "left out of the mean" not in out, argv
+    assert main(["explain", "--denominator", "32"]) == 0
+    assert "(the mean divides by the denominator given, whatever they are)" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    import lsx
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"lsx {lsx.__version__}\n"
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
+        assert 'version = { attr = "lsx.__version__" }' in f.read()  # the metadata's version is this one
+    assert lsx.__version__ == "0.2.0"
+
+
+def test_explain_help_describes_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["explain", "--help"])
+    out = capsys.readouterr().out
+    options = [a for a in out.split() if a.startswith("--") and a != "--help"]
+    assert {"--label-smoothing", "--spread", "--z-loss", "--normalize", "--reduction", "--empty-mean"} <= set(options)
+    import argparse
+
+    explain = _explain_parser()
+    for action in explain._actions:
+        if action.option_strings and "--help" not in action.option_strings:
+            assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+
+
+def _explain_parser():
+    from lsx.cli import _parser
+
+    parser = _parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return subparsers.choices["explain"]
 
 
 def test_explain_rejects_bad_options(capsys):

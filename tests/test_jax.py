@@ -818,3 +818,100 @@ def test_engine_entry_points_apply_softcap(kind):
     grad = _engine._per_element_bwd(cfg, (x, t, None, None, lse), cot)[0]
     expected = spec.reference_grad(np.asarray(x), np.asarray(t), cotangent=np.asarray(cot), **opts)
     np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reliability, round 3: softcap and weight ranges, non-real denominators, a massless target at −inf
+# (lsx.jax.loss and lsx.jax.linear_loss)
+# --------------------------------------------------------------------------------------------------------
+_X3 = np.array([[0.0, 0.2, 0.7, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0], [1.0, 0.2, 0.7, 0.9, 1.0]])
+_Y3 = np.array([2, 1, 0])
+
+
+def _linear_inputs(logits):
+    """hidden and kernel whose product is ``logits`` (hidden = the logits, kernel = identity)."""
+    return jnp.asarray(logits), jnp.eye(logits.shape[1], dtype=jnp.asarray(logits).dtype)
+
+
+@pytest.mark.parametrize("dtype, cap", [("float32", 1e-39), ("float32", 1e39), ("bfloat16", 1e39), ("float16", 1e39),
+                                        ("float64", 1e-320), ("float64", 1e308)])
+@pytest.mark.parametrize("jit", [False, True])
+def test_softcap_outside_the_dtypes_range_raises(dtype, cap, jit):
+    x = jnp.asarray(_X3, dtype)
+    wrap = jax.jit if jit else (lambda f: f)
+    with pytest.raises(ValueError, match="softcap"):
+        wrap(lambda x: lsx.jax.loss(x, _Y3, softcap=cap))(x)
+    h, kernel = _linear_inputs(x)
+    with pytest.raises(ValueError, match="softcap"):
+        wrap(lambda h: lsx.jax.linear_loss(h, kernel, _Y3, softcap=cap))(h)
+
+
+@pytest.mark.parametrize("dtype, cap", [("float32", 1.2e-38), ("float32", 1e31), ("float64", 1e291)])
+def test_softcap_at_the_ends_of_the_range_matches_the_reference(dtype, cap):
+    x = jnp.asarray(_X3, dtype)
+    expected = spec.reference_loss(np.asarray(x), _Y3, softcap=cap, label_smoothing=0.1)
+    assert_close(jax.jit(lambda x: lsx.jax.loss(x, _Y3, softcap=cap, label_smoothing=0.1))(x), expected, dtype, "loss")
+    grad = jax.grad(lambda x: lsx.jax.loss(x, _Y3, softcap=cap, label_smoothing=0.1))(x)
+    assert_close(grad, spec.reference_grad(np.asarray(x), _Y3, softcap=cap, label_smoothing=0.1), dtype, "gradient")
+
+
+@pytest.mark.parametrize("options", [{"sample_weight": np.array([1e39, 1.0, 2.0])},
+                                     {"weight": np.array([1e39, 1, 1, 1, 1.0])},
+                                     {"weight": np.full(5, 1e20), "sample_weight": np.full(3, 1e20)}])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weights_that_could_overflow_float32_raise_naming_them(options, reduction):
+    x = jnp.asarray(_X3, jnp.float32)
+    with pytest.raises(ValueError, match="weight"):
+        lsx.jax.loss(x, _Y3, reduction=reduction, **options)
+    with pytest.raises(ValueError, match="weight"):
+        jax.jit(lambda x: lsx.jax.loss(x, _Y3, reduction=reduction, **options))(x)  # concrete, closed over
+    h, kernel = _linear_inputs(x)
+    with pytest.raises(ValueError, match="weight"):
+        lsx.jax.linear_loss(h, kernel, _Y3, reduction=reduction, **options)
+    # float64 holds them: the reference's numbers
+    assert_close(lsx.jax.loss(jnp.asarray(_X3), _Y3, reduction=reduction, **options),
+                 spec.reference_loss(_X3, _Y3, reduction=reduction, **options), "float64", "loss")
+
+
+@pytest.mark.parametrize("bad", ["4", 4 + 0j, np.complex64(4), np.array(4 + 0j), np.array(True)])
+def test_a_denominator_that_is_not_a_real_number_raises_naming_it(bad):
+    x = jnp.asarray(_X3)
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.jax.loss(x, _Y3, denominator=bad)
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.jax.loss(x, _Y3, denominator=jnp.asarray(bad) if not isinstance(bad, str) else bad)
+    h, kernel = _linear_inputs(x)
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.jax.linear_loss(h, kernel, _Y3, denominator=bad)
+    with pytest.raises(ValueError, match="denominator"):  # traced: the dtype is known all the same
+        jax.jit(lambda d: lsx.jax.loss(x, _Y3, denominator=d))(jnp.asarray(4 + 0j))
+
+
+@pytest.mark.parametrize("options", [{}, {"weight": np.array([0.5, 2.0, 1.0, 0.0, 3.0])},
+                                     {"class_mask": np.array([True, True, True, True, False])},
+                                     {"softcap": 3.0, "z_loss": 0.01, "normalize": True}])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_massless_target_at_minus_infinity_contributes_nothing(options, reduction, jit):
+    """ε = 1 with spread="others" gives q_y = 0: x_y = −inf must not turn the loss into NaN."""
+    x = _X3.copy()
+    x[0, 2] = x[2, 0] = -np.inf
+    opts = dict(label_smoothing=1.0, spread="others", reduction=reduction, **options)
+    wrap = jax.jit if jit else (lambda f: f)
+    value = wrap(lambda x: lsx.jax.loss(x, _Y3, **opts))(jnp.asarray(x))
+    assert_close(value, spec.reference_loss(x, _Y3, **opts), "float64", "loss")
+    grad = jax.grad(lambda x: jnp.sum(lsx.jax.loss(x, _Y3, **opts)))(jnp.asarray(x))
+    assert_close(grad, spec.reference_grad(x, _Y3, **opts), "float64", "gradient")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("z_loss", [0.0, 0.01])
+def test_massless_target_at_minus_infinity_weight_gradient(reduction, z_loss):
+    x = _X3.copy()
+    x[0, 2] = x[2, 0] = -np.inf
+    w = np.array([0.5, 2.0, 1.0, 0.7, 3.0])
+    opts = dict(label_smoothing=1.0, spread="others", reduction=reduction, z_loss=z_loss)
+    grad = jax.jit(jax.grad(lambda w: lsx.jax.loss(jnp.asarray(x), _Y3, weight=w, **opts)))(jnp.asarray(w))
+    f = lambda w: float(spec.reference_loss(x, _Y3, weight=w, **opts))
+    numeric = np.array([(f(w + 1e-6 * e) - f(w - 1e-6 * e)) / 2e-6 for e in np.eye(5)])
+    np.testing.assert_allclose(np.asarray(grad), numeric, rtol=1e-6)

@@ -617,3 +617,166 @@ def test_spec2_options_on_the_other_keras_backends(backend):
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run([sys.executable, "-c", SPEC2_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and f"{backend} ok" in result.stdout, result.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reliability, round 3: traced bad sample weights and denominators give NaN (tf.function here, jax.jit in a
+# subprocess), softcap and weight ranges, non-real denominators, a massless target at −inf
+# --------------------------------------------------------------------------------------------------------
+_X3 = np.array([[0.0, 0.2, 0.7, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0], [1.0, 0.2, 0.7, 0.9, 1.0]])
+_Y3 = np.array([2, 1, 0])
+
+
+def _tensorflow_backend():
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.function and tf.Variable are TensorFlow's")
+    import tensorflow as tf
+
+    return tf
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bad", [-1.0, np.inf, np.nan])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_traced_bad_sample_weight_gives_nan_under_tf_function(data, reduction, bad, jit_compile):
+    tf = _tensorflow_backend()
+    logits, _, labels, sample_weight = data
+    sw = sample_weight.copy()
+    sw[5] = bad
+    x = tf.Variable(logits)
+
+    @tf.function(jit_compile=jit_compile)
+    def step(s):
+        with tf.GradientTape() as tape:
+            value = lsx.keras.loss(x, labels, sample_weight=s, reduction=reduction)
+            total = tf.reduce_sum(value)
+        return value, tape.gradient(total, x)
+
+    value, grad = step(tf.constant(sw))
+    value, grad = np.asarray(value), grad.numpy()
+    if reduction == "none":
+        assert np.isnan(value[5]) and np.all(np.isnan(grad[5]))
+        ok = np.arange(len(labels)) != 5
+        expected = spec.reference_loss(logits, labels, reduction="none") * sample_weight
+        np.testing.assert_allclose(value[ok], expected[ok], rtol=2e-6)
+    else:
+        assert np.isnan(value) and np.any(np.isnan(grad))
+
+
+@pytest.mark.parametrize("bad", [-3.0, np.inf, np.nan])
+@pytest.mark.parametrize("variable", [False, True])
+def test_traced_bad_denominator_gives_nan_under_tf_function(data, bad, variable):
+    tf = _tensorflow_backend()
+    logits, _, labels, _ = data
+    x = tf.Variable(logits)
+    d = tf.Variable(bad, dtype=tf.float32) if variable else None
+
+    @tf.function
+    def step(value_of_d):
+        with tf.GradientTape() as tape:
+            value = lsx.keras.loss(x, labels, denominator=d if variable else value_of_d)
+        return value, tape.gradient(value, x)
+
+    value, grad = step(tf.constant(bad, tf.float32))
+    assert np.isnan(float(value)) and np.all(np.isnan(grad.numpy()))
+    if variable:  # a valid value in the same variable works, and eagerly the variable is checked
+        d.assign(6.0)
+        value, _ = step(tf.constant(0.0))
+        np.testing.assert_allclose(float(value), spec.reference_loss(logits, labels, denominator=6.0), rtol=2e-6)
+        with pytest.raises(ValueError, match="denominator"):
+            lsx.keras.loss(logits, labels, denominator=tf.Variable(-1.0))
+
+
+@pytest.mark.parametrize("dtype, cap", [("float32", 1e-39), ("float32", 1e39), ("float64", 1e-320), ("float64", 1e308)])
+def test_softcap_outside_the_dtypes_range_raises(dtype, cap):
+    if dtype == "float64" and keras.backend.backend() == "jax":
+        pytest.skip("JAX without x64 has no float64 logits")
+    x = _X3.astype(dtype)
+    with pytest.raises(ValueError, match="softcap"):
+        lsx.keras.loss(x, _Y3, softcap=cap)
+    with pytest.raises(ValueError, match="softcap"):
+        lsx.keras.SparseCategoricalCrossentropy(from_logits=True, softcap=cap, dtype=dtype)(_Y3, x)
+    with pytest.raises(ValueError, match="softcap"):
+        lsx.keras.CategoricalCrossentropy(from_logits=True, softcap=cap, dtype=dtype)(np.eye(5)[_Y3], x)
+
+
+@pytest.mark.parametrize("dtype, cap", [("float32", 1.2e-38), ("float32", 1e31), ("float64", 1e291)])
+def test_softcap_at_the_ends_of_the_range_matches_the_reference(dtype, cap):
+    x = _X3.astype(dtype)
+    value = float(lsx.keras.loss(x, _Y3, softcap=cap, label_smoothing=0.1))
+    expected = float(spec.reference_loss(x, _Y3, softcap=cap, label_smoothing=0.1))
+    np.testing.assert_allclose(value, expected, rtol=2e-6 if dtype == "float32" else 1e-12)
+
+
+@pytest.mark.parametrize("options", [{"sample_weight": np.array([1e39, 1.0, 2.0])},
+                                     {"weight": np.array([1e39, 1, 1, 1, 1.0])},
+                                     {"weight": np.full(5, 1e20), "sample_weight": np.full(3, 1e20)}])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weights_that_could_overflow_float32_raise_naming_them(options, reduction):
+    with pytest.raises(ValueError, match="weight"):
+        lsx.keras.loss(_X3.astype(np.float32), _Y3, reduction=reduction, **options)
+    loss = lsx.keras.SparseCategoricalCrossentropy(from_logits=True, weight=options.get("weight"))
+    with pytest.raises(ValueError, match="weight"):  # Keras's own sample_weight argument alike
+        loss(_Y3, _X3.astype("float32"), options.get("sample_weight"))
+
+
+@pytest.mark.parametrize("bad", ["4", 4 + 0j, np.complex64(4), np.array(4 + 0j), np.array(True)])
+def test_a_denominator_that_is_not_a_real_number_raises_naming_it(bad):
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.keras.loss(_X3, _Y3, denominator=bad)
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.keras.SparseCategoricalCrossentropy(from_logits=True, denominator=bad)
+
+
+@pytest.mark.parametrize("options", [{}, {"weight": np.array([0.5, 2.0, 1.0, 0.0, 3.0])},
+                                     {"class_mask": np.array([True, True, True, True, False])},
+                                     {"softcap": 3.0, "z_loss": 0.01, "normalize": True}])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_massless_target_at_minus_infinity_contributes_nothing(options, reduction):
+    x = _X3.astype(np.float32)
+    x[0, 2] = x[2, 0] = -np.inf
+    opts = dict(label_smoothing=1.0, spread="others", reduction=reduction, **options)
+    value = keras.ops.convert_to_numpy(lsx.keras.loss(x, _Y3, **opts))
+    np.testing.assert_allclose(value, spec.reference_loss(x, _Y3, **opts), rtol=2e-6)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        v = tf.Variable(x)
+        with tf.GradientTape() as tape:
+            total = tf.reduce_sum(lsx.keras.loss(v, _Y3, **opts))
+        np.testing.assert_allclose(tape.gradient(total, v).numpy(), spec.reference_grad(x, _Y3, **opts), atol=2e-7)
+
+
+JAX_TRACED_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np, jax, jax.numpy as jnp, keras, lsx.keras
+    from lsx import spec
+    assert keras.backend.backend() == "jax"
+    x = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    y = np.array([0, 1, 2, 3, 4, 0])
+    for reduction in ("mean", "sum", "none"):
+        for bad in (-1.0, np.inf, np.nan):
+            sw = np.ones(6, np.float32); sw[2] = bad
+            f = lambda v, s: jnp.sum(lsx.keras.loss(v, y, sample_weight=s, reduction=reduction))
+            value, grad = jax.jit(jax.value_and_grad(f))(x, sw)
+            assert np.isnan(float(value)) and np.all(np.isnan(grad[2])), (reduction, bad, value, grad)
+            if reduction == "none":
+                per = jax.jit(lambda v, s: lsx.keras.loss(v, y, sample_weight=s, reduction="none"))(x, sw)
+                ok = np.arange(6) != 2
+                np.testing.assert_allclose(np.asarray(per)[ok], spec.reference_loss(x, y, reduction="none")[ok], rtol=2e-6)
+    for bad in (-3.0, np.inf, -np.inf, np.nan):
+        f = lambda v, d: lsx.keras.loss(v, y, denominator=d)
+        value, grad = jax.jit(jax.value_and_grad(f))(x, jnp.float32(bad))
+        assert np.isnan(float(value)) and np.all(np.isnan(grad)), (bad, value, grad)
+    print("jax traced ok")
+    """
+)
+
+
+def test_traced_bad_sample_weight_and_denominator_give_nan_under_jax_jit():
+    pytest.importorskip("jax")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-c", JAX_TRACED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "jax traced ok" in result.stdout, result.stderr[-3000:]

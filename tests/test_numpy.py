@@ -536,3 +536,68 @@ def test_new_options_are_keyword_only():
         lsx.numpy.loss(
             np.zeros((2, 3)), np.array([0, 1]), -1, 0.0, "all", None, -100, 0.0, False, None, "mean", "nan", 3.0
         )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reliability, round 3: softcap and weights against the compute dtype's range, non-real denominators,
+# a target class without mass at −inf — both engines alike
+# --------------------------------------------------------------------------------------------------------
+_X3 = np.array([[0.0, 0.2, 0.7, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0], [1.0, 0.2, 0.7, 0.9, 1.0]])
+_Y3 = np.array([2, 1, 0])
+
+
+@pytest.mark.parametrize("dtype, cap", [("float32", 1e-39), ("float32", 1e39), ("float16", 1e39), ("float64", 1e-320),
+                                        ("float64", 1e308)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_softcap_outside_the_dtypes_range_raises_on_both_engines(engine, dtype, cap, reduction):
+    x = _X3.astype(dtype)
+    with pytest.raises(ValueError, match="softcap"):
+        lsx.numpy.loss(x, _Y3, softcap=cap, reduction=reduction)
+    with pytest.raises(ValueError, match="softcap"):
+        lsx.numpy.loss_and_grad(x, _Y3, softcap=cap, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype, cap", [("float32", 1.2e-38), ("float32", 1e31), ("float64", 2.3e-308), ("float64", 1e291)])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_softcap_at_the_ends_of_the_range_matches_the_reference(engine, dtype, cap, kind):
+    target = _Y3 if kind == "index" else np.eye(5)[_Y3] * 0.7 + 0.06
+    _check(_X3.astype(dtype), target, dtype, softcap=cap, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("options", [{"sample_weight": np.array([1e39, 1.0, 2.0])},
+                                     {"weight": np.array([1e39, 1, 1, 1, 1.0])},
+                                     {"weight": np.full(5, 1e20), "sample_weight": np.full(3, 1e20)}])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weights_that_could_overflow_float32_raise_naming_them(engine, options, reduction):
+    with pytest.raises(ValueError, match="weight"):
+        lsx.numpy.loss(_X3.astype(np.float32), _Y3, reduction=reduction, **options)
+    with pytest.raises(ValueError, match="weight"):
+        lsx.numpy.loss_and_grad(_X3.astype(np.float32), _Y3, reduction=reduction, **options)
+    _check(_X3, _Y3, "float64", reduction=reduction, **options)  # float64 holds them: the reference's numbers
+
+
+@pytest.mark.parametrize("bad", ["4", 4 + 0j, np.complex64(4), np.array(4 + 0j), np.array("4")])
+def test_a_denominator_that_is_not_a_real_number_raises_naming_it(engine, bad):
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.numpy.loss(_X3, _Y3, denominator=bad)
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.numpy.loss_and_grad(_X3, _Y3, denominator=bad)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("options", [{}, {"weight": "w"}, {"class_mask": "m"}, {"softcap": 3.0, "z_loss": 0.01},
+                                     {"normalize": True, "sample_weight": np.array([0.5, 1.0, 2.0])}])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_massless_target_at_minus_infinity_contributes_nothing(engine, dtype, options, reduction):
+    """ε = 1 with spread="others" gives q_y = 0: x_y = −inf must not turn the loss into NaN."""
+    x = _X3.copy()
+    x[0, 2] = -np.inf
+    x[2, 0] = -np.inf
+    options = dict(options)
+    if options.get("weight") == "w":
+        options["weight"] = np.array([0.5, 2.0, 1.0, 0.0, 3.0])
+    if options.get("class_mask") == "m":
+        options["class_mask"] = np.array([True, True, True, True, False])
+    _check(x.astype(dtype), _Y3, dtype, label_smoothing=1.0, spread="others", reduction=reduction, **options)
+    value = lsx.numpy.loss(x.astype(dtype), _Y3, label_smoothing=1.0, spread="others", reduction=reduction, **options)
+    assert np.all(np.isfinite(value))

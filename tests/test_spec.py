@@ -382,3 +382,152 @@ def test_gradient_accumulation_with_a_global_denominator_equals_one_big_batch():
     np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-14, atol=1e-16)
     losses = [spec.reference_loss(x[i : i + 4], y[i : i + 4], denominator=total, **options) for i in (0, 4, 8)]
     np.testing.assert_allclose(sum(losses), spec.reference_loss(x, y, **options), rtol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reliability, round 3: softcap and weights against the compute dtype's range, non-real denominators,
+# a target class without mass at −inf
+# --------------------------------------------------------------------------------------------------------
+_X3 = np.array([[0.0, 0.2, 0.7, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0], [1.0, 0.2, 0.7, 0.9, 1.0]])
+_Y3 = np.array([2, 1, 0])
+
+
+@pytest.mark.parametrize(
+    "dtype, cap",
+    [("float32", 1e-39), ("float32", 1e39), ("float32", 1e32), ("bfloat16", 1e39), ("float16", 1e39),
+     ("float64", 1e-320), ("float64", 1e308), ("torch.float32", 1e39)],
+)
+def test_softcap_outside_the_compute_dtypes_range_is_a_value_error_naming_it(dtype, cap):
+    with pytest.raises(ValueError, match=r"softcap=.*" + dtype.replace("torch.", "")):
+        spec.check_softcap(cap, dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype, cap", [("float32", 1.2e-38), ("float32", 1e31), ("float16", 30.0), ("bfloat16", 1e30), ("float64", 1e291)]
+)
+def test_softcap_inside_the_range_passes_and_matches_the_formula(dtype, cap):
+    spec.check_softcap(cap, dtype)
+    spec.check_softcap(None, dtype)
+    if dtype in ("float32", "float64"):
+        x = _X3.astype(dtype)
+        capped = np.float64(cap) * np.tanh(_X3 / np.float64(cap))
+        np.testing.assert_allclose(spec.reference_loss(x, _Y3, softcap=cap), spec.reference_loss(capped, _Y3))
+
+
+def test_the_reference_rejects_a_softcap_its_logits_dtype_cannot_hold():
+    with pytest.raises(ValueError, match="softcap"):
+        spec.reference_loss(_X3.astype(np.float32), _Y3, softcap=1e39)
+    spec.reference_loss(_X3, _Y3, softcap=1e39)  # float64 logits: inside the range
+
+
+@pytest.mark.parametrize("bad", ["4", b"4", 4 + 0j, np.complex64(4), np.array(4 + 0j), np.array(True), np.array("4")])
+def test_a_denominator_that_is_not_a_real_number_is_a_value_error_naming_it(bad):
+    with pytest.raises(ValueError, match="denominator"):
+        spec.resolve_options(denominator=bad)
+    with pytest.raises(ValueError, match="denominator"):
+        spec.check_denominator(bad)
+    with pytest.raises(ValueError, match="denominator"):
+        spec.reference_loss(_X3, _Y3, denominator=bad)
+
+
+@pytest.mark.parametrize("good", [4, 4.0, np.float32(4), np.array(4.0), np.int64(4), np.array(4, np.uint8)])
+def test_real_denominators_pass(good):
+    assert spec.check_denominator(good) == 4.0
+    np.testing.assert_allclose(spec.reference_loss(_X3, _Y3, denominator=good), spec.reference_loss(_X3, _Y3) * 3 / 4)
+
+
+@pytest.mark.parametrize(
+    "options, culprit",
+    [
+        ({"sample_weight": np.array([1e39, 1.0, 2.0])}, "sample_weight"),
+        ({"sample_weight": np.array([2e31, 2e31, 2e31])}, "sample_weight"),  # each fits, the sum may not
+        ({"weight": np.array([1e39, 1, 1, 1, 1.0])}, "weight"),
+        ({"weight": np.array([1e20, 1, 1, 1, 1.0]), "sample_weight": np.array([1e20, 1.0, 1.0])}, "weight"),
+    ],
+)
+def test_weights_whose_sums_could_overflow_float32_are_a_value_error_naming_them(options, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        spec.reference_loss(_X3.astype(np.float32), _Y3, **options)
+    spec.reference_loss(_X3, _Y3, **options)  # float64 has room for them
+
+
+def test_weight_range_allows_large_but_safe_weights():
+    spec.check_weight_range("float32", weight=np.full(5, 1e15), sample_weight=np.full(3, 1e15))
+    spec.check_weight_range("float64", weight=np.full(5, 1e100), sample_weight=np.full(3, 1e100))
+    with pytest.raises(ValueError, match=r"weight \(max 1e\+200\) with sample_weight"):
+        spec.check_weight_range("float64", weight=np.full(5, 1e200), sample_weight=np.full(3, 1e200))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_label_row_leaves_a_massless_target_out_even_at_minus_infinity(weighted):
+    """ε = 1 with spread="others": q_y = 0, so x_y = −inf contributes nothing (the reference is finite)."""
+    x = _X3.copy()
+    x[0, 2] = -np.inf
+    w = np.array([0.5, 2.0, 1.0, 0.0, 3.0]) if weighted else None
+    options = dict(label_smoothing=1.0, spread="others", reduction="none", weight=w)
+    expected = spec.reference_loss(x, _Y3, **options)
+    assert np.all(np.isfinite(expected))
+    opts = spec.resolve_options(label_smoothing=1.0, spread="others")
+    wf = np.ones(5) if w is None else w
+    k = spec.RowCoefficients.of(opts, 5, float(wf.sum()))
+    assert k.empty_target
+    for i in range(3):
+        m = x[i].max()
+        lse = np.log(np.sum(np.exp(x[i] - m)))
+        others = [c for c in range(5) if c != _Y3[i] and wf[c] != 0]
+        loss, coef = spec.label_row(
+            k,
+            log_sum_exp=lse,
+            row_max=m,
+            w_y=float(wf[_Y3[i]]),
+            x_y=x[i, _Y3[i]] - m,
+            weighted_sum=float(sum(wf[c] * (x[i, c] - m) for c in others)),
+            target_excluded=True,
+        )
+        np.testing.assert_allclose(loss, expected[i], rtol=1e-12)
+        assert coef == pytest.approx(k.b * (wf.sum() - wf[_Y3[i]]))
+    with pytest.raises(ValueError, match="target_excluded"):
+        spec.label_row(
+            spec.RowCoefficients.of(spec.resolve_options(label_smoothing=0.5), 5),
+            log_sum_exp=0.0, row_max=0.0, w_y=1.0, x_y=0.0, weighted_sum=0.0, target_excluded=True,
+        )
+
+
+def test_cached_resolution_keeps_defaults_apart_and_raises_every_time():
+    given = dict(label_smoothing=0.1, weight=None, class_mask=None, sample_weight=None, denominator=None)
+    for convention in (None, "fairseq", "t5x"):
+        for ignore_index in (spec.default(-100), -100, 1, None):
+            for _ in range(2):  # a miss, then a hit
+                got = spec.resolve_options_cached(convention, ignore_index=ignore_index, **given)
+                assert got == spec.resolve_options(convention, ignore_index=ignore_index, **given)
+    # a marked default and the same value passed explicitly compare equal but resolve differently
+    assert spec.resolve_options_cached("fairseq", ignore_index=spec.default(-100)).ignore_index == 1
+    assert spec.resolve_options_cached("fairseq", ignore_index=-100).ignore_index == -100
+    assert spec.resolve_options_cached(None, normalize=True).normalize is True
+    with pytest.raises(TypeError, match="normalize"):
+        spec.resolve_options_cached(None, normalize=1)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            spec.resolve_options_cached(None, label_smoothing=1.5)
+    weight = np.ones(3)
+    assert spec.resolve_options_cached(None, weight=weight).weight is weight  # arrays are never cached
+    with pytest.raises(ValueError, match="denominator"):
+        spec.resolve_options_cached(None, reduction="sum", denominator=2.0)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64])
+def test_check_labels_reports_the_first_bad_label_in_every_dtype(dtype):
+    opts = spec.resolve_options(None, ignore_index=None)
+    spec.check_labels(np.array([0, 4, 2], dtype), 5, opts)
+    with pytest.raises(ValueError, match="label 5"):
+        spec.check_labels(np.array([0, 5, 2], dtype), 5, opts)
+    if np.dtype(dtype).kind == "i":
+        for ignore_index in (None, -100, 7):
+            with pytest.raises(ValueError, match="label -1"):
+                spec.check_labels(np.array([0, -1, 2], dtype), 5, spec.resolve_options(None, ignore_index=ignore_index))
+        spec.check_labels(np.array([0, -100, 2], dtype), 5, spec.resolve_options(None, ignore_index=-100))
+        with pytest.raises(ValueError, match="label -100"):
+            spec.check_labels(np.array([0, -100, 2], dtype), 5, spec.resolve_options(None, ignore_index=-1))
+    spec.check_labels(np.array([[0, 7], [7, 1]], dtype)[:, ::-1], 5, spec.resolve_options(None, ignore_index=7))
+    with pytest.raises(ValueError, match="label 7"):
+        spec.check_labels(np.array([[0, 7], [7, 1]], dtype)[:, ::-1], 5, opts)

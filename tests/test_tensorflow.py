@@ -606,3 +606,190 @@ def test_spec2_bad_values_raise_naming_the_option(data):
         lsx.tensorflow.loss(logits, labels, denominator=np.ones(2))
     with pytest.raises(TypeError):
         lsx.tensorflow.loss(logits, labels, 0.1)  # keyword-only options
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reliability, round 3: traced bad sample weights and denominators, tf.Variable denominators, softcap and
+# weight ranges, non-real denominators, a massless target at −inf, gradients w.r.t. probability targets
+# --------------------------------------------------------------------------------------------------------
+def _traced_value_and_grads(mode, logits, labels, reduction="mean", **tensors):
+    """The loss and its gradients w.r.t. the logits and every tensor option, under ``mode``."""
+    names = list(tensors)
+
+    def f(x, *values):
+        with tf.GradientTape() as tape:
+            tape.watch([x, *values])
+            value = lsx.tensorflow.loss(x, labels, reduction=reduction, **dict(zip(names, values)))
+        return (value, *tape.gradient(value, [x, *values]))
+
+    return _run(mode, f, tf.constant(logits), *[tf.constant(v) for v in tensors.values()])
+
+
+@pytest.mark.parametrize("mode", ["function", "xla"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bad", [-1.0, np.inf, np.nan])
+def test_a_traced_bad_sample_weight_gives_nan_loss_and_gradient(data, mode, reduction, bad):
+    logits, labels, _ = data
+    sw = np.ones(len(labels))
+    sw[4] = bad
+    value, grad, sw_grad = _traced_value_and_grads(mode, logits, labels, sample_weight=sw, reduction=reduction)
+    value, grad = np.asarray(value), grad.numpy()
+    assert np.isnan(sw_grad.numpy()[4])
+    if reduction == "none":
+        assert np.isnan(value[4]) and np.all(np.isnan(grad[4]))
+        ok = np.arange(len(labels)) != 4
+        np.testing.assert_allclose(value[ok], spec.reference_loss(logits, labels, reduction="none")[ok], rtol=1e-12)
+    else:
+        assert np.isnan(value) and np.any(np.isnan(grad))
+
+
+@pytest.mark.parametrize("mode", ["function", "xla"])
+@pytest.mark.parametrize("bad", [-3.0, np.inf, -np.inf, np.nan])
+def test_a_traced_bad_denominator_gives_nan_loss_and_gradient(data, mode, bad):
+    logits, labels, _ = data
+    value, grad, _ = _traced_value_and_grads(mode, logits, labels, denominator=np.float64(bad))
+    counted = labels != -100  # ignored elements keep their exact 0 gradient
+    assert np.isnan(float(value)) and np.all(np.isnan(grad.numpy()[counted]))
+
+
+@pytest.mark.parametrize("mode", ["function", "xla"])
+def test_tf_variable_denominator_and_sample_weight_inside_tf_function(data, mode):
+    logits, labels, _ = data
+    n = len(labels)
+    good_d, good_sw = tf.Variable(40.0, dtype=tf.float64), tf.Variable(np.linspace(0.5, 2.0, n))
+    x = tf.Variable(logits)
+
+    def step():
+        with tf.GradientTape() as tape:
+            value = lsx.tensorflow.loss(x, labels, denominator=good_d, sample_weight=good_sw)
+        return value, tape.gradient(value, [x, good_d, good_sw])
+
+    value, (grad, d_grad, _) = tf.function(step, jit_compile=mode == "xla")()
+    sw = np.linspace(0.5, 2.0, n)
+    np.testing.assert_allclose(float(d_grad), -float(value) / 40.0, rtol=1e-12)
+    np.testing.assert_allclose(float(value), spec.reference_loss(logits, labels, sample_weight=sw, denominator=40.0),
+                               rtol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), spec.reference_grad(logits, labels, sample_weight=sw, denominator=40.0),
+                               rtol=1e-10, atol=1e-15)
+    for bad_d, bad_sw in ((-2.0, sw), (np.inf, sw), (40.0, np.where(np.arange(n) == 3, -1.0, sw))):
+        good_d.assign(bad_d)
+        good_sw.assign(bad_sw)
+        value, (grad, _, _) = tf.function(step, jit_compile=mode == "xla")()
+        assert np.isnan(float(value)) and np.any(np.isnan(grad.numpy()))
+    # eager: the variables' values are known, so they are checked
+    with pytest.raises(ValueError, match="sample_weight"):
+        lsx.tensorflow.loss(logits, labels, sample_weight=good_sw)
+    good_sw.assign(sw)
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.tensorflow.loss(logits, labels, denominator=tf.Variable(-1.0))
+
+
+@pytest.mark.parametrize("dtype, cap", [("float32", 1e-39), ("float32", 1e39), ("bfloat16", 1e39), ("float16", 1e39),
+                                        ("float64", 1e-320), ("float64", 1e308)])
+@pytest.mark.parametrize("mode", MODES3)
+def test_softcap_outside_the_dtypes_range_raises(data, dtype, cap, mode):
+    logits, labels, _ = data
+    with pytest.raises(ValueError, match="softcap"):
+        _run(mode, lambda x: lsx.tensorflow.loss(x, labels, softcap=cap), tf.cast(tf.constant(logits), dtype))
+
+
+@pytest.mark.parametrize("dtype, cap", [("float32", 1.2e-38), ("float32", 1e31), ("float64", 1e291)])
+@pytest.mark.parametrize("mode", MODES3)
+def test_softcap_at_the_ends_of_the_range_matches_the_reference(data, dtype, cap, mode):
+    logits, labels, _ = data
+    x = logits.astype(dtype)
+    value, grad = _run(mode, lambda x: _value_and_grad(x, labels, softcap=cap, label_smoothing=0.1), tf.constant(x))
+    rtol = 1e-5 if dtype == "float32" else 1e-10
+    np.testing.assert_allclose(float(value), spec.reference_loss(x, labels, softcap=cap, label_smoothing=0.1),
+                               rtol=rtol)
+    np.testing.assert_allclose(grad.numpy(), spec.reference_grad(x, labels, softcap=cap, label_smoothing=0.1),
+                               rtol=rtol, atol=rtol * 1e-2)
+
+
+@pytest.mark.parametrize("options", [{"sample_weight": np.full(16, 1e39)}, {"weight": np.full(7, 1e39)},
+                                     {"weight": np.full(7, 1e20), "sample_weight": np.full(16, 1e20)},
+                                     {"weight": tf.constant(np.full(7, 1e30), tf.float32),
+                                      "sample_weight": tf.constant(np.full(16, 1e30), tf.float32)}])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_weights_that_could_overflow_float32_raise_naming_them(data, options, reduction):
+    logits, labels, _ = data
+    with pytest.raises(ValueError, match="weight"):
+        lsx.tensorflow.loss(logits.astype(np.float32), labels, reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("bad", ["4", 4 + 0j, np.complex64(4), tf.constant(4 + 0j), tf.constant("4"),
+                                 tf.constant(True)])
+def test_a_denominator_that_is_not_a_real_number_raises_naming_it(data, bad):
+    logits, labels, _ = data
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.tensorflow.loss(logits, labels, denominator=bad)
+
+
+@pytest.mark.parametrize("mode", MODES3)
+@pytest.mark.parametrize("options", [{}, {"weight": np.array([0.5, 2.0, 1.0, 0.0, 3.0])},
+                                     {"class_mask": np.array([True, True, True, True, False])},
+                                     {"softcap": 3.0, "z_loss": 0.01, "normalize": True}])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_massless_target_at_minus_infinity_contributes_nothing(mode, options, reduction):
+    x = np.array([[0.0, 0.2, -np.inf, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0], [-np.inf, 0.2, 0.7, 0.9, 1.0]])
+    y = np.array([2, 1, 0])
+    opts = dict(label_smoothing=1.0, spread="others", reduction=reduction, **options)
+    value, grad = _run(mode, lambda x: _value_and_grad(x, y, **opts), tf.constant(x))
+    np.testing.assert_allclose(np.asarray(value), spec.reference_loss(x, y, **opts), rtol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), spec.reference_grad(x, y, **opts), rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("mode", MODES3)
+@pytest.mark.parametrize(
+    "options",
+    [{"label_smoothing": 0.1}, {"reduction": "none"}, {"reduction": "sum", "softcap": 2.0},
+     {"label_smoothing": 0.2, "normalize": True, "z_loss": 0.01, "weight": np.linspace(0.2, 2.0, 5)},
+     {"sample_weight": np.linspace(0.5, 1.5, 4), "class_mask": np.array([True, True, True, True, False])}],
+)
+def test_gradient_with_respect_to_probability_targets(mode, options):
+    """∂loss/∂t_c = a·w_c·[(L − x_c) + normalize·(log q_c + 1)], checked against central differences."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 5))
+    t = rng.dirichlet(np.ones(5), size=4)
+    if "class_mask" in options:
+        t[:, 4] = 0
+        t /= t.sum(axis=1, keepdims=True)
+
+    def f(x, t):
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            value = tf.reduce_sum(lsx.tensorflow.loss(x, t, **options))
+        return tape.gradient(value, t)
+
+    grad = _run(mode, f, tf.constant(x), tf.constant(t)).numpy()
+    total = lambda t: float(np.sum(spec.reference_loss(x, t, **options)))
+    h = 1e-6
+    numeric = np.zeros_like(t)
+    classes = 4 if "class_mask" in options else 5  # mass on a masked class is an error: no derivative there
+    for i in range(4):
+        for c in range(classes):
+            e = np.zeros_like(t)
+            e[i, c] = h
+            numeric[i, c] = (total(t + e) - total(t - e)) / (2 * h)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+    assert grad.dtype == np.float64
+
+
+@pytest.mark.parametrize("mode", MODES3)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_massless_target_at_minus_infinity_weight_gradient(mode, reduction):
+    x = np.array([[0.0, 0.2, -np.inf, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0], [-np.inf, 0.2, 0.7, 0.9, 1.0]])
+    y = np.array([2, 1, 0])
+    w = np.array([0.5, 2.0, 1.0, 0.7, 3.0])
+    opts = dict(label_smoothing=1.0, spread="others", reduction=reduction, z_loss=0.01)
+
+    def f(x, w):
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            value = lsx.tensorflow.loss(x, y, weight=w, **opts)
+        return tape.gradient(value, w)
+
+    grad = _run(mode, f, tf.constant(x), tf.constant(w)).numpy()
+    total = lambda w: float(spec.reference_loss(x, y, weight=w, **opts))
+    numeric = np.array([(total(w + 1e-6 * e) - total(w - 1e-6 * e)) / 2e-6 for e in np.eye(5)])
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6)

@@ -690,6 +690,53 @@ def test_compile_follows_changing_option_values():
         _assert_close(compiled_preset(x, y, eps), preset(x, y, eps))
 
 
+@pytest.mark.parametrize(
+    "option, values",
+    [
+        ("label_smoothing", [0.0, 0.02, 0.05, 0.1, 0.15, 0.2]),
+        ("z_loss", [0.0, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3]),
+        ("softcap", [10.0, 15.0, 20.0, 30.0, 40.0, 50.0]),
+    ],
+)
+def test_compile_schedule_of_six_values_makes_at_most_two_graphs(option, values):
+    """The numeric options reach the op as values: a schedule recompiles at most once (dynamo's automatic
+    dynamic: one graph with the first value as a constant, then one for every later value), and every call
+    gives the eager loss and gradient bit for bit."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    x, y = _data((16, 10), "index", 21, dtype=torch.float32)
+    counter = CompileCounter()
+
+    def step(x, y, value):
+        return lsx.torch.loss(x, y, **{option: value})
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for value in values:
+        actual = _loss_and_grad(compiled, x, y, value)
+        expected = _loss_and_grad(step, x, y, value)
+        assert torch.equal(actual[0], expected[0]), (option, value)
+        assert torch.equal(actual[1], expected[1]), (option, value)
+    assert counter.frame_count <= 2, (option, counter.frame_count)
+    torch._dynamo.reset()
+
+
+def test_import_does_not_load_dynamo_and_the_constant_mark_is_dynamos():
+    """``import lsx.torch`` leaves torch._dynamo unloaded (it marks its trace-time constant itself, as
+    ``torch.compiler.assume_constant_result`` does)."""
+    import subprocess
+    import sys
+
+    code = "import sys, lsx.torch; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    names = [name for name in dir(marked) if name.startswith("_dynamo")]
+    assert names
+    for name in names:
+        assert getattr(_torch_function._resolve_constant, name) == getattr(marked, name)
+
+
 def test_compile_inductor_label_smoothing_schedule():
     torch._dynamo.reset()
     x, y = _data((6, 7), "index", 14, ignore=-100, dtype=torch.float32)
@@ -1122,3 +1169,60 @@ def test_compile_with_a_python_number_denominator():
     bad = torch.compile(lambda x, y: lsx.torch.loss(x, y, denominator=-1.0), fullgraph=True, backend="aot_eager")
     with pytest.raises(ValueError, match="denominator"):
         bad(x, y)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reliability, round 3 (the public adapter's share): softcap outside the compute dtype's range and
+# non-real denominators are errors naming them, eagerly and under torch.compile
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, cap", [(torch.float32, 1e-39), (torch.float32, 1e39), (torch.bfloat16, 1e39),
+                                        (torch.float16, 1e39), (torch.float64, 1e-320), (torch.float64, 1e308)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_softcap_outside_the_dtypes_range_raises(dtype, cap, compiled):
+    x = torch.tensor([[0.0, 0.2, 0.7, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0]], dtype=dtype)
+    y = torch.tensor([2, 1])
+    if compiled:
+        torch._dynamo.reset()
+    call = torch.compile(lambda x: lsx.torch.loss(x, y, softcap=cap)) if compiled else (
+        lambda x: lsx.torch.loss(x, y, softcap=cap)
+    )
+    with pytest.raises(ValueError, match="softcap"):
+        call(x)
+    if not compiled:
+        with pytest.raises(ValueError, match="softcap"):
+            lsx.torch.CrossEntropyLoss(softcap=cap)(x, y)
+
+
+@pytest.mark.parametrize("bad", ["4", 4 + 0j, torch.tensor(4 + 0j), torch.tensor(True), np.complex64(4)])
+def test_a_denominator_that_is_not_a_real_number_raises_naming_it(bad):
+    x = torch.tensor([[0.0, 0.2, 0.7, 0.1, 0.0], [0.0, 0.9, 0.2, 0.2, 1.0]])
+    y = torch.tensor([2, 1])
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.torch.loss(x, y, denominator=bad)
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.torch.CrossEntropyLoss()(x, y, denominator=bad)
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weights_that_overflow_the_compute_dtype_raise(engine, strided, reduction, monkeypatch):
+    """sample_weight or class weight whose weighted sums overflow float32: a ValueError naming the argument on
+    every engine and layout, the module form and compiled calls included; float64 logits hold them."""
+    monkeypatch.setenv("LSX_TORCH_ENGINE", engine)
+    x = torch.randn(5, 8, 3)[:, :, 0] if strided else torch.randn(5, 8)
+    assert x.is_contiguous() is not strided
+    y = torch.tensor([2, 1, 0, 7, 3])
+    huge = torch.full((5,), 3e38)
+    with pytest.raises(ValueError, match="sample_weight"):
+        lsx.torch.loss(x, y, sample_weight=huge, reduction=reduction)
+    with pytest.raises(ValueError, match="sample_weight"):
+        lsx.torch.loss(x.requires_grad_(True), y, sample_weight=huge, reduction=reduction)
+    with pytest.raises(ValueError, match="weight"):
+        lsx.torch.CrossEntropyLoss(weight=torch.full((8,), 1e38), reduction=reduction)(x, y)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="sample_weight"):
+        torch.compile(lambda x, s: lsx.torch.loss(x, y, sample_weight=s, reduction=reduction), backend="aot_eager")(
+            x, huge
+        )
+    assert torch.isfinite(lsx.torch.loss(x.double(), y, sample_weight=huge.double(), reduction=reduction)).all()

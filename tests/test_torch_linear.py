@@ -496,3 +496,227 @@ def test_chunks_share_one_logits_buffer(engine, reduction, monkeypatch):
     if reduction == "none":  # the backward recomputes the chunks, in one buffer of its own
         assert len(seen) == 5 and len(set(seen)) == 1, seen
     _close(value, lsx.torch.loss(hidden.detach() @ w.detach().T + b, y, reduction=reduction))
+
+
+def test_label_check_never_reads_a_device_class_mask():
+    """A CPU target with a class mask elsewhere (meta here, CUDA in use): the labels are still checked on the
+    CPU, the mask is never read on the host."""
+    opts = _linear._engine_options(0.0, "all", -100, 0.0, False)
+    mask = torch.ones(V, dtype=torch.bool, device="meta")
+    _linear._check_labels(torch.tensor([1, 2, -100]), V, opts, mask)  # no host read of the mask
+    with pytest.raises(ValueError, match="label"):
+        _linear._check_labels(torch.tensor([1, V]), V, opts, mask)
+    probs = torch.full((2, V), 1.0 / V, dtype=F64)
+    _linear._check_labels(probs, V, opts, mask)
+    with pytest.raises(ValueError, match="class_mask"):  # a CPU mask is still read
+        _linear._check_labels(probs, V, opts, torch.arange(V) > 0)
+
+
+def _loss_of_logits(hidden, w, b, y, **kwargs):
+    return lsx.torch.loss(F.linear(hidden, w, b), y, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("wrt", ["input", "weight", "bias"])
+def test_second_derivatives_are_refused(reduction, wrt):
+    """create_graph=True (a gradient penalty, hvp) with respect to every argument: the first-order-only error,
+    never a silently dropped second-order term; without create_graph the gradient still works."""
+    hidden, w, b, y = _problem((5,), "index", 31)
+    args = {"input": hidden, "weight": w, "bias": b}
+    for tensor in args.values():
+        tensor.requires_grad_(True)
+    value = lsx.torch.linear_loss(hidden, w, y, linear_bias=b, reduction=reduction, label_smoothing=0.1, chunk_size=2)
+    with pytest.raises(RuntimeError, match="first-order"):
+        (grad,) = torch.autograd.grad(value.sum(), args[wrt], create_graph=True)
+        grad.pow(2).sum().backward()
+    module = lsx.torch.LinearCrossEntropyLoss(H, V, bias=True, reduction=reduction, dtype=F64)
+    out = module(hidden, y).sum()
+    target = {"input": hidden, "weight": module.linear.weight, "bias": module.linear.bias}[wrt]
+    with pytest.raises(RuntimeError, match="first-order"):
+        torch.autograd.grad(out, target, create_graph=True)
+    if reduction != "none":
+        with pytest.raises(RuntimeError, match="first-order"):
+            torch.autograd.functional.hvp(
+                lambda t: lsx.torch.linear_loss(t, w.detach(), y, reduction=reduction), hidden.detach(),
+                torch.ones_like(hidden),
+            )
+    # first order: unchanged
+    (grad,) = torch.autograd.grad(value.sum(), args[wrt])
+    (expected,) = torch.autograd.grad(_loss_of_logits(hidden, w, b, y, reduction=reduction, label_smoothing=0.1).sum(),
+                                      args[wrt])
+    torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_forward_mode_gives_the_directional_derivative(reduction, kind):
+    """torch.func.jvp and torch.autograd.forward_ad: the tangent of the materialised loss, in every argument
+    (input, linear_weight, linear_bias, sample_weight)."""
+    hidden, w, b, y = _problem((7,), kind, 32)
+    gen = torch.Generator().manual_seed(5)
+    sw = torch.rand(7, generator=gen, dtype=F64) + 0.5
+    primals = (hidden, w, b, sw)
+    tangents = tuple(torch.randn(t.shape, generator=gen, dtype=F64) for t in primals)
+    kwargs = dict(reduction=reduction, label_smoothing=0.2, z_loss=0.01, softcap=4.0)
+
+    def fused(h, ww, bb, s):
+        return lsx.torch.linear_loss(h, ww, y, linear_bias=bb, sample_weight=s, chunk_size=3, **kwargs)
+
+    def plain(h, ww, bb, s):
+        return _loss_of_logits(h, ww, bb, y, sample_weight=s, **kwargs)
+
+    value, tangent = torch.func.jvp(fused, primals, tangents)
+    expected_value, expected = torch.func.jvp(plain, primals, tangents)
+    torch.testing.assert_close(value, expected_value)
+    torch.testing.assert_close(tangent, expected)
+    assert expected.abs().sum() > 0
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        duals = [fwad.make_dual(p, t) for p, t in zip(primals, tangents)]
+        got = fwad.unpack_dual(fused(*duals)).tangent
+    torch.testing.assert_close(got, expected)
+    # one argument at a time (the others without a tangent)
+    for index in range(4):
+        only = tuple(t if i == index else torch.zeros_like(t) for i, t in enumerate(tangents))
+        torch.testing.assert_close(torch.func.jvp(fused, primals, only)[1], torch.func.jvp(plain, primals, only)[1])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_func_transforms(reduction):
+    """torch.func.grad / vjp / functional_call work as they do for lsx.torch.loss; a nested grad (a second
+    derivative) raises the first-order-only error."""
+    hidden, w, b, y = _problem((6,), "index", 33)
+
+    def fused(h, ww, bb):
+        return lsx.torch.linear_loss(h, ww, y, linear_bias=bb, reduction=reduction, chunk_size=4).sum()
+
+    def plain(h, ww, bb):
+        return _loss_of_logits(h, ww, bb, y, reduction=reduction).sum()
+
+    got = torch.func.grad(fused, argnums=(0, 1, 2))(hidden, w, b)
+    expected = torch.func.grad(plain, argnums=(0, 1, 2))(hidden, w, b)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    _, pullback = torch.func.vjp(lambda h: lsx.torch.linear_loss(h, w, y, reduction=reduction), hidden)
+    _, plain_pullback = torch.func.vjp(lambda h: _loss_of_logits(h, w, None, y, reduction=reduction), hidden)
+    cotangent = torch.ones(6, dtype=F64) if reduction == "none" else torch.tensor(1.0, dtype=F64)
+    torch.testing.assert_close(pullback(cotangent)[0], plain_pullback(cotangent)[0])
+    module = lsx.torch.LinearCrossEntropyLoss(H, V, bias=True, reduction=reduction, dtype=F64)
+    params = {"linear.weight": w, "linear.bias": b}
+
+    def by_params(p):
+        return torch.func.functional_call(module, p, (hidden, y)).sum()
+
+    grads = torch.func.grad(by_params)(params)
+    torch.testing.assert_close(grads["linear.weight"], expected[1])
+    torch.testing.assert_close(grads["linear.bias"], expected[2])
+    with pytest.raises(RuntimeError, match="first-order"):
+        torch.func.grad(lambda h: torch.func.grad(fused)(h, w, b).sum())(hidden)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_compiled_negative_sample_weight_or_denominator_raises(reduction):
+    """Under torch.compile the sample weights (and a tensor denominator) are checked when the graph runs, as
+    lsx.torch.loss does, never a finite loss from a negative weight."""
+    hidden, w, _, y = _problem((6,), "index", 34)
+    bad = torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0, 1.0], dtype=F64)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda h, s: lsx.torch.linear_loss(h, w, y, sample_weight=s, reduction=reduction), backend="aot_eager"
+    )
+    with pytest.raises(ValueError, match="sample_weight"):
+        compiled(hidden, bad)
+    with pytest.raises(ValueError, match="sample_weight"):  # the same as the loss of the logits
+        torch.compile(lambda x, s: lsx.torch.loss(x, y, sample_weight=s, reduction=reduction), backend="aot_eager")(
+            F.linear(hidden, w), bad
+        )
+    good = bad.abs()
+    torch.testing.assert_close(compiled(hidden, good), lsx.torch.linear_loss(hidden, w, y, sample_weight=good,
+                                                                              reduction=reduction))
+    if reduction == "mean":
+        with pytest.raises(ValueError, match="denominator"):
+            torch.compile(lambda h, d: lsx.torch.linear_loss(h, w, y, denominator=d), backend="aot_eager")(
+                hidden, torch.tensor(-2.0, dtype=F64)
+            )
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_fullgraph_tensor_denominator(backend):
+    """A tensor denominator under torch.compile(fullgraph=True): the eager loss and gradients."""
+    hidden, w, b, y = _problem((6,), "index", 35)
+    den = torch.tensor(4.5, dtype=F64)
+
+    def fn(h, ww, bb, d):
+        return lsx.torch.linear_loss(h, ww, y, linear_bias=bb, denominator=d, label_smoothing=0.1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, w, b)]
+    value = compiled(*leaves, den)
+    value.backward()
+    eager_leaves = [t.clone().requires_grad_(True) for t in (hidden, w, b)]
+    expected = fn(*eager_leaves, den)
+    expected.backward()
+    torch.testing.assert_close(value, expected)
+    for got, want in zip(leaves, eager_leaves):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("dtype, cap", [(torch.float32, 1e-39), (torch.float32, 1e39), (torch.bfloat16, 1e39),
+                                        (torch.float64, 1e-320)])
+def test_softcap_outside_the_dtypes_range_raises(dtype, cap):
+    hidden, w, _, y = _problem((4,), "index", 36, dtype=dtype)
+    with pytest.raises(ValueError, match="softcap"):
+        lsx.torch.linear_loss(hidden, w, y, softcap=cap)
+    module = lsx.torch.LinearCrossEntropyLoss(H, V, softcap=cap, dtype=dtype)
+    with pytest.raises(ValueError, match="softcap"):
+        module(hidden, y)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="softcap"):
+        torch.compile(lambda h: lsx.torch.linear_loss(h, w, y, softcap=cap), backend="aot_eager")(hidden)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weights_that_overflow_the_compute_dtype_raise(reduction):
+    hidden, w, _, y = _problem((5,), "index", 37, dtype=torch.float32)
+    huge = torch.full((5,), 3e38)
+    with pytest.raises(ValueError, match="sample_weight"):
+        lsx.torch.linear_loss(hidden, w, y, sample_weight=huge, reduction=reduction)
+    with pytest.raises(ValueError, match="sample_weight"):
+        lsx.torch.LinearCrossEntropyLoss(H, V, reduction=reduction)(hidden, y, sample_weight=huge)
+    with pytest.raises(ValueError, match="weight"):
+        lsx.torch.linear_loss(hidden, w, y, weight=torch.full((V,), 1e38), reduction=reduction)
+    # float64 holds them: the loss is finite
+    h64, w64 = hidden.double(), w.double()
+    assert torch.isfinite(lsx.torch.linear_loss(h64, w64, y, sample_weight=huge.double(), reduction=reduction)).all()
+
+
+@pytest.mark.parametrize("bad", ["4", 4 + 0j, torch.tensor(4 + 0j), torch.tensor(True), np.complex64(4)])
+def test_a_denominator_that_is_not_a_real_number_raises_naming_it(bad):
+    hidden, w, _, y = _problem((4,), "index", 38)
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.torch.linear_loss(hidden, w, y, denominator=bad)
+    with pytest.raises(ValueError, match="denominator"):
+        lsx.torch.LinearCrossEntropyLoss(H, V, dtype=F64)(hidden, y, denominator=bad)
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_no_mass_on_the_target_with_gradients(engine, softcap, monkeypatch):
+    """ε = 1 with spread="others" (q_y = 0): the Numba kernel writes the gradient over the chunk's logits in
+    place, and the loss must not read them afterwards: the same loss with and without autograd."""
+    monkeypatch.setenv("LSX_TORCH_ENGINE", engine)
+    hidden, w, b, y = _problem((9,), "index", 39)
+    options = dict(label_smoothing=1.0, spread="others", z_loss=0.01, normalize=True, softcap=softcap, reduction="sum")
+    plain = lsx.torch.linear_loss(hidden, w, y, linear_bias=b, chunk_size=4, **options)
+    leaf = hidden.clone().requires_grad_(True)
+    value = lsx.torch.linear_loss(leaf, w, y, linear_bias=b, chunk_size=4, **options)
+    expected = _loss_of_logits(hidden, w, b, y, **options)
+    torch.testing.assert_close(plain, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(value.detach(), expected, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(value, leaf)
+    x = F.linear(hidden, w, b).requires_grad_(True)
+    (grad_x,) = torch.autograd.grad(lsx.torch.loss(x, y, **options), x)
+    torch.testing.assert_close(grad, grad_x @ w, rtol=1e-10, atol=1e-12)

@@ -422,3 +422,99 @@ def _bad_linear_input(rank, size, splits, y):
         _parallel._chunk_logits = original
     with torch.no_grad():
         assert torch.equal(run(chunk_size=4), value.detach())
+
+
+# --------------------------------------------------------------------------------------------------------
+# What every rank must pass alike is compared by a digest of its values: sample_weight, the denominator,
+# labels that differ only by a permutation
+# --------------------------------------------------------------------------------------------------------
+def _replicated_worker(rank, size):
+    import lsx.torch
+
+    group = dist.group.WORLD
+    splits = (3, 4)
+    k = sum(splits)
+    n = 600
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(n, k, generator=gen, dtype=F64)
+    y = torch.randint(0, k, (n,), generator=gen)
+    y[0], y[251], y[502] = 1, 2, 3
+    part = _split(x, splits, rank)
+    h = torch.randn(n, 3, generator=gen, dtype=F64)
+    head = _split(torch.randn(k, 3, generator=gen, dtype=F64), splits, rank, 0)
+    sw = torch.rand(n, generator=gen, dtype=F64) + 0.5
+
+    def run(target=y, **options):
+        return lsx.torch.loss(part, target, process_group=group, label_smoothing=0.1, **options)
+
+    def run_linear(target=y, **options):
+        return lsx.torch.linear_loss(h, head, target, process_group=group, label_smoothing=0.1, **options)
+
+    # labels swapped 251 (and 502) positions apart on one rank: the same sums, a different digest
+    swapped = y.clone()
+    swapped[[0, 251]] = swapped[[251, 0]]
+    moved = y.clone()
+    moved[[0, 502]] = moved[[502, 0]]
+    for other in (swapped, moved):
+        for fn in (run, run_linear):
+            with pytest.raises(ValueError, match="disagree on the labels"):
+                fn(target=other if rank == 1 else y)
+    # a sample_weight that differs on one rank: in one value, or by a permutation
+    nudged = sw.clone()
+    nudged[7] = torch.nextafter(nudged[7], torch.tensor(2.0, dtype=F64))
+    permuted = sw.flip(0)
+    for other in (nudged, permuted):
+        for fn in (run, run_linear):
+            for reduction in ("mean", "sum", "none"):
+                with pytest.raises(ValueError, match="disagree on the sample_weight"):
+                    fn(sample_weight=other if rank == 0 else sw, reduction=reduction)
+    # a denominator that differs on one rank: numbers and tensors
+    rounded = float(torch.tensor(1 / 3, dtype=torch.float32))
+    for mine, theirs in ((3.0, 3.5), (torch.tensor(3.0), torch.tensor(3.0 + 2**-20)), (1 / 3, rounded)):
+        for fn in (run, run_linear):
+            with pytest.raises(ValueError, match="disagree on the denominator"):
+                fn(denominator=mine if rank == 0 else theirs)
+    # weights that overflow float32's sums, a softcap outside float32's range: raised on every rank
+    huge = torch.full((n,), 3e38, dtype=torch.float32)
+    _raises("sample_weight", lambda: lsx.torch.loss(part.float(), y, process_group=group, sample_weight=huge))
+    _raises(
+        "sample_weight",
+        lambda: lsx.torch.linear_loss(h.float(), head.float(), y, process_group=group, sample_weight=huge),
+    )
+    big = torch.full((splits[rank],), 1e38 if rank == 1 else 1.0)
+    message = "weight \\(max" if rank == 1 else "rank 1 .* rejected its weight"
+    _raises(message, lambda: lsx.torch.loss(part.float(), y, big, process_group=group))
+    for fn in (lambda: lsx.torch.loss(part.float(), y, process_group=group, softcap=1e39),
+               lambda: lsx.torch.linear_loss(h.float(), head.float(), y, process_group=group, softcap=1e39)):
+        _raises("softcap", fn)
+    # sample_weight on one rank only
+    _raises("disagree on the options", lambda: run(sample_weight=sw if rank == 0 else None))
+    # the group is still usable; a Python float denominator is not rounded to float32: the single-device loss
+    den = 1 / 3
+    got = run(denominator=den, sample_weight=sw)
+    expected = lsx.torch.loss(x, y, label_smoothing=0.1, denominator=den, sample_weight=sw)
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+    got = run_linear(denominator=den)
+    single = lsx.torch.linear_loss(h, _full_head(head, group), y, label_smoothing=0.1, denominator=den)
+    torch.testing.assert_close(got, single, rtol=1e-14, atol=0)
+    # second derivatives: the single-device first-order-only error, on every rank (no collective left waiting)
+    for reduction in ("mean", "none"):
+        leaf = h.clone().requires_grad_(True)
+        value = lsx.torch.linear_loss(leaf, head, y, process_group=group, reduction=reduction)
+        with pytest.raises(RuntimeError, match="first-order"):
+            torch.autograd.grad(value.sum(), leaf, create_graph=True)
+        logits = part.clone().requires_grad_(True)
+        value = lsx.torch.loss(logits, y, process_group=group, reduction=reduction)
+        with pytest.raises(RuntimeError, match="first-order"):
+            torch.autograd.grad(value.sum(), logits, create_graph=True)
+    torch.testing.assert_close(run_linear(), lsx.torch.linear_loss(h, _full_head(head, group), y, label_smoothing=0.1))
+
+
+def _full_head(head, group):
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, head)
+    return torch.cat(parts)
+
+
+def test_replicated_arguments_must_agree():
+    _spawn(_replicated_worker, 2)

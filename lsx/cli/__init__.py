@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Label-smoothed cross-entropy, defined once: check backends, identify a hand-written loss, "
         "explain the options.",
     )
+    parser.add_argument("--version", action="version", version=f"lsx {_version()}")
     parser.set_defaults(command=None)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -111,20 +112,57 @@ def _parser() -> argparse.ArgumentParser:
     identify.add_argument("--json", action="store_true", help="print a JSON report")
     identify.set_defaults(command="identify", run=_cmd_identify)
 
-    explain = sub.add_parser("explain", help="print the formula with the effective options")
+    explain = sub.add_parser(
+        "explain",
+        help="print the formula with the effective options",
+        description="Print one element's loss, the smoothed target, the reduction and the gradient with the "
+        "options filled in. Options not given take the convention's value, else lsx's default.",
+    )
     explain.add_argument("--convention", choices=tuple(spec.CONVENTIONS), help="a preset of lsx.spec.CONVENTIONS")
-    explain.add_argument("--label-smoothing", type=float, metavar="E")
-    explain.add_argument("--spread", choices=spec.SPREADS)
-    explain.add_argument("--z-loss", type=float, metavar="S")
-    explain.add_argument("--normalize", action="store_true", default=None)
-    explain.add_argument("--reduction", choices=spec.REDUCTIONS)
-    explain.add_argument("--ignore-index", type=_ignore_index, default=_UNSET, metavar="I", help="an int, or 'none'")
-    explain.add_argument("--empty-mean", choices=spec.EMPTY_MEANS)
+    explain.add_argument(
+        "--label-smoothing", type=float, metavar="E", help="ε in [0, 1]: the mass taken from the label (default 0)"
+    )
+    explain.add_argument(
+        "--spread",
+        choices=spec.SPREADS,
+        help="where ε goes: 'all' = ε/K on every class (torch, Keras), 'others' = ε/(K−1) on the other classes "
+        "(fairseq, T5X) (default 'all')",
+    )
+    explain.add_argument("--z-loss", type=float, metavar="S", help="add S·w_y·L² per element, L the log-sum-exp (default 0)")
+    explain.add_argument(
+        "--normalize",
+        action="store_true",
+        default=None,
+        help="KL form: subtract the smoothed target's entropy, so the minimum is 0 (default off)",
+    )
+    explain.add_argument(
+        "--reduction", choices=spec.REDUCTIONS, help="'mean' (default), 'sum', or 'none' (one loss per element)"
+    )
+    explain.add_argument(
+        "--ignore-index",
+        type=_ignore_index,
+        default=_UNSET,
+        metavar="I",
+        help="the label of elements that get loss 0: an int, or 'none' for no such label (default -100)",
+    )
+    explain.add_argument(
+        "--empty-mean",
+        choices=spec.EMPTY_MEANS,
+        help="a mean over no element (all ignored): 'nan' (default, as torch) or 'zero' (as Keras)",
+    )
     explain.add_argument("--softcap", type=float, metavar="C", help="cap the logits at C·tanh(x/C) first")
     explain.add_argument("--denominator", type=float, metavar="D", help='the mean divides by D (reduction="mean" only)')
     explain.add_argument("--num-classes", "-K", type=int, metavar="K", help="show q for this K")
     explain.set_defaults(command="explain", run=_cmd_explain)
     return parser
+
+
+def _version() -> str:
+    """The running package's version: ``lsx.__version__``, which pyproject.toml also reads for the package
+    metadata (an installed distribution's metadata may describe another copy than the one imported)."""
+    import lsx
+
+    return lsx.__version__
 
 
 def _ignore_index(text: str) -> int | None:

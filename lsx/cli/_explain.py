@@ -143,7 +143,11 @@ def explain_text(opts: spec.Options, convention: str | None = None, num_classes:
     if opts.ignore_index is None:
         ignore = "ignore_index=None: every label must be in [0, K)"
     else:
-        ignore = f"elements with label {opts.ignore_index}: loss 0, gradient 0, left out of the mean"
+        ignore = f"elements with label {opts.ignore_index}: loss 0, gradient 0"
+        if opts.reduction == "mean" and opts.denominator is None:
+            ignore += ", left out of the mean"
+        elif opts.reduction == "mean":
+            ignore += " (the mean divides by the denominator given, whatever they are)"
     hidden = ("weight", "class_mask", "sample_weight")  # arrays: no command-line flag
     x = "x'" if opts.softcap is not None else "x"
     lines = [

@@ -260,7 +260,24 @@ class Caller:
         return _to_numpy(out, len(labels))
 
 
+def _returned_text(out: Any) -> str:
+    """What a callable returned, in words: ``None``, a tuple of 2 (Tensor, float), a str 'abc'…"""
+    if out is None:
+        return "None (a missing `return`?)"
+    if isinstance(out, (tuple, list)):
+        kinds = ", ".join(type(item).__name__ for item in out[:4]) + (", …" if len(out) > 4 else "")
+        return f"a {type(out).__name__} of {len(out)} ({kinds})"
+    if isinstance(out, dict):
+        return f"a dict with keys {', '.join(map(repr, list(out)[:4]))}{', …' if len(out) > 4 else ''}"
+    if isinstance(out, (str, bytes)):
+        return f"a {type(out).__name__} {out[:40]!r}"
+    return f"a {type(out).__name__}"
+
+
 def _to_numpy(out: Any, n: int) -> np.ndarray:
+    expected = f"expected the loss: a scalar, or one value per element ({n},)"
+    if out is None or isinstance(out, (tuple, list, dict, str, bytes)):
+        raise ProbeError(f"it returned {_returned_text(out)}; {expected}")
     if hasattr(out, "detach"):
         out = out.detach().cpu()
         if hasattr(out, "double"):
@@ -268,9 +285,11 @@ def _to_numpy(out: Any, n: int) -> np.ndarray:
     try:
         value = np.asarray(out, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ProbeError(f"returned {type(out).__name__}, not a number or an array of losses") from None
+        raise ProbeError(f"it returned {_returned_text(out)}, not a number or an array of losses; {expected}") from None
     if value.shape not in ((), (n,)):
-        raise ProbeError(f"returned an output of shape {value.shape} for {n} elements; expected a scalar or ({n},)")
+        raise ProbeError(
+            f"it returned {_returned_text(out)} of shape {value.shape} for {n} elements (not a loss); {expected}"
+        )
     return value
 
 
@@ -284,8 +303,10 @@ def make_caller(fn: Callable, framework: str | None) -> Caller:
             caller(x, y)
         except CallError as exc:
             raise ProbeError(f"calling it with {framework} arrays (logits (5, 5), labels (5,)) raised {exc}") from None
+        except ProbeError as exc:
+            raise ProbeError(f"called with {framework} arrays (logits (5, 5), labels (5,)), {exc}") from None
         return caller
-    errors = []
+    errors, returned = [], []
     # NumPy arrays before JAX ones: a JAX function accepts them too, and says so by returning a jax.Array
     for name in ("torch", "numpy", "jax"):
         if importlib.util.find_spec(name) is None:
@@ -299,8 +320,10 @@ def make_caller(fn: Callable, framework: str | None) -> Caller:
             return caller
         except CallError as exc:
             errors.append(f"{name}: {exc}")
-        except ProbeError as exc:
-            errors.append(f"{name}: {exc}")
+        except ProbeError as exc:  # it ran, and returned something that is not a loss: that is the news
+            returned.append(f"called with {name} arrays (logits (5, 5), labels (5,)), {exc}")
+    if returned:
+        raise ProbeError(returned[0])
     raise ProbeError("it could not be called with logits (5, 5) and labels (5,): " + "; ".join(errors))
 
 
@@ -400,7 +423,7 @@ class Result:
     framework: str
     options: dict[str, Any]  # the closest lsx options (weight as a list)
     call: str
-    conventions: list[str]
+    conventions: list[str]  # those that alone (``convention=name``, no other option) reproduce it, checked
     findings: list[Finding]
     checks: list[dict[str, Any]]  # verification on random inputs: name, output, lsx, deviation
     matches: bool
@@ -409,6 +432,8 @@ class Result:
     valid_deviation: float = 0.0  # the same over the checks with labels in [0, K) only
     calls: int = 0
     name: str = ""
+    #: when no convention reproduces it alone: the conventions that do with the fewest options added
+    convention_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
@@ -468,7 +493,7 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
     details["eps"] = eps
     if max(eps[k]["all"] for k in ks) < 1e-7:
         spread, epsilon = "all", 0.0
-        findings.append(Finding("smoothing", "no label smoothing (ε = 0)"))
+        findings.append(Finding("smoothing", "no label smoothing (ε = 0)" + _zero_smoothing_hint(fn)))
     elif len(ks) == 1:
         spread, epsilon = "all", _nice(eps[k0]["all"], precision)
         findings.append(
@@ -507,6 +532,13 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
 
     # ---- ignore index
     ignore_index, empty_mean = _ignore(prober, vector, reduction, zero_labels, fit, findings)
+    # ---- an empty batch (no elements at all): what a mean of nothing gives
+    edge_inputs = _edge_inputs(prober, k0, ignore_index)
+    if reduction == "mean" and empty_mean is None:
+        for _, y, out in edge_inputs:
+            if len(y) == 0 and out is not None and (np.isnan(out) or out == 0):
+                empty_mean = "nan" if np.isnan(out) else "zero"
+                findings.append(Finding("empty batch", f"an empty batch gives {'NaN' if np.isnan(out) else '0'}"))
 
     # ---- absolute scale: weights, z-loss, the entropy term
     rows = per_k[k0]
@@ -560,9 +592,21 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
         elif abs(rows.constant) > 1e-6:
             findings.append(Finding("constant", f"adds a constant {rows.constant:.6g} at zero logits", ok=False))
 
+    for x, y, out in edge_inputs:
+        if out is not None and not _reproduces(options, [(x, y, out)]):
+            what = "an empty batch" if len(y) == 0 else f"a batch whose labels are all {ignore_index}"
+            findings.append(
+                Finding(
+                    "empty batch",
+                    f"{what} gives {_short(np.asarray(out).tolist())}; lsx gives NaN or 0",
+                    ok=False,
+                    scope="ignored",
+                )
+            )
     special = [] if ignore_index is None else [ignore_index]
     special += [f.label for f in findings if not f.ok and f.label is not None and f.label not in special]
-    checks = _verify(prober, options, special, ks)
+    inputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    checks = _verify(prober, options, special, ks, inputs)
     deviation = max((c["deviation"] for c in checks), default=0.0)
     matches = deviation <= TOL and all(f.ok for f in findings)
     valid_deviation = max((c["deviation"] for c in checks if not c.get("ignored")), default=0.0)
@@ -573,11 +617,13 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
     else:
         verdict = "differs"
     call = _call_text(caller.framework, options)
+    conventions = _conventions(options, inputs + edge_inputs) if matches else {}
     return Result(
         framework=caller.framework,
         options=options,
         call=call,
-        conventions=_conventions(options) if matches else [],
+        conventions=[name for name, extra in conventions.items() if not extra],
+        convention_options={name: extra for name, extra in conventions.items() if extra},
         findings=findings,
         checks=checks,
         matches=matches,
@@ -587,6 +633,31 @@ def identify(fn: Callable, framework: str | None = None) -> Result:
         calls=caller.calls,
         details=details,
     )
+
+
+def _zero_smoothing_hint(fn: Callable) -> str:
+    """At ε = 0 the spread (ε/K or ε/(K−1)) cannot be seen: how to probe again with a nonzero ε."""
+    cls = fn.cls if isinstance(fn, Constructed) else fn
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        parameters = []
+    names = [p.name for p in parameters if p.name.lower() in SMOOTHING_NAMES]
+    if isinstance(fn, Constructed):
+        name = names[0] if names else "smoothing"
+        given = "".join(f", {n}={v!r}" for n, v in fn.kwargs.items() if n != name)
+        prefix = "its " if names else "if it takes a smoothing argument, "
+        value = fn.kwargs.get(name, next((p.default for p in parameters if p.name == name), 0))
+        return (
+            f"; {prefix}{name}={value!r} hides how it spreads ε (ε/K or ε/(K−1)): run again with "
+            f"--init '{name}={PROBE_SMOOTHING}{given}' to see it"
+        )
+    if names:
+        return (
+            f"; its default {names[0]}=0 hides how it spreads ε (ε/K or ε/(K−1)): identify a wrapper that passes "
+            f"{names[0]}={PROBE_SMOOTHING} to see it"
+        )
+    return ""
 
 
 def _class_counts(caller: Caller) -> list[int]:
@@ -636,6 +707,13 @@ def _nice(value: float, precision: float = FINEST) -> float:
     return value
 
 
+def _scale_text(k: int, batch: int) -> str:
+    """The scale of coefficients read by the probes: one element's w_c·q_c over the batch's denominator."""
+    return (
+        f"one element's w_c·q_c read at K={k} in a batch of {batch}, divided by the mean's denominator if it is a mean"
+    )
+
+
 def _fit_rows(R: np.ndarray, zero_labels: list[int]) -> dict[str, Any]:
     """Fit R[y, c] = u_c (δ_yc + ρ (1 − δ_yc)): per-class weights on both terms; say why when it fails."""
     k = R.shape[1]
@@ -658,7 +736,8 @@ def _fit_rows(R: np.ndarray, zero_labels: list[int]) -> dict[str, Any]:
         if np.ptp(off_values) < 1e-7 * max(1.0, np.max(np.abs(Ra))) and np.ptp(diag[active]) > 1e-7:
             out["why"] = (
                 f"class weights enter only the target (NLL) term; the smoothing term is unweighted "
-                f"(off-target coefficients all {off_values[0]:.4g}, target ones {np.round(diag[active], 4).tolist()}); "
+                f"(off-target coefficients all {off_values[0]:.4g}, target ones {np.round(diag[active], 4).tolist()}, "
+                f"{_scale_text(k, R.shape[0])}); "
                 "lsx weights both terms"
             )
         elif rows_const and np.ptp(off[active]) > 1e-7:
@@ -666,7 +745,10 @@ def _fit_rows(R: np.ndarray, zero_labels: list[int]) -> dict[str, Any]:
                 "the whole element's loss is scaled by a weight of its label (w_y·CE(q)); lsx weights each class's term by w_c"
             )
         else:
-            out["why"] = f"the per-class coefficients do not have the form w_c·q_c (relative misfit {residual:.3g})"
+            out["why"] = (
+                f"the per-class coefficients do not have the form w_c·q_c (relative misfit {residual:.3g}, "
+                f"{_scale_text(k, R.shape[0])})"
+            )
     return out
 
 
@@ -754,11 +836,14 @@ def _ignore(prober, vector, reduction, zero_labels, fit, findings) -> tuple[int 
         elif np.any(off > 0) and np.max(np.abs(r - along_off * off)) < 1e-6 * size:
             how = (
                 f"label {value} drops the target term but such elements still get the smoothing term "
-                f"(per-class coefficients {np.round(r, 5).tolist()}); lsx gives them loss 0"
+                f"(per-class coefficients {np.round(r, 5).tolist()}, {_scale_text(k, k + 1)}); lsx gives them loss 0"
             )
             ok, clean = False, False
         else:
-            how = f"label {value} gives an unexplained loss (coefficients {np.round(r, 5).tolist()})"
+            how = (
+                f"label {value} gives an unexplained loss (coefficients {np.round(r, 5).tolist()}, "
+                f"{_scale_text(k, k + 1)})"
+            )
             ok, clean = False, False
         empty_mean = None
         if reduction == "mean":
@@ -798,13 +883,16 @@ def _entropy_term(options: dict[str, Any], k: int, active: list[int]) -> float:
     return total
 
 
-def _verify(prober: Prober, options: dict[str, Any], special: list[int], ks: list[int]) -> list[dict[str, Any]]:
+def _verify(
+    prober: Prober, options: dict[str, Any], special: list[int], ks: list[int], inputs: list | None = None
+) -> list[dict[str, Any]]:
     """The callable against lsx with ``options`` on random logits, other K, other N, and with each label in
     ``special`` (the ignore index, labels it treats its own way) mixed in.
 
     A check's ``deviation`` is |its output − lsx| in units of one element's mean loss (the mean of lsx's
     per-element |loss| over the non-ignored elements; a difference in a mean is first multiplied by the
     mean's denominator), so one element computed differently counts about 1, whatever the batch size.
+    ``inputs``, when given, receives each ``(logits, labels, output)`` the callable answered.
     """
     rng = np.random.default_rng(7)
     k1 = ks[-1]
@@ -845,6 +933,8 @@ def _verify(prober: Prober, options: dict[str, Any], special: list[int], ks: lis
         except CallError as exc:
             check.update(error=str(exc), deviation=math.inf)
             continue
+        if inputs is not None:
+            inputs.append((x, y, out))
         try:
             expected = spec.reference_loss(x, y, **lsx_options)
             per_element = spec.reference_loss(x, y, **dict(lsx_options, reduction="none"))
@@ -898,19 +988,86 @@ def _rows_text(rows: list[int]) -> str:
     return ", ".join(map(str, rows[:8])) + (", …" if len(rows) > 8 else "")
 
 
-def _conventions(options: dict[str, Any]) -> list[str]:
-    """Named conventions that give exactly these options (with label_smoothing passed)."""
-    mine = spec.resolve_options(**{n: v for n, v in options.items() if n != "weight"})
-    found = []
+def _edge_inputs(prober: Prober, k: int, ignore_index: int | None) -> list[tuple[np.ndarray, np.ndarray, Any]]:
+    """The callable's answers on an empty batch and on a batch whose labels are all ``ignore_index`` (the
+    inputs where a mean has nothing to divide by), left out where it raises; and, when it has no ignore index,
+    batches with the usual ignore labels that it rejects, with the output None (lsx must reject them too)."""
+    batches = [(np.zeros((0, k)), np.zeros(0, np.int64))]
+    if ignore_index is not None:
+        batches.append((np.zeros((2, k)), np.full(2, ignore_index, np.int64)))
+    answered: list[tuple[np.ndarray, np.ndarray, Any]] = []
+    for x, y in batches:
+        try:
+            answered.append((x, y, prober.call(x, y)))
+        except (CallError, ProbeError):
+            pass
+    if ignore_index is None:
+        for label in IGNORE_CANDIDATES:
+            x, y = np.zeros((2, k)), np.array([0, label], np.int64)
+            try:
+                prober.call(x, y)
+            except CallError:
+                answered.append((x, y, None))
+            except ProbeError:
+                pass
+    return answered
+
+
+def _reproduces(options: dict[str, Any], inputs: list[tuple[np.ndarray, np.ndarray, Any]]) -> bool:
+    """lsx with ``options`` gives the callable's output on every input (NaN where it gives NaN), and raises
+    where it raised (an output of None)."""
+    if options.get("weight") is not None:
+        options = dict(options, weight=np.asarray(options["weight"]))
+    for x, y, out in inputs:
+        try:
+            expected = spec.reference_loss(x, y, **options)
+        except (TypeError, ValueError):  # lsx rejects the input: so must the callable
+            if out is None:
+                continue
+            return False
+        if out is None:  # the callable rejects labels that lsx would quietly ignore
+            return False
+        if np.shape(out) != np.shape(expected) or not np.allclose(out, expected, rtol=TOL, atol=1e-9, equal_nan=True):
+            return False
+    return True
+
+
+#: the options a convention may need added, in the order they are tried and printed
+_CONVENTION_FIELDS = (
+    "label_smoothing",
+    "spread",
+    "weight",
+    "ignore_index",
+    "z_loss",
+    "normalize",
+    "reduction",
+    "empty_mean",
+)
+
+
+def _conventions(options: dict[str, Any], inputs: list[tuple[np.ndarray, np.ndarray, Any]]) -> dict[str, dict]:
+    """Each convention that reproduces the callable, checked by evaluation on ``inputs``, with the fewest
+    options to add (``{}``: ``convention=name`` alone does). With some convention working alone, only those
+    are returned; otherwise those needing the fewest additions."""
+    found: dict[str, dict[str, Any]] = {}
     for name in spec.CONVENTIONS:
-        given = {"label_smoothing": options["label_smoothing"]}
-        preset = spec.resolve_options(name, **given)
-        if all(
-            getattr(preset, f) == getattr(mine, f)
-            for f in ("label_smoothing", "spread", "ignore_index", "z_loss", "normalize", "reduction")
-        ) and (preset.reduction != "mean" or "empty_mean" not in options or preset.empty_mean == mine.empty_mean):
-            found.append(name)
-    return found
+        preset = spec.resolve_options(name)
+        differing = {
+            f: options[f]
+            for f in _CONVENTION_FIELDS
+            if f in options and (f == "weight" or getattr(preset, f) != options[f])
+        }
+        if not _reproduces(dict(differing, convention=name), inputs):
+            continue
+        for f in list(differing):  # drop what makes no difference (the spread at ε = 0, …)
+            trial = {g: v for g, v in differing.items() if g != f}
+            if _reproduces(dict(trial, convention=name), inputs):
+                differing = trial
+        found[name] = differing
+    if not found:
+        return {}
+    fewest = min(len(extra) for extra in found.values())
+    return {name: extra for name, extra in found.items() if len(extra) == fewest}
 
 
 def _call_text(framework: str, options: dict[str, Any]) -> str:
@@ -931,6 +1088,13 @@ def _call_text(framework: str, options: dict[str, Any]) -> str:
             parts.append(f"{name}={value!r}")
     args = "logits, labels" + "".join(f", {p}" for p in parts)
     return f"lsx.{framework}.loss({args})"
+
+
+def _convention_call(result: Result, name: str, extra: dict[str, Any]) -> str:
+    parts = [f"convention={name!r}"]
+    for option, value in extra.items():
+        parts.append(f"weight={_array_text(result.framework, value)}" if option == "weight" else f"{option}={value!r}")
+    return f"lsx.{result.framework}.loss(logits, labels, {', '.join(parts)})"
 
 
 def _array_text(framework: str, values: list[float]) -> str:
@@ -964,7 +1128,16 @@ def render(result: Result, console: Any) -> None:
         )
         console.print(f"  {escape(result.call)}", soft_wrap=True)
         if names:
-            console.print(f"  matching convention(s): {names}")
+            console.print(
+                f"  the same as convention(s) {names}, alone: e.g. {escape(_convention_call(result, result.conventions[0], {}))}",
+                soft_wrap=True,
+            )
+        elif result.convention_options:
+            console.print("  no convention alone reproduces it; with options added:", soft_wrap=True)
+            for name, extra in result.convention_options.items():
+                console.print(f"    {escape(_convention_call(result, name, extra))}", soft_wrap=True)
+        else:
+            console.print("  no convention reproduces it, even with options added", soft_wrap=True)
         return
     if result.verdict == "valid labels only":
         console.print(

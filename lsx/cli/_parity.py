@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lsx import spec
+from lsx import _compat, spec
 
 DTYPES = ("float64", "float32")
 MODES = ("eager", "compiled")
@@ -426,6 +426,7 @@ class TensorflowRunner(Runner):
 
     def setup(self) -> str:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        _compat.load_triton_first()
         import tensorflow as tf
 
         import lsx.tensorflow
@@ -491,6 +492,7 @@ class KerasRunner(TensorflowRunner):
 
     def setup(self) -> str:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        _compat.load_triton_first()
         import keras
 
         if keras.backend.backend() != "tensorflow":

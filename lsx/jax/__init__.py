@@ -6,6 +6,7 @@ validates options, shapes and, when they are concrete, values, then calls the co
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 try:
@@ -72,13 +73,13 @@ def loss(
                 f"{name} is a static option but was traced; use jax.jit(functools.partial(loss, {name}=...)) "
                 f"or jax.jit(..., static_argnames=({name!r},))"
             )
-    opts = spec.resolve_options(
+    opts = spec.resolve_options_cached(
         convention, weight=weight, class_mask=class_mask, sample_weight=sample_weight, denominator=denominator, **given
     )
 
     x = jnp.asarray(logits)
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"logits must be floating point, got dtype {x.dtype}")
+        raise spec.logits_dtype_error(x.dtype, getattr(target, "dtype", None))
     # whatever is concrete (not a tracer) is checked on the host with the caller's own values, before any
     # conversion: a NumPy array closed over by a jitted function included, and before JAX's 32-bit mode
     # narrows int64 labels
@@ -95,6 +96,7 @@ def loss(
         sample_weight_shape=None if opts.sample_weight is None else np.shape(opts.sample_weight),
     )
     k = layout.num_classes
+    spec.check_softcap(opts.softcap, x.dtype)
     if axis_name is not None:  # the class axis split over a shard_map mesh axis
         return _parallel.sharded_loss(x, target, raw_target, kind, layout, opts, axis_name)
     # concrete per-element weights and denominators are checked with the caller's values; traced ones are
@@ -115,6 +117,7 @@ def loss(
         else:
             spec.check_weight(np.asarray(opts.weight), k)
             w = jnp.asarray(opts.weight)
+    _check_weight_range(x.dtype, opts.weight, opts.sample_weight, spec.element_shape(x.shape, layout.axis))
     concrete_mask = None
     valid_count: int | None = k
     mask = None
@@ -164,6 +167,16 @@ def loss(
         sw,  # the per-element shape: the logits' without the class axis, as after moveaxis
         d,
     )
+
+
+def _check_weight_range(dtype: Any, weight: Any, sample_weight: Any, elements: tuple[int, ...]) -> None:
+    """:func:`lsx.spec.check_weight_range` on whichever of the weights are concrete (traced ones are trusted)."""
+    concrete_weight = None if weight is None or _traced(weight) else np.asarray(weight, np.float64)
+    concrete_sw = None if sample_weight is None or _traced(sample_weight) else np.asarray(sample_weight, np.float64)
+    if concrete_weight is not None or concrete_sw is not None:
+        spec.check_weight_range(
+            dtype, weight=concrete_weight, sample_weight=concrete_sw, num_elements=math.prod(elements)
+        )
 
 
 def _real_array(name: str, value: Any) -> Any:

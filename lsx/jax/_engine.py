@@ -128,6 +128,10 @@ def _labels(cfg: Config, target, num_classes: int, mask):
     return active, label, bad
 
 
+def _without_target(terms, others, d):
+    return jnp.where(others, terms(d), 0)
+
+
 def _masked_mass(target, mask):
     """Elements whose probability target puts anything (NaN included) on a masked class."""
     return jnp.any(~mask & (target != 0), axis=-1)
@@ -166,9 +170,21 @@ def _forward(cfg: Config, x, target, weight, mask):
                 terms = (lambda d: d) if mask is None else (lambda d: jnp.where(mask, d, 0))
             else:
                 terms = lambda d: jnp.where(w != 0, w * d, 0)
-            weighted_sum = _weighted_shifted_sum(terms, xc, row_max, k.total_weight)
+            total = k.total_weight
+            if k.empty_target:  # q_y = 0: the target's logit stays out of the sum, even at −inf
+                others = jnp.arange(num_classes, dtype=jnp.int32) != label[..., None]
+                terms = partial(_without_target, terms, others)
+                total = total - w_y
+            weighted_sum = _weighted_shifted_sum(terms, xc, row_max, total)
         loss, _ = spec.label_row(
-            k, log_sum_exp=log_sum_exp, row_max=row_max, w_y=w_y, x_y=x_y, weighted_sum=weighted_sum, **_OPS
+            k,
+            log_sum_exp=log_sum_exp,
+            row_max=row_max,
+            w_y=w_y,
+            x_y=x_y,
+            weighted_sum=weighted_sum,
+            target_excluded=k.empty_target,
+            **_OPS,
         )
         loss = jnp.where(bad, jnp.nan, jnp.where(active, loss, 0))
     else:
@@ -276,8 +292,13 @@ def _index_weight_grad(cfg: Config, k: spec.RowCoefficients, xc, lse, g, active,
     num_classes = xc.shape[-1]
     rows = tuple(range(xc.ndim - 1))
     g = jnp.where(bad, jnp.nan, g)
-    x_y = jnp.take_along_axis(xc, label[..., None], axis=-1)[..., 0]
-    on_label = spec.scaled(k.a, g * (lse - x_y), where=jnp.where)
+    if k.empty_target:
+        # q_y = 0: a·(L − x_y) cancels the target column's b·(L − x_y) exactly, so x_y (maybe −inf) is never
+        # read: the column keeps −b·L here and is left out of the Σ g·x below
+        on_label = -spec.scaled(k.b, g * lse, where=jnp.where)
+    else:
+        x_y = jnp.take_along_axis(xc, label[..., None], axis=-1)[..., 0]
+        on_label = spec.scaled(k.a, g * (lse - x_y), where=jnp.where)
     if k.z != 0:
         on_label = on_label + k.z * g * lse * lse
     if k.normalize:
@@ -285,7 +306,10 @@ def _index_weight_grad(cfg: Config, k: spec.RowCoefficients, xc, lse, g, active,
     on_label = jnp.where(active, on_label, 0)
     bar = jnp.zeros(num_classes, cfg.compute).at[label.reshape(-1)].add(on_label.reshape(-1))
     if not (isinstance(k.b, float) and k.b == 0):
-        valid_x = jnp.where(active[..., None], g[..., None] * (xc if mask is None else jnp.where(mask, xc, 0)), 0)
+        counted = active[..., None]
+        if k.empty_target:
+            counted = counted & (jnp.arange(num_classes, dtype=jnp.int32) != label[..., None])
+        valid_x = jnp.where(counted, g[..., None] * (xc if mask is None else jnp.where(mask, xc, 0)), 0)
         bar = bar + spec.scaled(
             k.b, jnp.sum(jnp.where(active, g * lse, 0)) - jnp.sum(valid_x, axis=rows), where=jnp.where
         )

@@ -440,6 +440,8 @@ def linear_loss(
     den = opts.denominator
     if den is not None and not _traced(den):
         den = spec.check_denominator(den)
+    spec.check_softcap(opts.softcap, dtype)
+    _adapter._check_weight_range(dtype, opts.weight, opts.sample_weight, lead)
 
     ignore = opts.ignore_index
     if _traced(target):
@@ -529,9 +531,9 @@ Args:
     kernel: floating array (H, V), as Flax's ``Dense``; for tied embeddings pass ``embedding.T``.
     target: integer labels shaped like ``hidden`` without its last axis, or probabilities (..., V).
     bias: optional floating array (V,).
-    label_smoothing, spread, weight, ignore_index, z_loss, normalize, class_mask, reduction, empty_mean,
-        softcap, sample_weight, denominator, convention: as in :func:`lsx.jax.loss` (below); the classes are
-        the kernel's V axis and ``sample_weight`` is shaped like the per-element loss, ``hidden.shape[:-1]``.
+    label_smoothing, spread, weight, ignore_index, z_loss, normalize, class_mask, reduction, empty_mean, softcap, sample_weight, denominator, convention: as in
+        :func:`lsx.jax.loss` (below); the classes are the kernel's V axis and ``sample_weight`` is shaped like
+        the per-element loss, ``hidden.shape[:-1]``.
     axis_name: the name of a ``jax.shard_map`` mesh axis that splits the kernel's V axis (vocabulary-parallel
         LM head), or None. Inside the ``shard_map``, ``kernel`` is this shard's columns (H, V_local),
         ``bias``, ``weight``, ``class_mask`` and a probability ``target`` are this shard's slices (equal slices

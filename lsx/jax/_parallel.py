@@ -149,20 +149,33 @@ def _forward(cfg: Config, axis_name, x, target, weight, mask):
         if mask is not None:
             rows["bad"] = (owns & active & ~mask[local]).astype(cfg.compute)
         # Σ_c w_c x_c over the slice (only read when b ≠ 0); the shift by W·m comes after the sum
+        empty_target = cfg.spread == "others" and cfg.label_smoothing == 1.0  # q_y = 0: x_y stays out
         if cfg.label_smoothing != 0:
             if w is None:
-                rows["weighted_sum"] = jnp.sum(xc if mask is None else jnp.where(mask, xc, 0), axis=-1)
+                terms = xc if mask is None else jnp.where(mask, xc, 0)
             else:
-                rows["weighted_sum"] = jnp.sum(jnp.where(w != 0, w * xc, 0), axis=-1)
+                terms = jnp.where(w != 0, w * xc, 0)
+            if empty_target:
+                on_target = owns[..., None] & (jnp.arange(local_classes, dtype=local.dtype) == local[..., None])
+                terms = jnp.where(on_target, 0, terms)
+            rows["weighted_sum"] = jnp.sum(terms, axis=-1)
         rows, scalars = _psum(rows, scalars, axis_name)
         k = _coefficients(cfg, scalars.get("count"), scalars.get("total_weight"))
         w_y = rows.get("w_y", 1.0 if w is None else None)
         if "bad" in rows:
             bad = bad | (rows["bad"] != 0)
-        weighted_sum = rows["weighted_sum"] - k.total_weight * row_max if "weighted_sum" in rows else 0.0
+        total = k.total_weight - w_y if empty_target else k.total_weight
+        weighted_sum = rows["weighted_sum"] - total * row_max if "weighted_sum" in rows else 0.0
         log_sum_exp = jnp.log(rows["sum_exp"])
         loss, _ = spec.label_row(
-            k, log_sum_exp=log_sum_exp, row_max=row_max, w_y=w_y, x_y=rows["x_y"], weighted_sum=weighted_sum, **_OPS
+            k,
+            log_sum_exp=log_sum_exp,
+            row_max=row_max,
+            w_y=w_y,
+            x_y=rows["x_y"],
+            weighted_sum=weighted_sum,
+            target_excluded=k.empty_target,
+            **_OPS,
         )
         loss = jnp.where(bad, jnp.nan, jnp.where(active, loss, 0))
         saved = dict(lse=row_max + log_sum_exp, bad=bad, w_y=None if w is None else w_y)
@@ -304,8 +317,11 @@ def _index_weight_grad(cfg: Config, k: spec.RowCoefficients, xc, lse, g, active,
     local_classes = xc.shape[-1]
     rows = tuple(range(xc.ndim - 1))
     g = jnp.where(bad, jnp.nan, g)
-    x_y = jnp.take_along_axis(xc, local[..., None], axis=-1)[..., 0]
-    on_label = spec.scaled(k.a, g * (lse - x_y), where=jnp.where)
+    if k.empty_target:  # q_y = 0: x_y is never read (see lsx.jax._engine._index_weight_grad)
+        on_label = -spec.scaled(k.b, g * lse, where=jnp.where)
+    else:
+        x_y = jnp.take_along_axis(xc, local[..., None], axis=-1)[..., 0]
+        on_label = spec.scaled(k.a, g * (lse - x_y), where=jnp.where)
     if k.z != 0:
         on_label = on_label + k.z * g * lse * lse
     if k.normalize:
@@ -313,7 +329,10 @@ def _index_weight_grad(cfg: Config, k: spec.RowCoefficients, xc, lse, g, active,
     on_label = jnp.where(active & owns, on_label, 0)
     bar = jnp.zeros(local_classes, cfg.compute).at[local.reshape(-1)].add(on_label.reshape(-1))
     if not (isinstance(k.b, float) and k.b == 0):
-        valid_x = jnp.where(active[..., None], g[..., None] * (xc if mask is None else jnp.where(mask, xc, 0)), 0)
+        counted = active[..., None]
+        if k.empty_target:
+            counted = counted & ~(owns[..., None] & (jnp.arange(local_classes, dtype=local.dtype) == local[..., None]))
+        valid_x = jnp.where(counted, g[..., None] * (xc if mask is None else jnp.where(mask, xc, 0)), 0)
         bar = bar + spec.scaled(
             k.b, jnp.sum(jnp.where(active, g * lse, 0)) - jnp.sum(valid_x, axis=rows), where=jnp.where
         )
@@ -365,7 +384,7 @@ def loss(cfg: Config, axis_name, x, target, weight, mask, sample_weight=None, de
 # ----------------------------------------------------------------------------------------------------------
 def sharded_loss(x, target, raw_target, kind: str, layout: spec.Layout, opts: spec.Options, axis_name):
     """``lsx.jax.loss(..., axis_name=...)`` after the option and shape checks (shapes are the slice's)."""
-    from lsx.jax import _labels_for_jax, _traced
+    from lsx.jax import _check_weight_range, _labels_for_jax, _traced
 
     shards = axis_size(axis_name)
     local_classes = layout.num_classes
@@ -382,6 +401,7 @@ def sharded_loss(x, target, raw_target, kind: str, layout: spec.Layout, opts: sp
     sw, d = _real_array("sample_weight", opts.sample_weight), _real_array("denominator", opts.denominator)
     if sw is not None and tuple(sw.shape) != element_shape:
         raise ValueError(f"sample_weight must have the per-element loss's shape {element_shape}, got {sw.shape}")
+    _check_weight_range(x.dtype, opts.weight, opts.sample_weight, element_shape)
 
     ignore_index = opts.ignore_index
     if _traced(target):

@@ -15,10 +15,14 @@ function (``model.fit``, ``jax.jit``) they make that element's loss and gradient
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
+from lsx import _compat
+
 try:
+    _compat.load_triton_first()  # Keras imports TensorFlow on its default backend: Triton first (see lsx._compat)
     import keras
     from keras import ops
     from keras.src.losses.loss import reduce_weighted_values, standardize_reduction
@@ -36,8 +40,14 @@ _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
 _DENOMINATOR_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 #: a convention's reduction as Keras names it
 _KERAS_REDUCTIONS = {"mean": "sum_over_batch_size", "sum": "sum", "none": "none"}
-#: ``ignore_index`` not passed (``None`` is a value: no ignored label)
-_UNSET = object()
+class _Unset:
+    """``ignore_index`` not passed (``None`` is a value: no ignored label)."""
+
+    def __repr__(self) -> str:
+        return "None"  # what it amounts to without ``ignore_class``: signatures and help() show that default
+
+
+_UNSET = _Unset()
 
 
 def loss(
@@ -81,9 +91,11 @@ def loss(
     sw = None
     if opts.sample_weight is not None:
         sw_value = _concrete(opts.sample_weight)
-        if sw_value is not None:  # known values are checked; traced ones are trusted
-            spec.check_sample_weight(sw_value, tuple(per_element.shape))
-        sw = _as_compute(opts.sample_weight, compute)
+        if sw_value is not None:  # known values are checked; traced ones give NaN where invalid
+            checked = spec.check_sample_weight(sw_value, tuple(per_element.shape))
+            weight = None if opts.weight is None else spec.check_weight(_numpy(opts.weight), int(np.size(opts.weight)))
+            spec.check_weight_range(_dtype_name(x), weight=weight, sample_weight=checked)
+        sw = _checked(_as_compute(opts.sample_weight, compute))
         per_element = per_element * sw
     if opts.reduction == "none":
         return ops.cast(per_element, x.dtype)
@@ -92,7 +104,7 @@ def loss(
         d_value = _concrete(opts.denominator)
         if d_value is not None:
             spec.check_denominator(d_value)
-        denominator = _as_compute(opts.denominator, compute)
+        denominator = _checked(_as_compute(opts.denominator, compute))
     elif active is not None:
         counted = ops.where(active, ops.ones_like(per_element) if w_y is None else w_y, 0)
         denominator = ops.sum(counted if sw is None else counted * sw)
@@ -218,6 +230,15 @@ class _LsxLoss(keras.losses.Loss):
             if self._kind != "index":
                 y_true = _tensor(y_true, self.dtype)
             losses, active = self._losses(y_true, y_pred)
+            if sample_weight is not None:  # Keras's sample_weight: known values must leave the sums room
+                sw_value = _concrete(sample_weight)
+                if sw_value is not None:
+                    spec.check_weight_range(
+                        _dtype_name(y_pred),
+                        weight=self.weight,
+                        sample_weight=np.asarray(sw_value, np.float64),
+                        num_elements=max(int(np.prod(np.shape(sw_value))), math.prod(n or 1 for n in losses.shape)),
+                    )
             mask = None
             if self._kind == "index" and self.ignore_class is not None:
                 # like Keras: ignored elements leave the "sum_over_batch_size"/"mean" denominator
@@ -447,6 +468,12 @@ def _as_compute(value: Any, compute: str) -> Any:
     return ops.convert_to_tensor(np.asarray(value, np.float64), dtype=compute)
 
 
+def _checked(value: Any) -> Any:
+    """A traced ``sample_weight`` or ``denominator`` cannot be checked: a negative or non-finite value becomes
+    NaN (its element's loss for sample_weight, the whole mean for the denominator), loss and gradient alike."""
+    return ops.where(ops.logical_and(ops.isfinite(value), value >= 0), value, np.nan)
+
+
 def _where(dtype: Any):
     """``where`` for the spec's row algebra: Python numbers become tensors of ``dtype``."""
 
@@ -568,7 +595,7 @@ def _per_element(y_pred, target, opts, axis, from_logits, kind):
     """
     x = _tensor(y_pred)
     if "float" not in _dtype_name(x):
-        raise TypeError(f"logits must be floating point, got dtype {_dtype_name(x)}")
+        raise spec.logits_dtype_error(_dtype_name(x), _target_dtype(target))
     target_shape = _shape(target)
     layout = spec.check_layout(
         tuple(x.shape),
@@ -581,8 +608,12 @@ def _per_element(y_pred, target, opts, axis, from_logits, kind):
         sample_weight_shape=None if opts.sample_weight is None else _shape(opts.sample_weight),
     )
     k = layout.num_classes
+    spec.check_softcap(opts.softcap, _dtype_name(x))
     mask = None if opts.class_mask is None else spec.check_class_mask(_numpy(opts.class_mask), k, opts)
     weight = None if opts.weight is None else spec.check_weight(_numpy(opts.weight), k)
+    spec.check_weight_range(
+        _dtype_name(x), weight=weight, num_elements=math.prod(n for n in spec.element_shape(tuple(x.shape), layout.axis) if n is not None)
+    )
     compute = "float64" if _dtype_name(x) == "float64" else "float32"
     where = _where(compute)
     x = ops.moveaxis(ops.cast(x, compute), layout.axis, -1)
@@ -617,7 +648,11 @@ def _per_element(y_pred, target, opts, axis, from_logits, kind):
             x_y = ops.where(w_y != 0, x_y, 0)
         weighted_sum = 0.0
         if rows.b != 0:
-            weighted_sum = ops.sum(shifted if w is None else ops.where(w != 0, shifted, 0) * w, axis=-1)
+            terms = shifted if w is None else ops.where(w != 0, shifted, 0) * w
+            if rows.empty_target:  # q_y = 0: the target's logit stays out, even at −inf
+                on_target = ops.equal(ops.expand_dims(ops.arange(k, dtype="int32"), 0), ops.expand_dims(y, -1))
+                terms = ops.where(on_target, 0, terms)
+            weighted_sum = ops.sum(terms, axis=-1)
         value, _ = spec.label_row(
             rows,
             log_sum_exp=log_sum_exp,
@@ -627,6 +662,7 @@ def _per_element(y_pred, target, opts, axis, from_logits, kind):
             weighted_sum=weighted_sum,
             where=where,
             log=ops.log,
+            target_excluded=rows.empty_target,
         )
         value = ops.where(active, value, 0)
         if bad is not None:

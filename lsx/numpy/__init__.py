@@ -38,7 +38,7 @@ def loss(
     denominator: Any = None,
     convention: str | None = None,
 ) -> np.ndarray:
-    opts = spec.resolve_options(
+    opts = spec.resolve_options_cached(
         convention,
         label_smoothing=label_smoothing,
         spread=spread,
@@ -82,7 +82,7 @@ def loss_and_grad(
     ``out``: an array shaped and typed like ``logits`` to receive the gradient; ``out=logits`` overwrites
     the logits with their gradient (opt-in, saves a logits-sized buffer).
     """
-    opts = spec.resolve_options(
+    opts = spec.resolve_options_cached(
         convention,
         label_smoothing=label_smoothing,
         spread=spread,
@@ -125,7 +125,14 @@ loss_and_grad.__doc__ = _DOC.replace(
 _SUPPORTED = "float16, bfloat16 (ml_dtypes), float32 or float64"
 
 
+#: the accumulation dtype of the usual logits dtypes (the others go through :func:`_compute_dtype`)
+_COMPUTE = {np.dtype(np.float64): np.float64, np.dtype(np.float32): np.float32, np.dtype(np.float16): np.float32}
+
+
 def _compute_dtype(dtype: np.dtype) -> type:
+    compute = _COMPUTE.get(dtype)
+    if compute is not None:
+        return compute
     if dtype == np.float64:
         return np.float64
     if dtype in (np.float32, np.float16) or dtype.name == "bfloat16":
@@ -142,7 +149,7 @@ def _compute(logits: Any, target: Any, opts: spec.Options, axis: int, *, want_gr
     dtype = x.dtype  # the results' dtype
     if dtype != compute and dtype.itemsize < np.dtype(compute).itemsize:
         x = x.astype(compute)  # float16/bfloat16: one widening copy, which the engines need anyway
-    if t.dtype.name == "bfloat16":
+    if t.dtype.kind == "V" and t.dtype.name == "bfloat16":  # (the name is slow to look up)
         t = t.astype(compute)
     layout, weight, mask = spec.validate(x, t, opts, axis)
     if out is not None and (not isinstance(out, np.ndarray) or out.shape != x.shape or out.dtype != dtype):
@@ -217,12 +224,19 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
+_KERNEL: Any = False  # the Numba kernel once looked up (None: Numba is not installed)
+
+
 def _numba_kernel():
-    try:
-        from lsx.numpy import _numba as _numba_kernels
-    except ImportError:
-        return None
-    return _numba_kernels.forward_backward if _numba_kernels.AVAILABLE else None
+    global _KERNEL
+    if _KERNEL is False:
+        try:
+            from lsx.numpy import _numba as _numba_kernels
+        except ImportError:
+            _KERNEL = None
+        else:
+            _KERNEL = _numba_kernels.forward_backward if _numba_kernels.AVAILABLE else None
+    return _KERNEL
 
 
 #: the pure-NumPy engine (also the contract the Numba kernel follows)

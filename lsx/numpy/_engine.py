@@ -76,7 +76,11 @@ def forward_backward(
             w_y = np.ones(n, compute) if w is None else w[y]
             # a target of weight 0 contributes nothing, even against a −inf logit (no 0·∞)
             x_y = np.where(w_y != 0, shifted[rows, y], 0).astype(compute)
-            weighted_sum = _weighted_sum(shifted, w) if coefficients.b != 0 else compute(0)
+            weighted_sum = compute(0)
+            if coefficients.b != 0:
+                # q_y = 0 (ε = 1, spread "others"): the target's logit stays out, even at −inf
+                exclude = y if coefficients.empty_target else None
+                weighted_sum = _weighted_sum(shifted, w, exclude)
             sw_y = w_y if sample_weight is None else w_y * sample_weight
             denominator = float(np.sum(sw_y, where=active, dtype=np.float64))
         else:
@@ -115,6 +119,7 @@ def forward_backward(
                 weighted_sum=weighted_sum,
                 where=np.where,
                 log=np.log,
+                target_excluded=coefficients.empty_target,
             )
         else:
             loss, coef = spec.probability_row(
@@ -147,8 +152,14 @@ def forward_backward(
     return per_element, denominator, grad
 
 
-def _weighted_sum(shifted: np.ndarray, w: np.ndarray | None) -> Any:
-    """Σ_c w_c (x_c − m) over the valid classes with w_c ≠ 0 (a weight-0 class at −inf adds nothing)."""
+def _weighted_sum(shifted: np.ndarray, w: np.ndarray | None, exclude: np.ndarray | None = None) -> Any:
+    """Σ_c w_c (x_c − m) over the valid classes with w_c ≠ 0 (a weight-0 class at −inf adds nothing), and
+    other than each row's class ``exclude[i]`` when given."""
+    if exclude is not None:
+        keep = np.ones(shifted.shape, bool) if w is None else np.broadcast_to(w != 0, shifted.shape).copy()
+        keep[np.arange(shifted.shape[0]), exclude] = False
+        terms = shifted if w is None else shifted * w
+        return np.sum(terms, axis=1, where=keep, dtype=shifted.dtype)
     if w is None:
         return shifted.sum(axis=1, dtype=shifted.dtype)
     zero = w == 0

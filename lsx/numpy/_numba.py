@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from lsx import spec
+
 try:
     import numba
     from llvmlite import ir
@@ -483,11 +485,26 @@ if AVAILABLE:
             x_y_t = _cap_scalar(xr[label], softcap)
             x_y = np.float64(x_y_t)
             m = _capped_row_max(xr, valid, has_mask, softcap, 1.0 / softcap)
-            sum_e, sum_x = _cap_pass(xr, dst, chain, w, valid, m, softcap, mode)
         else:
             x_y_t = xr[label]
             x_y = np.float64(x_y_t)
             m = _row_max(xr, valid, has_mask)
+        # q_y = 0 (ε = 1, spread "others"): the target's logit stays out, even at −inf, so the loss takes
+        # Σ_{c≠y} w_c (x_c − m). Summed here, before the pass: in place (mode 2) the pass overwrites the
+        # logits with exp(x − m)
+        empty_target = params[9] != 0.0
+        others = 0.0
+        if empty_target and b != 0.0:
+            for c in range(k):
+                if c != label and valid[c] and (not has_w or w[c] != 0):
+                    if capped:
+                        xc = np.float64(_cap_scalar(xr[c], softcap))
+                    else:
+                        xc = np.float64(xr[c])
+                    others += (np.float64(w[c]) if has_w else 1.0) * (xc - m)
+        if capped:
+            sum_e, sum_x = _cap_pass(xr, dst, chain, w, valid, m, softcap, mode)
+        else:
             sum_e, sum_x = _exp_pass(xr, dst, w, valid, not has_w, m, mode)
         w_y = np.float64(w[label]) if has_w else 1.0
         lse_shifted = math.log(sum_e)
@@ -495,10 +512,14 @@ if AVAILABLE:
         # a term whose coefficient is 0 adds exactly 0: a target of weight 0 at x_y = −inf, a z-loss of 0
         # against an overflowing L² (float64 logits above ~1.3e154)
         value = 0.0
-        if a != 0.0 and w_y != 0.0:
-            value += a * w_y * (lse - x_y)
-        if b != 0.0:
-            value += b * (total_w * lse_shifted - sum_x)
+        if empty_target:
+            if b != 0.0:
+                value += b * ((total_w - w_y) * lse_shifted - others)
+        else:
+            if a != 0.0 and w_y != 0.0:
+                value += a * w_y * (lse - x_y)
+            if b != 0.0:
+                value += b * (total_w * lse_shifted - sum_x)
         coef = a * w_y + b * total_w
         if z != 0.0:
             value += z * w_y * lse * lse
@@ -753,6 +774,13 @@ if AVAILABLE:
                 out[2, i] = np.float64(x_y) - m
                 out[3, i] = np.float64(w[local]) if has_w else 1.0
                 out[5, i] = 1.0
+                if smoothing and params[7] != 0.0:  # a massless target: Σ w (x − m) without it, even at −inf
+                    others = 0.0
+                    for c in range(k):
+                        if c != local and valid[c] and (not has_w or w[c] != 0):
+                            xc = np.float64(_cap_scalar(xr[c], softcap) if capped else xr[c])
+                            others += (np.float64(w[c]) if has_w else 1.0) * (xc - m)
+                    out[4, i] = others
                 continue
             mt = _to_dtype_of(m, x)
             sum_qx = 0.0
@@ -897,6 +925,9 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     return view
 
 
+_NO_SAMPLE_WEIGHT = _read_only(np.ones(1))  # the kernels' sample-weight argument when there is none
+
+
 def forward_backward(
     x2: np.ndarray,
     t2: np.ndarray,
@@ -925,22 +956,26 @@ def forward_backward(
     """
     if not AVAILABLE:
         raise ImportError("lsx.numpy._numba needs numba: pip install 'lsx[numba]'")
-    from lsx import spec
-
     n, k = x2.shape
     x = np.ascontiguousarray(x2, dtype=compute)
     valid_count = k if mask is None else int(mask.sum())
     a, b = spec.smoothing_coefficients(opts, valid_count)
     has_w = weight is not None or mask is not None
-    w = np.ones(k, compute) if weight is None else weight.astype(compute)
-    if mask is not None:
-        w = np.where(mask, w, 0).astype(compute)  # 0 on the masked classes (the masked blocks rely on it)
-    valid = np.ones(k, np.bool_) if mask is None else np.array(mask, np.bool_)
+    if weight is None and mask is None:
+        w, valid = _unweighted(k, compute)
+    else:
+        w = np.ones(k, compute) if weight is None else weight.astype(compute)
+        if mask is not None:
+            w = np.where(mask, w, 0).astype(compute)  # 0 on the masked classes (the masked blocks rely on it)
+        valid = np.ones(k, np.bool_) if mask is None else np.array(mask, np.bool_)
     total_w = float(valid_count) if weight is None else float(np.where(valid, weight, 0).sum())
 
     if kind == "index":
         # int64 whatever the caller's dtype: the comparison with ignore_index never wraps
-        labels = np.ascontiguousarray(spec.labels_as_int64(t2)[0])
+        if t2.dtype == np.int64 and t2.flags.c_contiguous:
+            labels = t2
+        else:
+            labels = np.ascontiguousarray(spec.labels_as_int64(t2)[0])
         has_ignore = opts.ignore_index is not None
         ignore_index = int(opts.ignore_index) if has_ignore else 0
         active = labels != ignore_index if has_ignore else np.ones(n, bool)
@@ -960,13 +995,15 @@ def forward_backward(
     scale = 1.0
     if scale_mean and opts.reduction == "mean":
         scale = spec.reduction_scale(opts.reduction, denominator)
+    entropy = (spec.xlogx(a + b), spec.xlogx(b)) if opts.normalize else (0.0, 0.0)  # read only with normalize
+    softcap = 0.0 if opts.softcap is None else opts.softcap
+    # params[9]: the target class carries no mass (q_y = 0): its logit is left out of the loss
+    empty_target = float(spec.RowCoefficients.of(opts, valid_count).empty_target)
     params = np.array(
-        [a, b, total_w, opts.z_loss, _xlogx(a + b), _xlogx(b), float(opts.normalize), scale, 0.0], np.float64
+        [a, b, total_w, opts.z_loss, *entropy, float(opts.normalize), scale, softcap, empty_target], np.float64
     )
-    if opts.softcap is not None:
-        params[8] = opts.softcap
     has_sw = sample_weight is not None
-    sw = np.ascontiguousarray(sample_weight, np.float64) if has_sw else np.ones(1)
+    sw = _read_only(np.ascontiguousarray(sample_weight, np.float64)) if has_sw else _NO_SAMPLE_WEIGHT
 
     inplace = False
     if want_grad:
@@ -993,7 +1030,7 @@ def forward_backward(
                 ignore_index,
                 has_ignore,
                 params,
-                _read_only(sw),
+                sw,
                 has_sw,
                 want_grad,
                 inplace,
@@ -1010,7 +1047,7 @@ def forward_backward(
                 has_w,
                 mask is not None,
                 params,
-                _read_only(sw),
+                sw,
                 has_sw,
                 want_grad,
                 inplace,
@@ -1028,6 +1065,19 @@ def forward_backward(
         np.copyto(out2, grad, casting="same_kind")
         grad = out2
     return per_element, denominator, grad
+
+
+#: read-only ones and trues (no weight, no mask) per (K, dtype): the kernels only read them
+_UNWEIGHTED: dict[tuple[int, type], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _unweighted(k: int, compute: type) -> tuple[np.ndarray, np.ndarray]:
+    cached = _UNWEIGHTED.get((k, compute))
+    if cached is None:
+        if len(_UNWEIGHTED) >= 64:
+            _UNWEIGHTED.clear()
+        cached = _UNWEIGHTED[(k, compute)] = (np.ones(k, compute), np.ones(k, np.bool_))
+    return cached
 
 
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
@@ -1082,6 +1132,7 @@ def statistics(
     offset: int = 0,
     num_classes: int | None = None,
     ignore_index: int | None = None,
+    exclude_target: bool = False,
 ) -> None:
     """Six float64 statistics per row of the (n, k) block ``x`` (the classes [offset, offset + k) of
     ``num_classes``), written into ``out`` (6, n), C-contiguous float64; each relative to the row's own maximum
@@ -1093,6 +1144,8 @@ def statistics(
     1 owned, 2 owned on a masked class). Probabilities (``probs`` (n, k), q = a·t + b on the valid classes):
     0, 1 as above; 2 Σ w q; 3 Σ w q (x − m); 4 Σ w·xlogx(q) when ``normalize``, over the classes with
     w q ≠ 0; 5 1 where t puts mass on a masked class. ``weight`` (k,) and ``class_mask`` (k,) are the block's.
+    ``exclude_target`` (labels, a target without mass: q_y = 0): statistic 4 leaves out the target class where
+    this block owns it, so that it never reads x_y (which may be −inf).
     """
     if not AVAILABLE:
         raise ImportError("lsx.numpy._numba needs numba: pip install 'lsx[numba]'")
@@ -1102,9 +1155,12 @@ def statistics(
     y, t = _row_inputs(n, k, labels, probs, compute)
     has_ignore = ignore_index is not None
     params = np.array(
-        [a, b, float(smoothing), float(normalize), softcap or 0.0, float(has_ignore), float(weight is not None)],
+        [
+            a, b, float(smoothing), float(normalize), softcap or 0.0, float(has_ignore), float(weight is not None),
+            float(bool(exclude_target)),
+        ],
         np.float64,
-    )
+    )  # fmt: skip
     any_valid = bool(k) and bool(valid.any())
     if n:
         _statistics_rows(

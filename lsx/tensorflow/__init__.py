@@ -13,9 +13,13 @@ label can never produce a silent finite number (XLA drops ``tf.debugging`` asser
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from lsx import _compat
+
 try:
+    _compat.load_triton_first()  # before TensorFlow: Triton loaded after it aborts the process (see lsx._compat)
     import tensorflow as tf
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("lsx.tensorflow needs TensorFlow: pip install 'lsx[tensorflow]'") from error
@@ -47,7 +51,7 @@ def loss(
     denominator: Any = None,
     convention: str | None = None,
 ) -> tf.Tensor:
-    opts = spec.resolve_options(
+    opts = spec.resolve_options_cached(
         convention,
         label_smoothing=label_smoothing,
         spread=spread,
@@ -65,7 +69,7 @@ def loss(
     x = tf.convert_to_tensor(logits)
     t = tf.convert_to_tensor(target)
     if not x.dtype.is_floating:
-        raise TypeError(f"logits must be floating point, got dtype {x.dtype.name}")
+        raise spec.logits_dtype_error(x.dtype.name, t.dtype.name)
     kind = spec.target_kind(t.dtype.name)
     if x.shape.rank is None or t.shape.rank is None:
         raise ValueError("lsx.tensorflow.loss needs logits and target of known rank")
@@ -84,6 +88,7 @@ def loss(
         sample_weight_shape=None if opts.sample_weight is None else tuple(_shape(opts.sample_weight)),
     )
     k = layout.num_classes
+    spec.check_softcap(opts.softcap, x.dtype.name)
     compute = tf.float64 if x.dtype == tf.float64 else tf.float32
 
     mask = None
@@ -103,12 +108,18 @@ def loss(
 
     # per-element weights and a caller's denominator: known values are checked, traced ones trusted; tensors
     # (and tf.Variables) get their gradients
-    sw = None
+    sw = sw_value = None
     if opts.sample_weight is not None:
         sw_value = tf.get_static_value(tf.convert_to_tensor(opts.sample_weight))
         if sw_value is not None:
             spec.check_sample_weight(sw_value, spec.element_shape(tuple(x.shape), layout.axis))
         sw = _as_compute(opts.sample_weight, compute)
+    spec.check_weight_range(
+        x.dtype.name,
+        weight=None if weight_value is None else np.asarray(weight_value, np.float64),
+        sample_weight=None if opts.sample_weight is None or sw_value is None else np.asarray(sw_value, np.float64),
+        num_elements=math.prod(n for n in spec.element_shape(tuple(x.shape), layout.axis) if n is not None),
+    )
     d = None
     if opts.denominator is not None:
         d_value = tf.get_static_value(tf.convert_to_tensor(opts.denominator))

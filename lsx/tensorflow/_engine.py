@@ -113,7 +113,7 @@ def reduced_loss(
             return None if mask_t is None else tf.cast(mask_t, compute)
         return w if mask_t is None else tf.where(mask_t, w, tf.zeros_like(w))
 
-    def forward(logits, w, sw, d):
+    def forward(logits, w, sw, d, probs):
         x = tf.cast(logits, compute)
         tanh = None
         if plan.softcap is not None:  # c·tanh(x/c) before anything else: ±inf become ±c
@@ -138,7 +138,12 @@ def reduced_loss(
             if w is not None:  # a class with weight 0 contributes nothing, even against x_y = −inf
                 x_y = tf.where(w_y != 0, x_y, tf.zeros_like(x_y))
             weighted_sum = 0.0
-            if b != 0:
+            if b != 0 and rows.empty_target:  # q_y = 0: the target's logit stays out, even at −inf
+                others = tf.range(k, dtype=y.dtype)[None, :] != y[:, None]
+                kept = others if w_eff is None else others & (w_eff != 0)
+                terms = x - row_max[:, None] if w_eff is None else (x - row_max[:, None]) * w_eff
+                weighted_sum = tf.reduce_sum(tf.where(kept, terms, tf.zeros_like(terms)), axis=-1)
+            elif b != 0:
                 shifted = x - row_max[:, None]
                 if w_eff is None:  # Σ (x_c − m) as Σ x_c − K·m: independent of the max, one pass with it
                     weighted_sum = tf.reduce_sum(x, axis=-1) - k * row_max
@@ -153,6 +158,7 @@ def reduced_loss(
                 weighted_sum=weighted_sum,
                 where=where,
                 log=tf.math.log,
+                target_excluded=rows.empty_target,
             )
             per_element = tf.where(active, per_element, tf.zeros_like(per_element))
             per_element = tf.where(bad, nan, per_element)
@@ -160,7 +166,7 @@ def reduced_loss(
             counted = tf.where(active, w_y, tf.zeros_like(w_y))  # each element's share of the local D
             local = tf.reduce_sum(counted if sw is None else counted * sw)
         else:
-            q = a * target_probs + b
+            q = a * tf.cast(probs, compute) + b
             if mask_t is not None:
                 q = tf.where(mask_t, q, tf.zeros_like(q))
             wq = q if w is None else q * w_eff
@@ -214,6 +220,7 @@ def reduced_loss(
             unweighted=unweighted,
             counted=counted,
             tanh=tanh,
+            empty_target=rows.empty_target,
         )
         return value, saved
 
@@ -250,6 +257,30 @@ def reduced_loss(
             g *= 1 - saved["tanh"] * saved["tanh"]
         return g
 
+    def target_grad(scale, saved, probs):
+        """∂value/∂t_c = scale_i·a·w_c·[(L − x_c) + normalize·(log q_c + 1)] for probability targets: linear in
+        q_c (so also where q_c = 0 against a finite logit); nothing where w_c·q_c = 0 against x_c = −inf; NaN
+        where the element's loss is NaN."""
+        a = saved["a"]
+        if isinstance(a, float) and a == 0:
+            return tf.zeros_like(probs)
+        x, q, wq = saved["x"], saved["q"], saved["wq"]
+        lse = (saved["row_max"] + saved["log_sum_exp"])[:, None]
+        contributes = wq != 0
+        w_or_1 = 1.0 if saved["w_eff"] is None else saved["w_eff"]
+        zero = tf.zeros_like(wq)
+        per_q = tf.where(contributes | (x > -np.inf), w_or_1 * (lse - x), zero)
+        if opts.normalize:
+            safe_q = tf.where(contributes, q, tf.ones_like(q))
+            per_q += tf.where(contributes, w_or_1 * (tf.math.log(safe_q) + 1), zero)
+        bar = (scale * a)[:, None] * per_q
+        bar = tf.where(tf.math.is_nan(saved["coef"])[:, None], nan, bar)
+        if mask_t is not None:
+            bar = tf.where(mask_t, bar, zero)
+        if bad is not None:
+            bar = tf.where(bad[:, None], nan, bar)
+        return tf.cast(bar, probs.dtype)
+
     def sample_weight_grad(scale, saved):
         """∂value/∂sw_i = scale_i·(ℓ_i − [local mean]·mean·w_{y_i}), ℓ_i the unweighted per-element loss."""
         out = scale * saved["unweighted"]
@@ -270,8 +301,13 @@ def reduced_loss(
         x, a, b = saved["x"], saved["a"], saved["b"]
         row_max, log_sum_exp = saved["row_max"], saved["log_sum_exp"]
         if plan.kind == "index":
-            x_y = tf.gather(x, y, batch_dims=1) - row_max
-            on_label = spec.scaled(a, log_sum_exp - x_y, where=where)
+            if saved["empty_target"]:
+                # q_y = 0: a·(L − x_y) cancels the target column's b·(L − x_y) exactly, so x_y (maybe −inf) is
+                # never read: the column keeps −b·L here and is left out of the Σ scale·x below
+                on_label = -spec.scaled(b, log_sum_exp, where=where)
+            else:
+                x_y = tf.gather(x, y, batch_dims=1) - row_max
+                on_label = spec.scaled(a, log_sum_exp - x_y, where=where)
             if opts.z_loss != 0:
                 lse = row_max + log_sum_exp
                 on_label = on_label + opts.z_loss * lse * lse
@@ -286,7 +322,10 @@ def reduced_loss(
                 on_label = tf.where(bad, nan, on_label)
             bar = tf.math.unsorted_segment_sum(on_label, y, k)
             if b != 0:
-                shifted = tf.where(active[:, None], x - row_max[:, None], tf.zeros_like(x))
+                counted = active[:, None]
+                if saved["empty_target"]:
+                    counted = counted & (tf.range(k, dtype=y.dtype)[None, :] != y[:, None])
+                shifted = tf.where(counted, x - row_max[:, None], tf.zeros_like(x))
                 bar += b * (tf.reduce_sum(scale * log_sum_exp) - tf.linalg.matvec(shifted, scale, transpose_a=True))
             if opts.normalize:
                 bar += tf.reduce_sum(scale) * spec.xlogx(b)
@@ -309,6 +348,9 @@ def reduced_loss(
         inputs.append(sample_weight)
     if denominator is not None:
         inputs.append(denominator)
+    target_input = plan.kind == "probs"  # probability targets get their gradient too
+    if target_input:
+        inputs.append(t2)
 
     @tf.custom_gradient
     def differentiated(logits, *extras):
@@ -316,7 +358,14 @@ def reduced_loss(
         w = extras.pop(0) if weight_input else weight
         sw = extras.pop(0) if sample_weight is not None else None
         d = extras.pop(0) if denominator is not None else None
-        value, saved = forward(logits, w, sw, d)
+        probs = extras.pop(0) if target_input else None
+        # traced values cannot be checked: a negative or non-finite one makes the result NaN (its element's for
+        # sample_weight, everything for the denominator), loss and gradient alike; checked ones pass unchanged
+        if sw is not None:
+            sw = tf.where(tf.math.is_finite(sw) & (sw >= 0), sw, nan)
+        if d is not None:
+            d = tf.where(tf.math.is_finite(d) & (d >= 0), d, nan)
+        value, saved = forward(logits, w, sw, d, probs)
 
         def grad(upstream):
             scale = row_scale(upstream, saved)
@@ -324,10 +373,12 @@ def reduced_loss(
             grads = [tf.cast(logits_grad(weighted_scale, saved), logits.dtype)]
             if weight_input:
                 grads.append(weight_grad(weighted_scale, saved))
-            if sw is not None:
-                grads.append(sample_weight_grad(scale, saved))
+            if sw is not None:  # a bad traced weight (NaN by now) has a NaN derivative too
+                grads.append(tf.where(tf.math.is_nan(sw), nan, sample_weight_grad(scale, saved)))
             if d is not None:
                 grads.append(denominator_grad(upstream, saved))
+            if probs is not None:
+                grads.append(target_grad(weighted_scale, saved, probs))
             return tuple(grads)
 
         return value, grad

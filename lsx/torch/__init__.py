@@ -11,6 +11,13 @@ import functools
 import warnings
 from typing import Any
 
+from lsx import _compat
+
+# torch's Dynamo (imported below, and by torch.compile) imports Triton when it is installed: load it now, before
+# any TensorFlow. If TensorFlow came first, loading Triton would abort the process: keep it out and say so.
+if not _compat.load_triton_first():
+    _compat.block_triton()
+    warnings.warn(_compat.TRITON_BLOCKED, RuntimeWarning, stacklevel=2)
 try:
     import torch
     from torch import nn
@@ -60,6 +67,11 @@ def loss(
         empty_mean=empty_mean,
         softcap=softcap,
     )
+    if softcap is not None and not torch.compiler.is_compiling():  # validated above: a positive finite number
+        # (under torch.compile the op checks it when it runs: float() would make the value a trace constant)
+        spec.check_softcap(float(softcap), input.dtype)
+    if denominator is not None:
+        spec.check_real_number_type(denominator)
     if process_group is not None:
         from lsx.torch import _parallel
 

@@ -10,9 +10,10 @@ Two front doors share that body (:func:`_fused_impl`):
   (``grad``, ``vjp``, ``jacrev``, ``jvp``, ``vmap``) and ``torch.autograd.forward_ad``;
 - the custom op ``lsx::fused_cross_entropy`` (``torch.library.custom_op``), which ``torch.compile``
   (``fullgraph=True``), fake/meta tracing, tensor subclasses and torch-function modes treat as one opaque
-  node. Under ``torch.compile`` the numeric options (``label_smoothing``, ``z_loss``, ``ignore_index``)
-  travel into the op as values, so a schedule or a changed module attribute gives the right loss without a
-  trace-time constant; the string and bool options are compile-time constants.
+  node. Under ``torch.compile`` the numeric options travel into the op as values (``label_smoothing``,
+  ``z_loss`` and ``softcap`` as one float64 tensor built in the graph, ``ignore_index`` as an int), so a
+  schedule or a changed module attribute gives the right loss without a trace-time constant (and recompiles
+  at most once); the string and bool options are compile-time constants.
 
 Engines, chosen per call by :func:`lsx.torch._engines.choose` (``LSX_TORCH_ENGINE`` forces one):
 
@@ -85,9 +86,13 @@ def traced_options(convention: str | None, given: dict[str, Any]) -> TracedOptio
     return TracedOptions(static, None if convention is None else str(convention), ",".join(explicit), **numeric)
 
 
-@torch.compiler.assume_constant_result
 def _resolve_constant(convention: str | None, constant: tuple[tuple[str, Any], ...]) -> spec.Options:
     return spec.resolve_options(convention, **dict(constant))
+
+
+# ``torch.compiler.assume_constant_result`` without its import of torch._dynamo (a large share of the import
+# time of lsx.torch): the decorator only sets this mark, which dynamo reads when it traces the call.
+_resolve_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 @functools.lru_cache(maxsize=256)
@@ -171,7 +176,10 @@ def cross_entropy(
         forward = route == "transform" or forward_ad._current_level >= 0
         needs = tuple(t is not None and (forward or t.requires_grad) for t in extra)  # type: ignore[assignment]
     if route == "function":
-        value = _EagerFused.apply(x2, t2, weight, class_mask, opts, *extra, needs)
+        if weight is None and class_mask is None and sample_weight is None and denominator is None:
+            value = _EagerPlain.apply(x2, t2, opts)  # the usual call: fewer arguments for autograd to bind
+        else:
+            value = _EagerFused.apply(x2, t2, weight, class_mask, opts, *extra, needs)
     elif route == "transform":
         value, *_ = _Fused.apply(x2, t2, weight, class_mask, opts, *extra, needs)
     elif route == "direct":  # nothing to differentiate: no autograd bookkeeping
@@ -182,17 +190,16 @@ def cross_entropy(
             t2,
             weight,
             class_mask,
-            opts.label_smoothing,
+            _numbers(opts.label_smoothing, opts.z_loss, opts.softcap),
             static.spread,
             opts.ignore_index,
-            opts.z_loss,
             static.normalize,
             static.reduction,
             static.empty_mean,
             opts.convention,
             opts.explicit,
             *extra,
-            opts.softcap,
+            opts.softcap is not None,
             *needs,
         )
     else:
@@ -201,20 +208,26 @@ def cross_entropy(
             t2,
             weight,
             class_mask,
-            opts.label_smoothing,
+            _numbers(opts.label_smoothing, opts.z_loss, opts.softcap),
             opts.spread,
             opts.ignore_index,
-            opts.z_loss,
             opts.normalize,
             opts.reduction,
             opts.empty_mean,
             None,
             ",".join(_NUMERIC),
             *extra,
-            opts.softcap,
+            opts.softcap is not None,
             *needs,
         )
     return value.reshape(lead_shape) if static.reduction == "none" else value
+
+
+def _numbers(label_smoothing: Any, z_loss: Any, softcap: Any) -> torch.Tensor:
+    """The float options as one float64 tensor (softcap 0 for None): under ``torch.compile`` a float argument
+    of the custom op would be a trace-time constant (a new graph for every value of a schedule), a tensor
+    built in the graph from the (symbolic) numbers is not."""
+    return torch.tensor([label_smoothing, z_loss, 0.0 if softcap is None else softcap], dtype=torch.float64)
 
 
 _TARGET_KINDS: dict[torch.dtype, str] = {}
@@ -336,11 +349,12 @@ def _fused_full(
     k = x2.shape[1]
     on_cpu = x2.device.type == "cpu"
     mask_np = None
-    if class_mask is not None and class_mask.device.type == "cpu":
+    if class_mask is not None and class_mask.device.type == "cpu" and not _is_traced(class_mask):
         mask_np = spec.check_class_mask(class_mask.numpy(), k, opts)
     weight_np = None
-    if on_cpu:
-        weight_np = None if weight is None else spec.check_weight(weight.to(torch.float64).numpy(), k)
+    if on_cpu and weight is not None and not _is_traced(weight):
+        weight_np = spec.check_weight(weight.to(torch.float64).numpy(), k)
+    if on_cpu and t2.device.type == "cpu" and not _is_traced(t2):  # (every tensor read on the host: CPU, concrete)
         if kind == "index":
             _check_labels(t2.numpy(), k, opts, mask_np)
         elif mask_np is not None:
@@ -349,6 +363,8 @@ def _fused_full(
     if sample_weight is not None and sample_weight.device.type == "cpu" and not _is_traced(sample_weight):
         concrete = sample_weight.detach().to(torch.float64).numpy()
         sw_np = spec.check_sample_weight(concrete, tuple(sample_weight.shape)).reshape(-1)
+    if weight_np is not None or sw_np is not None:  # the concrete ones (a device tensor is trusted)
+        spec.check_weight_range(x2.dtype, weight=weight_np, sample_weight=sw_np, num_elements=x2.shape[0])
     den_value = None
     if denominator is not None and denominator.device.type == "cpu" and not _is_traced(denominator):
         den_value = spec.check_denominator(denominator.detach().to(torch.float64).numpy())
@@ -424,10 +440,9 @@ def _fused(
     t2: torch.Tensor,
     weight: torch.Tensor | None,
     class_mask: torch.Tensor | None,
-    label_smoothing: float,
+    numbers: torch.Tensor,
     spread: str,
     ignore_index: int | None,
-    z_loss: float,
     normalize: bool,
     reduction: str,
     empty_mean: str,
@@ -435,13 +450,25 @@ def _fused(
     explicit: str,
     sample_weight: torch.Tensor | None,
     denominator: torch.Tensor | None,
-    softcap: float | None,
+    has_softcap: bool,
     sw_grad: bool,
     den_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # ``numbers``: (label_smoothing, z_loss, softcap) as float64 (see :func:`_numbers`), read here as values
+    label_smoothing, z_loss, softcap = numbers.detach().cpu().tolist()
     opts = _op_options(
-        convention, explicit, label_smoothing, spread, ignore_index, z_loss, normalize, reduction, empty_mean, softcap
+        convention,
+        explicit,
+        label_smoothing,
+        spread,
+        ignore_index,
+        z_loss,
+        normalize,
+        reduction,
+        empty_mean,
+        softcap if has_softcap else None,
     )
+    spec.check_softcap(opts.softcap, x2.dtype)
     # the class count against the options (spread="others" needs two classes when ε > 0), now that the
     # numeric options are known
     spec.check_layout(
@@ -460,7 +487,7 @@ def _fused(
 
 
 @_fused.register_fake
-def _(x2, t2, weight, class_mask, label_smoothing, spread, ignore_index, z_loss, normalize, reduction, *rest):
+def _(x2, t2, weight, class_mask, numbers, spread, ignore_index, normalize, reduction, *rest):
     _, _, _, sample_weight, denominator, _, sw_grad, den_grad = rest
     value_shape = (x2.shape[0],) if reduction == "none" else ()
     dsw = sample_weight.new_empty(sample_weight.shape) if sw_grad else x2.new_empty((0,))
@@ -472,14 +499,14 @@ def _setup_context(ctx, inputs, output) -> None:
     _, grad, dsw, dden = output
     ctx.mark_non_differentiable(grad, dsw, dden)
     ctx.set_materialize_grads(False)  # no logits-sized zeros for the (unused) gradient of ``grad``
-    ctx.needs = (inputs[16], inputs[17])
+    ctx.needs = (inputs[15], inputs[16])
     ctx.save_for_backward(*_to_save(ctx.needs, grad, dsw, dden))
-    ctx.per_element = inputs[9] == "none"
+    ctx.per_element = inputs[8] == "none"
 
 
 def _op_backward(ctx, grad_value, *_):
     x_grad, sw_grad, den_grad = _backward(ctx, grad_value)
-    return (x_grad,) + (None,) * 12 + (sw_grad, den_grad, None, None, None)
+    return (x_grad,) + (None,) * 11 + (sw_grad, den_grad, None, None, None)
 
 
 _fused.register_autograd(_op_backward, setup_context=_setup_context)
@@ -575,6 +602,39 @@ class _EagerFused(torch.autograd.Function):
         return _Fused.jvp(ctx, *tangents)[0]
 
 
+class _EagerPlain(torch.autograd.Function):
+    """:class:`_EagerFused` without weight, class_mask, sample_weight and denominator (the usual call): only
+    the logits are differentiated, and the backward of a plain ``loss.backward()`` is a short path."""
+
+    @staticmethod
+    def forward(ctx, x2, t2, opts):
+        value, grad, _, _ = _fused_full(x2, t2, None, None, opts)
+        ctx.set_materialize_grads(False)
+        ctx.needs = (False, False)
+        ctx.save_for_backward(grad)
+        if forward_ad._current_level >= 0:
+            ctx.save_for_forward(grad)
+        ctx.per_element = opts.reduction == "none"
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        if grad_value is None or torch.is_grad_enabled() or type(grad_value) is not torch.Tensor or _graph_kept():
+            return _backward(ctx, grad_value)[0], None, None
+        # released after this call, plain tensors, no create_graph: _input_grad's in-place case
+        (grad,) = ctx.saved_tensors
+        scale = grad_value if grad_value.dtype == grad.dtype else grad_value.to(grad.dtype)
+        if ctx.per_element:
+            return grad.mul_(scale.reshape(-1, 1)), None, None
+        if grad.device.type == "cpu" and scale.item() == 1.0:
+            return grad, None, None
+        return grad.mul_(scale), None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, _t, _o):
+        return _Fused.jvp(ctx, x_tangent, None, None, None, None)[0]
+
+
 def _to_save(needs, grad, dsw, dden) -> tuple[torch.Tensor, ...]:
     """The tensors a backward needs: the gradient, and the derivatives for sample_weight and denominator
     only when they were asked for."""
@@ -630,7 +690,7 @@ def _input_grad(ctx, grad_value: torch.Tensor | None, grad: torch.Tensor, logits
     # The graph is released after this call: reuse the saved buffer as the result (no copy), so that
     # fwd+bwd holds a single logits-sized buffer. On the CPU, skip the pass for the usual loss.backward();
     # elsewhere reading the scalar would synchronise the device, so the buffer is always scaled.
-    if grad.device.type == "cpu" and scale.numel() == 1 and float(scale) == 1.0:
+    if grad.device.type == "cpu" and scale.device.type == "cpu" and scale.numel() == 1 and float(scale) == 1.0:
         return grad
     return grad.mul_(scale)
 

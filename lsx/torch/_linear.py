@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from lsx import spec
 from lsx.spec import default
@@ -78,6 +79,8 @@ def linear_loss(
     if process_group is not None:
         from lsx.torch import _parallel
 
+        if isinstance(input, torch.Tensor):
+            spec.check_softcap(opts.softcap, input.dtype)
         return _parallel.linear_cross_entropy(
             input,
             linear_weight,
@@ -132,7 +135,9 @@ Args:
 Returns:
     The loss in the input's dtype: a scalar, or ``input.shape[:-1]`` for ``reduction="none"``.
     Differentiable once in ``input``, ``linear_weight``, ``linear_bias`` and ``sample_weight`` (with every
-    reduction, ``"none"`` with any upstream gradient); works under ``torch.compile``.
+    reduction, ``"none"`` with any upstream gradient; a second derivative, ``create_graph=True``, raises);
+    forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) gives the directional derivative;
+    ``torch.func.grad``/``vjp``/``functional_call`` work; works under ``torch.compile``.
 
 Raises:
     ValueError: a bad ``chunk_size``, an ``input`` whose last dim is not ``linear_weight``'s H, a
@@ -205,14 +210,25 @@ def _linear_loss(input, linear_weight, target, linear_bias, weight, class_mask, 
         class_mask_shape=None if class_mask is None else tuple(class_mask.shape),
         sample_weight_shape=None if sample_weight is None else tuple(sample_weight.shape),
     )
+    spec.check_softcap(opts.softcap, input.dtype)
     compiling = torch.compiler.is_compiling()
+    sw_np = weight_np = None
     if sample_weight is not None and sample_weight.device.type == "cpu" and not compiling:
         if not _torch_function._is_traced(sample_weight):
-            spec.check_sample_weight(sample_weight.detach().to(torch.float64).numpy(), lead)
+            sw_np = spec.check_sample_weight(sample_weight.detach().to(torch.float64).numpy(), lead)
+    if weight is not None and weight.device.type == "cpu" and not compiling and not _torch_function._is_traced(weight):
+        weight_np = spec.check_weight(weight.to(torch.float64).numpy(), v)
+    if weight_np is not None or sw_np is not None:
+        spec.check_weight_range(input.dtype, weight=weight_np, sample_weight=sw_np, num_elements=math.prod(lead))
     denominator = opts.denominator
     if isinstance(denominator, torch.Tensor) and denominator.device.type == "cpu" and not compiling:
         if not _torch_function._is_traced(denominator):
             spec.check_denominator(denominator.detach().to(torch.float64).numpy())
+    if compiling:  # the values are checked when the graph runs, as lsx.torch.loss's op does
+        if sample_weight is not None:
+            sample_weight = _checked(sample_weight, "sample_weight", str(input.dtype).removeprefix("torch."))
+        if isinstance(denominator, torch.Tensor):
+            denominator = _checked(denominator, "denominator", "")
 
     compute = _compute_dtype(input.dtype)
     n = math.prod(lead)
@@ -222,19 +238,24 @@ def _linear_loss(input, linear_weight, target, linear_bias, weight, class_mask, 
     rows = _engines.rows_per_chunk(n, v, chunk_size)
     scalars = (opts.label_smoothing, opts.spread, opts.ignore_index, opts.z_loss, opts.normalize, opts.softcap)
     grad_on = torch.is_grad_enabled()
+    eager = _eager(h2, linear_weight, linear_bias, t2, sw2)
+    # forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) takes its tangent from the gradients
+    forward = eager and (forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active())
     need = (
-        grad_on and input.requires_grad,
-        grad_on and linear_weight.requires_grad,
-        grad_on and linear_bias is not None and linear_bias.requires_grad,
+        forward or (grad_on and input.requires_grad),
+        forward or (grad_on and linear_weight.requires_grad),
+        linear_bias is not None and (forward or (grad_on and linear_bias.requires_grad)),
     )
 
     if opts.reduction == "none":
-        per_element = _linear_none(h2, linear_weight, linear_bias, t2, weight, class_mask, *scalars, rows)
+        none = _LinearNone.apply if eager else _linear_none
+        per_element = none(h2, linear_weight, linear_bias, t2, weight, class_mask, *scalars, rows)
         if sw2 is not None:
             per_element = per_element * sw2
         return per_element.to(input.dtype).reshape(lead)
 
-    total, *_ = _linear_sum(h2, linear_weight, linear_bias, t2, weight, class_mask, sw2, *scalars, rows, *need)
+    total_sum = _LinearSum.apply if eager else _linear_sum
+    total, *_ = total_sum(h2, linear_weight, linear_bias, t2, weight, class_mask, sw2, *scalars, rows, *need)
     if opts.reduction == "mean":
         if denominator is not None:
             d = denominator.to(device=device, dtype=compute) if isinstance(denominator, torch.Tensor) else denominator
@@ -355,7 +376,9 @@ def _check_labels(t2, v, opts, class_mask):
     """The labels (or the probabilities' mass on removed classes), once for the whole call, on the CPU."""
     if t2.device.type != "cpu" or _torch_function._is_traced(t2):
         return
-    mask_np = None if class_mask is None else class_mask.numpy()
+    # the mask is read only where it lives on the CPU too (a device mask is never read on the host)
+    on_cpu = class_mask is not None and class_mask.device.type == "cpu" and not _torch_function._is_traced(class_mask)
+    mask_np = class_mask.numpy() if on_cpu else None
     if t2.is_floating_point():
         if mask_np is not None:
             spec.check_probability_target_mask(t2.to(torch.float64).numpy(), -1, mask_np)
@@ -496,7 +519,7 @@ def _sum_backward(ctx, grad_total, *_unused):
     keep = held is not None and _torch_function._graph_kept()
     if keep:
         ctx.held = held
-    per_element, grad_h, grad_w, grad_b = ctx.saved_tensors if held is None else held
+    per_element, grad_h, grad_w, grad_b = (ctx.saved_tensors if held is None else held)[:4]
     del held
     outputs: list[Any] = [None] * 17
     if grad_total is None:
@@ -504,7 +527,7 @@ def _sum_backward(ctx, grad_total, *_unused):
     scale = grad_total.to(per_element.dtype)
     traced = torch.compiler.is_compiling() or any(map(_torch_function._is_traced, (scale, per_element)))
     in_place = not traced and not keep and not torch.is_grad_enabled()
-    unit = in_place and scale.device.type == "cpu" and float(scale) == 1.0
+    unit = in_place and scale.device.type == "cpu" and per_element.device.type == "cpu" and float(scale) == 1.0
     grads = [grad_h, grad_w, grad_b]
     del grad_h, grad_w, grad_b
     for index, dtype in enumerate(ctx.dtypes):
@@ -604,6 +627,203 @@ def _none_backward(ctx, upstream):
 
 
 _linear_none.register_autograd(_none_backward, setup_context=_none_setup_context)
+
+
+@torch.library.custom_op("lsx::linear_checked_values", mutates_args=())
+def _checked(tensor: torch.Tensor, name: str, dtype: str) -> torch.Tensor:
+    """``tensor`` (a copy) once its values pass their check on the CPU: under torch.compile the sample weights
+    (finite, >= 0, not overflowing ``dtype``'s compute dtype) and a tensor denominator (finite, >= 0) are
+    known only when the graph runs; a device tensor is not read on the host."""
+    if tensor.device.type == "cpu":
+        values = tensor.detach().to(torch.float64).numpy()
+        if name == "sample_weight":
+            spec.check_weight_range(dtype, sample_weight=spec.check_sample_weight(values, tuple(tensor.shape)))
+        else:
+            spec.check_denominator(values)
+    return tensor.clone()
+
+
+@_checked.register_fake
+def _(tensor, name, dtype):
+    return torch.empty_like(tensor)
+
+
+_checked.register_autograd(lambda ctx, grad: (grad, None, None))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Eager calls: the same bodies as autograd.Functions (torch.func transforms, forward-mode AD, a refused
+# second derivative)
+# --------------------------------------------------------------------------------------------------------
+_FIRST_ORDER = (
+    "lsx.torch.linear_loss supports first-order gradients only (its gradients are computed in the forward pass, "
+    "or by a chunked backward that is not itself differentiated); double backward / create_graph=True "
+    "(gradient penalties, torch.autograd.functional.hvp, nested torch.func.grad, hessian) is not supported"
+)
+
+
+class _FirstOrderOnly(_torch_function._FirstOrderOnly):
+    """Identity on a gradient computed under ``torch.func``, tied to an input; its derivative is refused."""
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError(_FIRST_ORDER)
+
+    @staticmethod
+    def jvp(ctx, *_):
+        raise RuntimeError(_FIRST_ORDER)
+
+
+def _eager(*tensors) -> bool:
+    """Whether the call runs through the autograd.Functions below (plain tensors, parameters and torch.func's
+    wrapped tensors) rather than the custom ops (torch.compile, fake and meta tensors, subclasses, modes)."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack():
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    for tensor in tensors:
+        if tensor is None or wrapped(tensor):
+            continue
+        if type(tensor) not in (torch.Tensor, nn.Parameter) or tensor.is_meta:
+            return False
+    return True
+
+
+def _refuse_create_graph(ctx, upstream) -> None:
+    """Outside torch.func, a backward that records a graph (create_graph=True) would differentiate gradients
+    computed without one: refused, never a silently dropped second-order term."""
+    if upstream is not None and torch.is_grad_enabled() and not ctx.transformed:
+        raise RuntimeError(_FIRST_ORDER)
+
+
+def _tie(outputs: list, inputs) -> list:
+    """Under torch.func (which differentiates with create_graph): each gradient tied to its input, so that a
+    second derivative raises instead of coming out zero."""
+    if torch.is_grad_enabled():
+        for index, tensor in inputs:
+            if outputs[index] is not None and tensor is not None:
+                outputs[index] = _FirstOrderOnly.apply(outputs[index], tensor)
+    return outputs
+
+
+class _LinearSum(torch.autograd.Function):
+    """``lsx::linear_cross_entropy_sum`` for eager calls: the same body and backward, plus the tangent
+    (forward-mode AD): <∂Σ/∂h, dh> + <∂Σ/∂W, dW> + <∂Σ/∂b, db> + <ℓ, d(sample_weight)>."""
+
+    @staticmethod
+    def forward(h2, w, b, t2, weight, class_mask, sw, *args):
+        return _forward_sum(h2, w, b, t2, weight, class_mask, sw, args[:6], args[6], *args[7:])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.transformed = torch._C._functorch.maybe_current_level() is not None
+        forward = forward_ad._current_level >= 0 or ctx.transformed
+        if not forward:
+            return _sum_setup_context(ctx, inputs, output)
+        _, per_element, grad_h, grad_w, grad_b = output
+        ctx.mark_non_differentiable(per_element, grad_h, grad_w, grad_b)
+        ctx.set_materialize_grads(False)
+        ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, None if inputs[2] is None else inputs[2].dtype)
+        ctx.has_sw = inputs[6] is not None
+        ctx.held = None
+        saved = (per_element, grad_h, grad_w, grad_b)
+        ctx.save_for_backward(*saved, inputs[0], inputs[1], inputs[2], inputs[6])
+        ctx.save_for_forward(*saved)
+
+    @staticmethod
+    def backward(ctx, grad_total, *rest):
+        _refuse_create_graph(ctx, grad_total)
+        outputs = list(_sum_backward(ctx, grad_total, *rest))
+        if ctx.transformed:
+            h2, w, b, sw = ctx.saved_tensors[4:]
+            outputs = _tie(outputs, ((0, h2), (1, w), (2, b), (6, sw)))
+        return tuple(outputs)
+
+    @staticmethod
+    def jvp(ctx, dh, dw, db, _t, _weight, _mask, dsw, *_):
+        per_element, grad_h, grad_w, grad_b = ctx.saved_tensors[:4]
+        tangent = None
+        for grad, direction in ((grad_h, dh), (grad_w, dw), (grad_b, db), (per_element, dsw)):
+            if direction is None:
+                continue
+            part = (grad * direction.to(grad.dtype).reshape(grad.shape)).sum()
+            tangent = part if tangent is None else tangent + part
+        return tangent, None, None, None, None
+
+
+class _LinearNone(torch.autograd.Function):
+    """``lsx::linear_cross_entropy_none`` for eager calls: the same body and chunked backward, plus the
+    per-element tangent, each chunk's logits recomputed (see :func:`_tangent_none`)."""
+
+    @staticmethod
+    def forward(h2, w, b, t2, weight, class_mask, *args):
+        return _forward_none(h2, w, b, t2, weight, class_mask, args[:6], args[6])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.transformed = torch._C._functorch.maybe_current_level() is not None
+        _none_setup_context(ctx, inputs, output)
+        if forward_ad._current_level >= 0 or ctx.transformed:
+            ctx.save_for_forward(*inputs[:6])
+
+    @staticmethod
+    def backward(ctx, upstream):
+        _refuse_create_graph(ctx, upstream)
+        if ctx.transformed:  # the body on the unwrapped tensors (the chunked backward is not traced)
+            h2, w, b, t2, weight, class_mask = ctx.saved_tensors
+            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            need_b = b is not None and ctx.needs_input_grad[2]
+            outputs: list[Any] = [None] * 13
+            if upstream is None or not (need_h or need_w or need_b):
+                return tuple(outputs)
+            plain = map(_unwrapped, (upstream, h2, w, b, t2, weight, class_mask))
+            with torch._C._DisableFuncTorch():
+                grads = _backward_none(*plain, ctx.scalars[:6], ctx.scalars[6], need_h, need_w, need_b)
+            for index, (grad, tensor) in enumerate(zip(grads, (h2, w, b))):
+                if ctx.needs_input_grad[index] and tensor is not None:
+                    outputs[index] = grad.to(tensor.dtype)
+            return tuple(_tie(outputs, ((0, h2), (1, w), (2, b))))
+        return _none_backward(ctx, upstream)
+
+    @staticmethod
+    def jvp(ctx, dh, dw, db, *_):
+        h2, w, b, t2, weight, class_mask, dh, dw, db = map(_unwrapped, (*ctx.saved_tensors, dh, dw, db))
+        with torch._C._DisableFuncTorch():  # plain arithmetic (Numba reads the chunks on the host)
+            return _tangent_none(h2, w, b, t2, weight, class_mask, ctx.scalars[:6], ctx.scalars[6], dh, dw, db)
+
+
+def _unwrapped(tensor):
+    """The plain tensor under torch.func's wrappers (the chunked arithmetic reads it on the host)."""
+    while tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor
+
+
+def _tangent_none(h2, w, b, t2, weight, class_mask, scalars, rows, dh, dw, db):
+    """Each element's directional derivative, chunk by chunk from the chunk's logit gradient g:
+    Σ_c g_ic (dh_i·W_c + h_i·dW_c + db_c) = ((g W)∘dh + (g dW)∘h)·1 + g db."""
+    *numeric, softcap = scalars
+    opts = _engine_options(*numeric)
+    compute = _compute_dtype(h2.dtype)
+    numba = _numba_for(h2, t2, weight, class_mask, opts, softcap)
+    wc, bc = _compute_weights(w, b, compute)
+    h2 = h2.detach()
+    n = h2.shape[0]
+    tangent = torch.zeros(n, dtype=compute, device=h2.device)
+    buffer = _logits_buffer(rows, wc)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        _, g, hc = _chunk(h2, wc, bc, t2, weight, class_mask, opts, softcap, start, stop, numba, None, buffer)
+        part = tangent[start:stop]
+        if dh is not None:
+            part += ((g @ wc) * dh[start:stop].to(compute)).sum(dim=1)
+        if dw is not None:
+            part += ((g @ dw.to(compute)) * hc).sum(dim=1)
+        if db is not None:
+            part += g @ db.to(compute)
+        del g, hc
+    return tangent if dh is not None or dw is not None or db is not None else None
 
 
 # --------------------------------------------------------------------------------------------------------

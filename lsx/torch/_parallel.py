@@ -9,7 +9,8 @@ Only per-row statistics travel, never logits: two collectives per call, both all
 
 1. A header of a few numbers per rank: its class count, valid class count and weight total (the global K, W
    and the slice offsets follow, in rank order), and what every rank must agree on (element count, dtypes,
-   target kind, a checksum of the labels, the options) or an error code when this rank rejected its input.
+   target kind, the options, a 64-bit digest of the labels and of sample_weight, the denominator's value)
+   or an error code when this rank rejected its input.
    Its size depends only on the group's size, so ranks whose batches or dtypes disagree get a ``ValueError``
    (on every rank) before any collective whose size depends on the batch, never a hang.
 2. Six float64 statistics per row (48 bytes), each taken relative to this rank's own row maximum m_r over
@@ -75,7 +76,9 @@ _NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
 _ERRORS = {1: "weight", 2: "class_mask", 3: "target", 4: "sample_weight or denominator", 5: "input's shapes or types"}
 #: the header's columns
 _ERROR, _ELEMENTS, _X_DTYPE, _T_DTYPE, _KIND, _CLASSES, _VALID, _WEIGHT, _SUM1, _SUM2, _OPTIONS, _INPUT_GRAD = range(12)
-_HEADER = 12
+#: the digests of what is replicated: sample_weight's (two 32-bit halves), the denominator's value
+_SW1, _SW2, _DEN = range(12, 15)
+_HEADER = 15
 #: what every rank must agree on, with the error's wording
 _AGREE = (
     (_ELEMENTS, "element count (batch shape)"),
@@ -83,8 +86,11 @@ _AGREE = (
     (_T_DTYPE, "target dtype"),
     (_KIND, "target kind (labels or probabilities)"),
     (_OPTIONS, "options"),
-    (_SUM1, "labels (their checksum)"),
-    (_SUM2, "labels (their checksum)"),
+    (_SUM1, "labels (their digest)"),
+    (_SUM2, "labels (their digest)"),
+    (_SW1, "sample_weight (its digest)"),
+    (_SW2, "sample_weight (its digest)"),
+    (_DEN, "denominator"),
     (_INPUT_GRAD, "input's requires_grad (linear_loss all-reduces the input's gradient in the backward)"),
 )
 
@@ -167,6 +173,32 @@ def _denominator(value: Any, device: torch.device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().to(device=device, dtype=torch.float64).reshape(())
     return torch.full((), float(np.asarray(value)), dtype=torch.float64, device=device)
+
+
+#: the constants of SplitMix64 (as signed int64: torch multiplies int64 modulo 2**64)
+_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
+_LOW32 = (1 << 32) - 1
+
+
+def _shift(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """z >> bits as an unsigned 64-bit shift."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _digest(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 64-bit digest of int64 ``keys`` and their positions, as two float64 halves (exact in the header),
+    computed on the keys' device (no host read): the sum modulo 2**64 of SplitMix64(key·φ + position), so a
+    changed value or two swapped positions change it (but for a 2**-64 chance), whatever the distance."""
+    keys = keys.reshape(-1)
+    positions = torch.arange(1, keys.numel() + 1, device=keys.device, dtype=torch.int64)
+    z = keys * _GOLDEN + positions * _MIX2
+    z = z ^ _shift(z, 30)
+    z = z * _MIX1
+    z = z ^ _shift(z, 27)
+    z = z * _MIX2
+    z = z ^ _shift(z, 31)
+    total = z.sum()
+    return (_shift(total, 32)).to(torch.float64), (total & _LOW32).to(torch.float64)
 
 
 def _gather(tensor: torch.Tensor, group: Any) -> torch.Tensor:
@@ -262,22 +294,26 @@ class _Call:
         """Value checks of this rank's slices (CPU tensors only); failures are recorded, not raised."""
         opts = self.opts
         weight, mask, t2 = self.weight, self.mask, self.t2
+        weight_np = sw_np = None
         try:
             if weight is not None and weight.device.type == "cpu":
-                spec.check_weight(weight.to(torch.float64).numpy(), weight.shape[0])
+                weight_np = spec.check_weight(weight.to(torch.float64).numpy(), weight.shape[0])
+                # this rank's slice: the rank holding the largest weight names it
+                spec.check_weight_range(self.x2.dtype, weight=weight_np, num_elements=self.x2.shape[0])
         except (ValueError, TypeError) as error:
             return self.fail(error, 1)
         try:
             if self.sample_weight is not None and self.sample_weight.device.type == "cpu":
-                spec.check_sample_weight(self.sample_weight.double().numpy(), tuple(self.sample_weight.shape))
+                sw_np = spec.check_sample_weight(self.sample_weight.double().numpy(), tuple(self.sample_weight.shape))
+                spec.check_weight_range(self.x2.dtype, weight=weight_np, sample_weight=sw_np)
             den = opts.denominator
             if den is not None and (not isinstance(den, torch.Tensor) or den.device.type == "cpu"):
                 spec.check_denominator(torch.as_tensor(den).detach().cpu().numpy())
         except (ValueError, TypeError) as error:
             return self.fail(error, 4)
-        if self.kind == "probs" and mask is not None and t2.device.type == "cpu":
+        if self.kind == "probs" and mask is not None and t2.device.type == "cpu" and mask.device.type == "cpu":
             try:
-                spec.check_probability_target_mask(t2.detach().to(torch.float64).numpy(), -1, mask.cpu().numpy())
+                spec.check_probability_target_mask(t2.detach().to(torch.float64).numpy(), -1, mask.numpy())
             except ValueError as error:
                 return self.fail(error, 3)
         return None
@@ -306,10 +342,16 @@ class _Call:
             else:
                 header[_WEIGHT] = (w.double() if mask is None else w.double().masked_fill(~mask, 0)).sum()
             if self.kind == "index" and n:
-                labels, _ = _engines.labels_as_int64(t2)
-                as_float = labels.to(torch.float64)
-                header[_SUM1] = as_float.sum()
-                header[_SUM2] = (as_float * (torch.arange(n, device=device, dtype=torch.float64) % 251 + 1)).sum()
+                labels, too_big = _engines.labels_as_int64(t2)
+                if too_big is not None:  # (a uint64 label above 2**63 - 1 keeps its own key)
+                    labels = torch.where(too_big, t2.view(torch.int64), labels) ^ too_big.to(torch.int64)
+                header[_SUM1], header[_SUM2] = _digest(labels.to(device))
+            sw = self.sample_weight
+            if sw is not None and sw.numel():
+                # the bits of each value (+ 0.0 makes −0.0 the same key as 0.0)
+                header[_SW1], header[_SW2] = _digest((sw.to(device=device, dtype=torch.float64) + 0.0).view(torch.int64))
+        den = opts.denominator
+        header[_DEN] = -1.0 if den is None else torch.as_tensor(den, dtype=torch.float64).to(device).reshape(())
         rows = _gather(header, self.group).cpu().tolist()
         if self.error is not None:
             raise self.error
@@ -380,7 +422,15 @@ class _Call:
     def statistics(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         """This rank's six float64 statistics (6, rows) of rows ``rows`` from their logits ``x`` (not modified)."""
         out = torch.empty((6, x.shape[0]), dtype=torch.float64, device=self.device)
-        _engines.statistics(self.engine, x, out, normalize=self.opts.normalize, **self._rows(rows), **self.arguments)
+        _engines.statistics(
+            self.engine,
+            x,
+            out,
+            normalize=self.opts.normalize,
+            exclude_target=self.coefficients.empty_target,
+            **self._rows(rows),
+            **self.arguments,
+        )
         return out
 
     def merge(
@@ -403,7 +453,7 @@ class _Call:
             weight_totals=self.weight_totals,
         )
         flagged = merged["flagged"]
-        if kind == "index" and self.t2.device.type == "cpu" and bool(flagged.any()):
+        if kind == "index" and self.t2.device.type == "cpu" and flagged.device.type == "cpu" and bool(flagged.any()):
             label = int(self.labels[rows][flagged][0])
             raise ValueError(f"target has label {label}, a class that class_mask marks as absent")
         loss, self.denominator, factors = _engines.finish(
@@ -688,8 +738,11 @@ class _ParallelLinear(torch.autograd.Function):
         return value
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_value):
+        if torch.is_grad_enabled():  # create_graph=True: the single-device rule, first-order only
+            from lsx.torch._linear import _FIRST_ORDER
+
+            raise RuntimeError(_FIRST_ORDER)
         call = ctx.call
         if ctx.grads is not None:
             grads, ctx.grads = ctx.grads, None

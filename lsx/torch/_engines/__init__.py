@@ -12,7 +12,8 @@ num_classes, ignore_index)``
     its valid classes (m_r = 0 where that maximum is not finite), on x' = c·tanh(x/c) with ``softcap=c``.
     Labels (global int64 class ids): 0 the raw maximum (−inf without a valid class), 1 Σ exp(x' − m_r),
     2 x'_y − m_r where the block owns the target (NaN on a masked class), 3 w_y there, 4 Σ w_c (x'_c − m_r)
-    over the valid classes with w_c ≠ 0 when smoothing, 5 the ownership flag (0, 1; 2 on a masked class).
+    over the valid classes with w_c ≠ 0 when smoothing (with ``exclude_target``, a target without mass, other
+    than the owned target), 5 the ownership flag (0, 1; 2 on a masked class).
     Probabilities (the block's columns of t, q = a·t + b): 0, 1 as above, 2 Σ w q, 3 Σ w q (x' − m_r),
     4 Σ w·xlogx(q) with ``normalize`` (over w q ≠ 0), 5 1 where t puts mass on a masked class.
 
@@ -247,9 +248,12 @@ def merge(
         owner_shift = torch.where(stats[:, 5] != 0, delta, 0.0).sum(dim=0)
         w_y = stats[:, 3].sum(dim=0)
         weighted_sum: Any = 0.0
+        excluded = coefficients.empty_target
         if smoothing:  # Σ_r (S_r + W_r·(m_r − m)), in block order (a Python total never travels to the device)
             for r, total in enumerate(weight_totals):
                 term = stats[r, 4]
+                if excluded:  # the owner's statistic 4 left the target out (``exclude_target``): so does its total
+                    total = total - stats[r, 3]
                 if isinstance(total, torch.Tensor):
                     term = term + torch.where(total != 0, total * delta[r], 0.0)
                 elif total != 0:
@@ -264,6 +268,7 @@ def merge(
             weighted_sum=weighted_sum,
             where=torch.where,
             log=torch.log,
+            target_excluded=excluded,
         )
     else:
         flagged = (stats[:, 5] != 0).any(dim=0)
@@ -316,16 +321,29 @@ def _block_arguments(x: torch.Tensor, arguments: dict[str, Any]) -> dict[str, An
     return found
 
 
-def statistics(name: str, x: torch.Tensor, out: torch.Tensor, **arguments: Any) -> None:
+def statistics(
+    name: str, x: torch.Tensor, out: torch.Tensor, *, exclude_target: bool = False, **arguments: Any
+) -> None:
     """Engine ``name``'s six statistics of the block ``x`` into ``out`` (6, n) float64 (see the module's
-    docstring for the arguments)."""
+    docstring for the arguments). ``exclude_target`` (labels whose target carries no mass, q_y = 0:
+    ``RowCoefficients.empty_target``): statistic 4 leaves out the target class where the block owns it, so the
+    target's logit is never read, even at −inf; :func:`merge` then leaves it out of the weight total too."""
     x = _unit_columns(x)
     arguments = _block_arguments(x, arguments)
+    exclude_target = bool(exclude_target) and arguments.get("labels") is not None
     if name == "triton":  # its statistics are in the compute dtype
         staged = torch.empty(tuple(out.shape), dtype=_compute(x.dtype), device=x.device)
         engine(name).statistics(x, staged, **arguments)
         out.copy_(staged)
+        if exclude_target:
+            # the Triton kernel sums every valid class: statistic 4 without the target from the plain-torch
+            # engine (same maximum, same contract); only for ε = 1 with spread="others"
+            redo = torch.empty(tuple(out.shape), dtype=_compute(x.dtype), device=x.device)
+            ops.statistics(x, redo, exclude_target=True, **arguments)
+            out[4].copy_(redo[4])
         return
+    if exclude_target:
+        arguments["exclude_target"] = True
     engine(name).statistics(x, out, **arguments)
 
 
@@ -463,7 +481,7 @@ def run(
     else:
         arguments["probs"] = t2.detach().to(device)
     stats = torch.empty((6, n), dtype=torch.float64, device=device)
-    statistics(name, x2, stats, normalize=opts.normalize, **arguments)
+    statistics(name, x2, stats, normalize=opts.normalize, exclude_target=coefficients.empty_target, **arguments)
     merged = merge(
         stats.unsqueeze(0),
         rank=0,

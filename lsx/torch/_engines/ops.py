@@ -161,6 +161,8 @@ def run(
                 shifted = x - row_max
                 if linear is not None:
                     shifted = shifted.masked_fill(~linear, 0)
+                if coefficients.empty_target:  # q_y = 0: the target's logit stays out, even at −inf
+                    shifted = shifted.scatter(1, yc, 0.0)
                 weighted_sum = shifted.sum(dim=1) if w is None else shifted @ w
             loss, coef = spec.label_row(
                 coefficients,
@@ -171,6 +173,7 @@ def run(
                 weighted_sum=weighted_sum,
                 where=torch.where,
                 log=torch.log,
+                target_excluded=coefficients.empty_target,
             )
         else:
             q = coefficients.a * target[start:stop].to(compute) + coefficients.b
@@ -273,6 +276,7 @@ def statistics(
     offset: int = 0,
     num_classes: int | None = None,
     ignore_index: int | None = None,
+    exclude_target: bool = False,
 ) -> None:
     """The six statistics per row of the block ``x`` into ``out`` (6, n) (the contract of
     :mod:`lsx.torch._engines`), with torch ops on ``x``'s device (no host read)."""
@@ -312,6 +316,10 @@ def statistics(
             shifted = x - local_max.unsqueeze(1)
             if linear is not None:
                 shifted = shifted.masked_fill(~linear, 0)
+            if exclude_target:  # a massless target (q_y = 0): left out where owned, even at x_y = −inf
+                at_target = torch.zeros((n, k), dtype=torch.bool, device=device)
+                at_target.scatter_(1, y_local.unsqueeze(1), owns.unsqueeze(1))
+                shifted = shifted.masked_fill(at_target, 0)
             weighted_sum = shifted.sum(dim=1) if w is None else shifted @ w
         columns = [raw_max, sum_exp, x_y, w_y, weighted_sum, owned]
     else:
