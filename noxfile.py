@@ -32,7 +32,7 @@ def numba(session: nox.Session) -> None:
 
 @nox.session
 def torch(session: nox.Session) -> None:
-    _tests(session, "torch,numba", "numpy,torch", TORCH)
+    _tests(session, "torch,numba,triton", "numpy,torch", TORCH)
 
 
 @nox.session

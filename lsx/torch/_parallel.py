@@ -168,6 +168,13 @@ def _options_code(opts: spec.Options) -> float:
     return float(zlib.crc32(repr(scalars).encode()))
 
 
+def _denominator(value: Any, device: torch.device) -> torch.Tensor:
+    """The caller's denominator as a 0-d float64 tensor on ``device`` (a number filled in there: no copy)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float64).reshape(())
+    return torch.full((), float(np.asarray(value)), dtype=torch.float64, device=device)
+
+
 #: the constants of SplitMix64 (as signed int64: torch multiplies int64 modulo 2**64)
 _GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685
 _LOW32 = (1 << 32) - 1
@@ -457,9 +464,7 @@ class _Call:
             active=None if self.active is None else self.active[rows],
             invalid=None if self.invalid is None else self.invalid[rows],
             sample_weight=None if self.sample_weight is None else self.sample_weight[rows],
-            denominator=None
-            if opts.denominator is None
-            else torch.as_tensor(opts.denominator, dtype=torch.float64).detach().to(device).reshape(()),
+            denominator=None if opts.denominator is None else _denominator(opts.denominator, device),
         )
         if self.sample_weight is not None:
             loss = loss * self.sample_weight[rows].to(torch.float64)
@@ -701,7 +706,7 @@ def _linear_fused(call: _Call, h2, w, b, rows, need):
         del g, logits, hc
     opts = call.opts
     if opts.denominator is not None:
-        denominator = torch.as_tensor(opts.denominator, device=device).detach().to(torch.float64).reshape(())
+        denominator = _denominator(opts.denominator, device)
     call.denominator = denominator
     value = call.reduce(losses, h2.dtype)
     if opts.reduction == "mean":

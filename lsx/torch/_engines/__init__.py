@@ -249,12 +249,16 @@ def merge(
         w_y = stats[:, 3].sum(dim=0)
         weighted_sum: Any = 0.0
         excluded = coefficients.empty_target
-        if smoothing:
-            totals = torch.stack([torch.as_tensor(t, dtype=torch.float64, device=stats.device) for t in weight_totals])
-            totals = totals.reshape(-1, 1)
-            if excluded:  # the owner's statistic 4 left the target out (``exclude_target``): so does its total
-                totals = totals - stats[:, 3]
-            weighted_sum = (stats[:, 4] + torch.where(totals != 0, totals * delta, 0.0)).sum(dim=0)
+        if smoothing:  # Σ_r (S_r + W_r·(m_r − m)), in block order (a Python total never travels to the device)
+            for r, total in enumerate(weight_totals):
+                term = stats[r, 4]
+                if excluded:  # the owner's statistic 4 left the target out (``exclude_target``): so does its total
+                    total = total - stats[r, 3]
+                if isinstance(total, torch.Tensor):
+                    term = term + torch.where(total != 0, total * delta[r], 0.0)
+                elif total != 0:
+                    term = term + total * delta[r]
+                weighted_sum = term if r == 0 else weighted_sum + term
         loss, coef = spec.label_row(
             coefficients,
             log_sum_exp=log_sum_exp,
