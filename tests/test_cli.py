@@ -873,11 +873,11 @@ def test_explain_checks_softcap_and_denominator_like_loss(capsys, argv, message)
         spec.resolve_options(convention, **{n: v for n, v in options.items() if v is not None})
 
 
-def test_explain_definition_is_the_readme_definition():
-    """The README's definition block prints the same two lines as lsx.cli._explain.definition()."""
+def test_explain_definition_is_the_documented_definition():
+    """The documentation's definition block prints the same two lines as lsx.cli._explain.definition()."""
     from lsx.cli import _explain
 
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "docs", "definition.md"), encoding="utf-8") as f:
         readme = " ".join(f.read().split())
     for line in _explain.definition():
         assert " ".join(line.split()) in readme, line

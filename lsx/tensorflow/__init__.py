@@ -99,27 +99,26 @@ def loss(
     weight_value = None if opts.weight is None else tf.get_static_value(tf.convert_to_tensor(opts.weight))
     if weight_value is not None:
         spec.check_weight(weight_value, k)
-    if opts.weight is None:
-        w = None
-    elif weight_is_tensor:
-        w = tf.cast(opts.weight, compute)
-    else:
-        w = tf.constant(spec.check_weight(weight_value, k), compute)
-
     # per-element weights and a caller's denominator: known values are checked, traced ones trusted; tensors
-    # (and tf.Variables) get their gradients
-    sw = sw_value = None
+    # (and tf.Variables) get their gradients. The weights' range is checked before any cast to the compute dtype.
+    sw_value = None
     if opts.sample_weight is not None:
         sw_value = tf.get_static_value(tf.convert_to_tensor(opts.sample_weight))
         if sw_value is not None:
             spec.check_sample_weight(sw_value, spec.element_shape(tuple(x.shape), layout.axis))
-        sw = _as_compute(opts.sample_weight, compute)
     spec.check_weight_range(
         x.dtype.name,
         weight=None if weight_value is None else np.asarray(weight_value, np.float64),
         sample_weight=None if opts.sample_weight is None or sw_value is None else np.asarray(sw_value, np.float64),
         num_elements=math.prod(n for n in spec.element_shape(tuple(x.shape), layout.axis) if n is not None),
     )
+    if opts.weight is None:
+        w = None
+    elif weight_is_tensor:
+        w = tf.cast(opts.weight, compute)
+    else:
+        w = tf.constant(spec.check_weight(weight_value, k), compute)
+    sw = None if opts.sample_weight is None else _as_compute(opts.sample_weight, compute)
     d = None
     if opts.denominator is not None:
         d_value = tf.get_static_value(tf.convert_to_tensor(opts.denominator))
