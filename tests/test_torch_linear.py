@@ -362,6 +362,11 @@ def test_default_chunk_rows():
     assert _engines.rows_per_chunk(10, 1 << 23, None) == 1
     assert _engines.rows_per_chunk(4096, 32768, 7) == 7
     assert _engines.rows_per_chunk(5, 32768, 70) == 5
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    assert _engines.rows_per_chunk(8192, 131072, None, cuda) == 1024
+    assert _engines.rows_per_chunk(8192, 256000, None, cuda) == 512  # 524 rows a chunk, evened out over 16
+    assert _engines.rows_per_chunk(8192, 256000, None, torch.device("cpu")) == 16
+    assert _engines.rows_per_chunk(8192, 256000, 64, cuda) == 64
 
 
 def test_chunking_via_torch_options():

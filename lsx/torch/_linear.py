@@ -120,7 +120,8 @@ Args:
         shape (``input.shape[:-1]``) and is differentiated; ``denominator`` may be a number or a 0-d tensor
         (kept on its device).
     chunk_size: rows per chunk. None (default) picks ``max(1, 2**22 // V)`` rows (a chunk of logits holds
-        at most 2**22 elements, 16 MiB in float32, or one row when V > 2**22), then evens the chunks out:
+        at most 2**22 elements, 16 MiB in float32, or one row when V > 2**22; on CUDA ``2**27 // V``, so
+        the matmuls run near the GPU's peak), then evens the chunks out:
         with ``n = ceil(N / rows)`` chunks, each holds ``ceil(N / n)`` rows. A positive int wins.
     process_group: a ``torch.distributed`` group over which the vocabulary is split, in rank order:
         ``linear_weight``/``linear_bias`` (and ``weight``, ``class_mask``, probability targets) are this rank's
@@ -235,7 +236,7 @@ def _linear_loss(input, linear_weight, target, linear_bias, weight, class_mask, 
     h2 = input.reshape(n, h)
     t2 = target.reshape(n) if kind == "index" else target.reshape(n, v)
     sw2 = None if sample_weight is None else sample_weight.to(device=device, dtype=compute).reshape(n)
-    rows = _engines.rows_per_chunk(n, v, chunk_size)
+    rows = _engines.rows_per_chunk(n, v, chunk_size, input.device)
     scalars = (opts.label_smoothing, opts.spread, opts.ignore_index, opts.z_loss, opts.normalize, opts.softcap)
     grad_on = torch.is_grad_enabled()
     eager = _eager(h2, linear_weight, linear_bias, t2, sw2)

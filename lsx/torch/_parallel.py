@@ -586,7 +586,7 @@ def linear_cross_entropy(
         call.fail(error, 5)
     call.exchange_header(input)
     n = call.x2.shape[0]
-    rows = _engines.rows_per_chunk(n, linear_weight.shape[0], chunk_size)
+    rows = _engines.rows_per_chunk(n, linear_weight.shape[0], chunk_size, input.device)
     h2 = input.reshape(n, h)
     if any(need):
         value = _ParallelLinear.apply(h2, linear_weight, linear_bias, call, rows, need)

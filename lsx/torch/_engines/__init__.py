@@ -172,6 +172,9 @@ def engine(name: str) -> Any:
 # --------------------------------------------------------------------------------------------------------
 #: a chunk of logits holds about this many elements when ``chunk_size`` is None (16 MiB in float32)
 CHUNK_ELEMENTS = 1 << 22
+#: on CUDA: 512 MiB of float32 logits, so each chunk's matmuls have rows enough to run near the GPU's peak
+#: (1024 rows at V = 131072, 524 at V = 256000)
+CUDA_CHUNK_ELEMENTS = 1 << 27
 
 
 def check_chunk_size(chunk_size: Any) -> int | None:
@@ -182,11 +185,13 @@ def check_chunk_size(chunk_size: Any) -> int | None:
     return int(chunk_size)
 
 
-def rows_per_chunk(n: int, v: int, chunk_size: int | None) -> int:
-    """Rows per chunk: the caller's, or about CHUNK_ELEMENTS logits per chunk, evened out over the chunks."""
+def rows_per_chunk(n: int, v: int, chunk_size: int | None, device: Any = None) -> int:
+    """Rows per chunk: the caller's, or about CHUNK_ELEMENTS (CUDA_CHUNK_ELEMENTS on a CUDA ``device``) logits
+    per chunk, evened out over the chunks."""
     if chunk_size is not None:
         return max(1, min(chunk_size, n))
-    rows = max(1, CHUNK_ELEMENTS // max(v, 1))
+    elements = CUDA_CHUNK_ELEMENTS if getattr(device, "type", None) == "cuda" else CHUNK_ELEMENTS
+    rows = max(1, elements // max(v, 1))
     if n <= rows:
         return max(n, 1)
     chunks = -(-n // rows)
