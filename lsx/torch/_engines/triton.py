@@ -678,54 +678,31 @@ def statistics(
         return
     block, warps = _block(k, x)
     cap_hi, cap_lo = _split(softcap)
+    common = dict(
+        x_ptr=x,
+        out_ptr=out,
+        weight_ptr=weight,
+        mask_ptr=class_mask,
+        k=k,
+        x_stride=x.stride(0),
+        out_stride=out.stride(0),
+        cap_hi=cap_hi,
+        cap_lo=cap_lo,
+    )
     if labels is not None:
-        _launch(
-            _label_statistics,
-            n,
-            dict(
-                x_ptr=x,
-                out_ptr=out,
-                labels_ptr=labels,
-                weight_ptr=weight,
-                mask_ptr=class_mask,
-                k=k,
-                x_stride=x.stride(0),
-                out_stride=out.stride(0),
-                offset=int(offset),
-                num_classes=k if num_classes is None else int(num_classes),
-                ignore_index=None if ignore_index is None else int(ignore_index),
-                cap_hi=cap_hi,
-                cap_lo=cap_lo,
-            ),
-            dict(SMOOTHING=bool(smoothing), BLOCK_K=block),
-            warps,
+        common.update(
+            labels_ptr=labels,
+            offset=int(offset),
+            num_classes=k if num_classes is None else int(num_classes),
+            ignore_index=None if ignore_index is None else int(ignore_index),
         )
+        _launch(_label_statistics, n, common, dict(SMOOTHING=bool(smoothing), BLOCK_K=block), warps)
     else:
         a_hi, a_lo, b_hi, b_lo, coef = _coefficients(a, b, compute, x.device)
-        _launch(
-            _probability_statistics,
-            n,
-            dict(
-                x_ptr=x,
-                out_ptr=out,
-                t_ptr=probs,
-                weight_ptr=weight,
-                mask_ptr=class_mask,
-                coef_ptr=coef,
-                k=k,
-                x_stride=x.stride(0),
-                t_stride=probs.stride(0),
-                out_stride=out.stride(0),
-                a_hi=a_hi,
-                a_lo=a_lo,
-                b_hi=b_hi,
-                b_lo=b_lo,
-                cap_hi=cap_hi,
-                cap_lo=cap_lo,
-            ),
-            dict(NORMALIZE=bool(normalize), BLOCK_K=block),
-            warps,
+        common.update(
+            t_ptr=probs, coef_ptr=coef, t_stride=probs.stride(0), a_hi=a_hi, a_lo=a_lo, b_hi=b_hi, b_lo=b_lo
         )
+        _launch(_probability_statistics, n, common, dict(NORMALIZE=bool(normalize), BLOCK_K=block), warps)
 
 
 def gradient(
