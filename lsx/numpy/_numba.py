@@ -619,6 +619,112 @@ if AVAILABLE:
                 chain,
             )
 
+    # The plain case (integer labels; no class weight, class mask, soft-cap or sample weight; the target keeps
+    # its mass): the row's algebra of :func:`_index_row` with w = 1, in one function inlined into its drivers
+    # (which therefore carry the loops' fastmath flags: inlined code is compiled with the caller's).
+    # Rows are read through one view each and the inner loops run over block slices, so the loop over rows
+    # costs no reference counting beyond those views (the general kernel's per-row calls and views cost about
+    # 0.3 µs a row, which dominates small classifiers' calls).
+    @numba.njit(cache=True)
+    def _plain_label_count(y, k, ignore_index, has_ignore):
+        """The number of rows whose label is not ``ignore_index``, or −1 when a label is outside [0, K)."""
+        active = 0
+        for i in range(y.shape[0]):
+            label = y[i]
+            if has_ignore and label == ignore_index:
+                continue
+            if label < 0 or label >= k:
+                return -1
+            active += 1
+        return active
+
+    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
+    def _plain_row(i, x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss):
+        k = x.shape[1]
+        a, b, total_w, z, h_target, h_other = params[0], params[1], params[2], params[3], params[4], params[5]
+        normalize = params[6] != 0.0
+        zero = _to_dtype_of(0.0, x)
+        label = y[i]
+        if has_ignore and label == ignore_index:
+            loss[i] = 0.0
+            if want_grad:
+                dst = out[i]
+                for c in range(k):
+                    dst[c] = zero
+            return
+        xr = x[i]
+        m_raw = _to_dtype_of(-np.inf, x)
+        for c in range(k):
+            m_raw = _maxnum(m_raw, xr[c])
+        if m_raw == np.inf:
+            m = np.nan
+        else:
+            m = np.float64(m_raw) if math.isfinite(m_raw) else 0.0
+        x_y = np.float64(xr[label])  # read before an in-place pass overwrites the row
+        mt = _to_dtype_of(m, x)
+        sum_e = 0.0
+        sum_x = 0.0
+        for start in range(0, k, _BLOCK):
+            stop = min(start + _BLOCK, k)
+            xs = xr[start:stop]
+            if want_grad:
+                block_e, block_x = _block_store(xs, out[i][start:stop], mt)
+            else:
+                block_e, block_x = _block_sum(xs, mt)
+            sum_e += block_e
+            sum_x += block_x
+        lse_shifted = math.log(sum_e)
+        lse = m + lse_shifted
+        value = 0.0
+        if a != 0.0:
+            value += a * (lse - x_y)
+        if b != 0.0:
+            value += b * (total_w * lse_shifted - sum_x)
+        coef = a + b * total_w
+        if z != 0.0:
+            value += z * lse * lse
+            coef += 2.0 * z * lse
+        if normalize:
+            value += h_target + h_other * (total_w - 1.0)
+        loss[i] = value
+        if not want_grad:
+            return
+        dst = out[i]
+        coef_t = _to_dtype_of(scale * coef / sum_e, x)
+        bs = _to_dtype_of(scale * b, x)
+        for c in range(k):
+            dst[c] = dst[c] * coef_t - bs
+        dst[label] -= _to_dtype_of(scale * a, x)
+
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    def _plain_rows_serial(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss):
+        """Every row of the plain case; returns the rows counted in the mean (−1: a label out of range, then
+        nothing is written). ``count_scale``: the gradient carries 1/that count (0 for none), else params[7]."""
+        active = _plain_label_count(y, x.shape[1], ignore_index, has_ignore)
+        if active < 0:
+            return active
+        scale = params[7]
+        if count_scale:
+            scale = 1.0 / active if active != 0 else 0.0
+        for i in range(x.shape[0]):
+            _plain_row(i, x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss)
+        return active
+
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True, parallel=True)
+    def _plain_rows(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss, chunks):
+        """:func:`_plain_rows_serial` with ``chunks`` ranges of rows spread over the threads."""
+        active = _plain_label_count(y, x.shape[1], ignore_index, has_ignore)
+        if active < 0:
+            return active
+        scale = params[7]
+        if count_scale:
+            scale = 1.0 / active if active != 0 else 0.0
+        n = x.shape[0]
+        for chunk in prange(chunks):
+            for i in range(chunk * n // chunks, (chunk + 1) * n // chunks):
+                _plain_row(i, x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss)
+        return active
+
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
     def _prob_row(i, x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss, chain):
         k = x.shape[1]
@@ -958,6 +1064,10 @@ def forward_backward(
         raise ImportError("lsx.numpy._numba needs numba: pip install 'lsx[numba]'")
     n, k = x2.shape
     x = np.ascontiguousarray(x2, dtype=compute)
+    if kind == "index" and weight is None and mask is None and sample_weight is None and opts.softcap is None:
+        params = plain_params(opts, k)
+        if params is not None:
+            return _plain(x, t2, opts, params, compute, want_grad, out2, scale_mean)
     valid_count = k if mask is None else int(mask.sum())
     a, b = spec.smoothing_coefficients(opts, valid_count)
     has_w = weight is not None or mask is not None
@@ -1059,6 +1169,83 @@ def forward_backward(
             serial(*args)
         else:
             threaded(*args, min(n, 4 * numba.get_num_threads()))
+    if not want_grad:
+        return per_element, denominator, None
+    if out2 is not None and grad is not out2:
+        np.copyto(out2, grad, casting="same_kind")
+        grad = out2
+    return per_element, denominator, grad
+
+
+def plain_params(opts: Any, k: int) -> np.ndarray | None:
+    """The plain kernels' row coefficients for K classes without weight or mask (``params`` of
+    :func:`_index_row`; entry 7, the gradient's scale, is 1), or None when the target class carries no mass
+    (ε = 1 with ``spread="others"``: the general kernel leaves its logit out)."""
+    key = (opts.label_smoothing, opts.spread, opts.z_loss, opts.normalize, opts.softcap, k)
+    params = _PLAIN_PARAMS.get(key)
+    if params is None:
+        coefficients = spec.RowCoefficients.of(opts, k)
+        if coefficients.empty_target or opts.softcap is not None:
+            return None
+        a, b = coefficients.a, coefficients.b
+        entropy = (spec.xlogx(a + b), spec.xlogx(b)) if opts.normalize else (0.0, 0.0)
+        params = np.array([a, b, float(k), opts.z_loss, *entropy, float(opts.normalize), 1.0, 0.0, 0.0], np.float64)
+        params.flags.writeable = False
+        if len(_PLAIN_PARAMS) >= 256:
+            _PLAIN_PARAMS.clear()
+        _PLAIN_PARAMS[key] = params
+    return params
+
+
+_PLAIN_PARAMS: dict[tuple[Any, ...], np.ndarray] = {}
+
+
+def plain_rows(
+    x: np.ndarray,
+    labels: np.ndarray,
+    params: np.ndarray,
+    ignore_index: int | None,
+    count_scale: bool,
+    want_grad: bool,
+    grad: np.ndarray,
+    per_element: np.ndarray,
+) -> int:
+    """Run the plain kernel on C-contiguous (N, K) ``x`` and int64 ``labels``: per-element losses into
+    ``per_element``, the gradient (scaled by 1/count when ``count_scale``, else by ``params[7]``) into ``grad``
+    (which may be ``x``'s memory) when ``want_grad``. Returns the number of labels other than ``ignore_index``,
+    or −1 (nothing written) when a label is outside [0, K) and not ``ignore_index``."""
+    n, k = x.shape
+    has_ignore = ignore_index is not None
+    ignore = int(ignore_index) if has_ignore and -(1 << 63) <= ignore_index < 1 << 63 else 0
+    if has_ignore and ignore != ignore_index:  # no int64 label equals it
+        has_ignore = False
+    if n * k < _PARALLEL_MIN_ELEMENTS:
+        return _plain_rows_serial(x, labels, params, ignore, has_ignore, count_scale, want_grad, grad, per_element)
+    chunks = min(n, 4 * numba.get_num_threads())
+    return _plain_rows(x, labels, params, ignore, has_ignore, count_scale, want_grad, grad, per_element, chunks)
+
+
+def _plain(x, t2, opts, params, compute, want_grad, out2, scale_mean):
+    """:func:`forward_backward` for the plain case (see :func:`plain_params`)."""
+    n, k = x.shape
+    labels = t2 if t2.dtype == np.int64 and t2.flags.c_contiguous else np.ascontiguousarray(spec.labels_as_int64(t2)[0])
+    mean = scale_mean and opts.reduction == "mean"
+    given = None if opts.denominator is None else float(np.asarray(opts.denominator))
+    if given is not None and mean:
+        params = params.copy()
+        params[7] = spec.reduction_scale("mean", given)
+    if want_grad:
+        grad = out2 if out2 is not None and _usable_out(out2, x, compute) else np.empty((n, k), compute)
+        if np.may_share_memory(grad, x) and not _same_memory(grad, x):  # partial overlap: a fresh buffer
+            grad = np.empty((n, k), compute)
+    else:
+        grad = np.empty((n, 0), compute)  # never written
+    per_element = np.empty(n, compute)
+    active = plain_rows(x, labels, params, opts.ignore_index, mean and given is None, want_grad, grad, per_element)
+    if active < 0:
+        spec.check_labels(labels, k, opts)
+        raise AssertionError("the kernel found a label out of range that spec.check_labels accepts")
+    denominator = float(active) if given is None else given
     if not want_grad:
         return per_element, denominator, None
     if out2 is not None and grad is not out2:

@@ -27,6 +27,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from lsx import spec
 from lsx.spec import default
 from lsx.torch import _function as _torch_function
+from lsx.torch import _plain
 from lsx.torch._linear import LinearCrossEntropyLoss, linear_loss
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "linear_loss", "loss"]
@@ -54,6 +55,23 @@ def loss(
     convention: str | None = None,
     process_group: Any = None,
 ) -> torch.Tensor:
+    if (
+        weight is None
+        and class_mask is None
+        and sample_weight is None
+        and denominator is None
+        and softcap is None
+        and axis is None
+        and convention is None
+        and process_group is None
+        and size_average is None
+        and reduce is None
+    ):  # the usual call: a short path when the tensors allow it (see lsx.torch._plain)
+        value = _plain.cross_entropy(
+            input, target, ignore_index, reduction, label_smoothing, spread, z_loss, normalize, empty_mean
+        )
+        if value is not None:
+            return value
     if size_average is not None or reduce is not None:
         reduction = _legacy_reduction(size_average, reduce)
     opts = _options(

@@ -1,0 +1,209 @@
+"""The usual eager call, short: CPU logits (N, K), int64 labels (N,), no per-class or per-element tensors.
+
+An image classifier's loss at (64, 10) costs torch's own kernels a few microseconds; the rest of a call is
+Python. This path keeps that rest small: the option values resolve once per set (cached, with the spec's
+errors), the label check runs inside the Numba kernel (a label out of range makes it stop before writing, and
+the spec then names it), and the loss and gradient come from one kernel call. Autograd sees one node whose
+backward hands back the gradient computed in the forward pass.
+
+:func:`cross_entropy` returns None whenever the call is not that case (other devices, dtypes or layouts,
+``torch.compile``, ``torch.func`` transforms, forward-mode AD, tensor subclasses, torch-function and dispatch
+modes, an engine forced by ``LSX_TORCH_ENGINE`` other than Numba, no Numba); the general path in
+:mod:`lsx.torch._function` then serves it. Both give the same loss and gradient bit for bit: they run the same
+kernel (:func:`lsx.numpy._numba.plain_rows`) and reduce the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch.autograd import forward_ad
+
+from lsx import spec
+from lsx.torch import _engines
+
+__all__ = ["cross_entropy"]
+
+_is_compiling = torch.compiler.is_compiling
+_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_stack = torch._C._len_torch_dispatch_stack
+_transforms_active = torch._C._are_functorch_transforms_active
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_grad_enabled = torch.is_grad_enabled
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_ENGINES_SERVED = (None, "", "auto", "numba", b"", b"auto", b"numba")
+# LSX_TORCH_ENGINE is read at every call: from os.environ's own mapping where it has one (a dict lookup;
+# os.environ.get costs a few microseconds when the variable is unset), else through os.environ
+_ENVIRON = getattr(os.environ, "_data", None)
+try:
+    _ENGINE_KEY = os.environ.encodekey(_engines.ENVIRONMENT)  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - another Python's os.environ
+    _ENVIRON = None
+if not isinstance(_ENVIRON, dict):  # pragma: no cover - another Python's os.environ
+    _ENVIRON = None
+
+
+def cross_entropy(
+    x: Any,
+    t: Any,
+    ignore_index: Any,
+    reduction: Any,
+    label_smoothing: Any,
+    spread: Any,
+    z_loss: Any,
+    normalize: Any,
+    empty_mean: Any,
+) -> torch.Tensor | None:
+    """The loss (and, when ``x`` requires grad, its autograd node), or None for the general path."""
+    if type(x) is not torch.Tensor or type(t) is not torch.Tensor or t.dtype is not torch.int64:
+        return None
+    compute = _NP_DTYPES.get(x.dtype)
+    if compute is None or x.dim() != 2 or t.dim() != 1 or not x.is_cpu or not t.is_cpu:
+        return None
+    if (
+        _is_compiling()
+        or _function_mode()
+        or _dispatch_stack()
+        or _transforms_active()
+        or forward_ad._current_level >= 0
+        or _wrapped(x)
+        or not x.is_contiguous()
+        or not t.is_contiguous()
+        or (os.environ.get(_engines.ENVIRONMENT) if _ENVIRON is None else _ENVIRON.get(_ENGINE_KEY)) not in _ENGINES_SERVED
+    ):
+        return None
+    n, k = x.shape
+    if t.shape[0] != n or n == 0:
+        return None
+    try:
+        plan = _plan(label_smoothing, spread, ignore_index, z_loss, normalize, reduction, empty_mean, k)
+    except TypeError:  # an unhashable option: the general path resolves it (or raises the spec's error)
+        return None
+    if plan is None:
+        return None
+    opts, params, ignore, has_ignore, kernels = plan
+    want_grad = x.requires_grad and _grad_enabled()
+    labels = t.numpy()
+    per_element = np.empty(n, compute)
+    if want_grad:
+        grad = np.empty((n, k), compute)
+    else:
+        grad = _NO_GRAD[compute]
+    mean = opts.reduction == "mean"
+    xn = x.detach().numpy() if x.requires_grad else x.numpy()
+    if n * k < kernels._PARALLEL_MIN_ELEMENTS:
+        active = kernels._plain_rows_serial(xn, labels, params, ignore, has_ignore, mean, want_grad, grad, per_element)
+    else:
+        active = kernels.plain_rows(xn, labels, params, opts.ignore_index, mean, want_grad, grad, per_element)
+    if active < 0:
+        spec.check_labels(labels, k, opts)  # raises, naming the label
+        raise AssertionError("the kernel found a label out of range that spec.check_labels accepts")
+    if opts.reduction == "none":
+        value = per_element
+    else:
+        total = per_element.sum(dtype=compute)
+        if mean:
+            total = total / compute(active) if active else compute(np.nan if opts.empty_mean == "nan" else 0.0)
+        value = np.asarray(total, dtype=compute)
+    if not want_grad:
+        return torch.from_numpy(value)
+    return _apply(x, value, grad, mean or opts.reduction == "sum")
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _plan(
+    label_smoothing: Any,
+    spread: Any,
+    ignore_index: Any,
+    z_loss: Any,
+    normalize: Any,
+    reduction: Any,
+    empty_mean: Any,
+    k: int,
+) -> tuple[spec.Options, np.ndarray, int, bool, Any] | None:
+    """(options, the kernel's row coefficients, ignore_index as an int64 and whether any label can equal it,
+    the kernels' module) for one set of option values and class count; None when this path does not serve it
+    (Numba missing, a massless target, an error the general path reports with the call's other checks).
+    ``typed`` keeps apart values that compare equal but resolve differently (``True`` and ``1``)."""
+    kernels = _kernels()
+    if kernels is None:
+        return None
+    try:
+        opts = spec.resolve_options(
+            None,
+            label_smoothing=label_smoothing,
+            spread=spread,
+            ignore_index=ignore_index,
+            z_loss=z_loss,
+            normalize=normalize,
+            reduction=reduction,
+            empty_mean=empty_mean,
+        )
+        spec.check_class_count(k, opts)
+    except (TypeError, ValueError):
+        return None
+    params = kernels.plain_params(opts, k)
+    if params is None:
+        return None
+    has_ignore = opts.ignore_index is not None and -(1 << 63) <= opts.ignore_index < 1 << 63
+    return opts, params, int(opts.ignore_index) if has_ignore else 0, has_ignore, kernels
+
+
+@functools.cache
+def _kernels() -> Any:
+    """lsx.numpy's Numba module when Numba is installed, else None."""
+    if not _engines._numba_available():
+        return None
+    from lsx.numpy import _numba as kernels
+
+    return kernels
+
+
+_NO_GRAD = {dtype: np.empty((0, 0), dtype) for dtype in (np.float32, np.float64)}
+
+#: the error of a second derivative (the general path's, see lsx.torch._function)
+_FIRST_ORDER_ONLY = (
+    "lsx.torch.loss supports first-order gradients only (its gradient is computed in the forward pass); "
+    "double backward / create_graph=True is not supported"
+)
+
+
+class _Plain(torch.autograd.Function):
+    """One autograd node: the value out, the gradient (already scaled by the reduction) saved for backward."""
+
+    @staticmethod
+    def forward(ctx, x, value, grad, reduced):
+        ctx.set_materialize_grads(False)
+        ctx.reduced = reduced
+        ctx.save_for_backward(torch.from_numpy(grad))
+        return torch.from_numpy(value)
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        if grad_value is None:
+            return None, None, None, None
+        if _grad_enabled():
+            raise RuntimeError(_FIRST_ORDER_ONLY)
+        (grad,) = ctx.saved_tensors
+        scale = grad_value if grad_value.dtype == grad.dtype else grad_value.to(grad.dtype)
+        if not ctx.reduced:
+            scale = scale.reshape(-1, 1)
+        if type(scale) is not torch.Tensor or _graph_kept():  # the buffer serves later passes: a new tensor
+            return grad * scale, None, None, None
+        # released after this call: the buffer itself becomes the input's gradient (no copy)
+        if ctx.reduced and scale.is_cpu and scale.item() == 1.0:
+            return grad, None, None, None
+        return grad.mul_(scale), None, None, None
+
+
+# ``Function.apply`` without its unwrapping of dead functorch wrappers (checked above: there are none)
+_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _Plain)
+
+
+def _graph_kept() -> bool:
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else bool(keep_graph())
