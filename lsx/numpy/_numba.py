@@ -620,11 +620,10 @@ if AVAILABLE:
             )
 
     # The plain case (integer labels; no class weight, class mask, soft-cap or sample weight; the target keeps
-    # its mass): the row's algebra of :func:`_index_row` with w = 1, in one function inlined into its drivers
-    # (which therefore carry the loops' fastmath flags: inlined code is compiled with the caller's).
-    # Rows are read through one view each and the inner loops run over block slices, so the loop over rows
-    # costs no reference counting beyond those views (the general kernel's per-row calls and views cost about
-    # 0.3 µs a row, which dominates small classifiers' calls).
+    # its mass): the row's algebra of :func:`_index_row` with w = 1, in one function called once per range of
+    # rows. Rows of up to one block index the 2-D arrays directly, longer ones go through one view per block:
+    # the general kernel's per-row calls and views cost about 0.3 µs a row in reference counting, which
+    # dominates a small classifier's call.
     @numba.njit(cache=True)
     def _plain_label_count(y, k, ignore_index, has_ignore):
         """The number of rows whose label is not ``ignore_index``, or −1 when a label is outside [0, K)."""
@@ -638,63 +637,82 @@ if AVAILABLE:
             active += 1
         return active
 
-    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
-    def _plain_row(i, x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss):
+    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
+    def _plain_range(x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss, first, stop_row):
+        """Rows ``first`` to ``stop_row`` of the plain case. One call per range of rows with the row loop inside
+        (an inlined per-row function would count references to its array arguments on every row)."""
         k = x.shape[1]
         a, b, total_w, z, h_target, h_other = params[0], params[1], params[2], params[3], params[4], params[5]
         normalize = params[6] != 0.0
         zero = _to_dtype_of(0.0, x)
-        label = y[i]
-        if has_ignore and label == ignore_index:
-            loss[i] = 0.0
-            if want_grad:
-                dst = out[i]
-                for c in range(k):
-                    dst[c] = zero
-            return
-        xr = x[i]
-        m_raw = _to_dtype_of(-np.inf, x)
-        for c in range(k):
-            m_raw = _maxnum(m_raw, xr[c])
-        if m_raw == np.inf:
-            m = np.nan
-        else:
-            m = np.float64(m_raw) if math.isfinite(m_raw) else 0.0
-        x_y = np.float64(xr[label])  # read before an in-place pass overwrites the row
-        mt = _to_dtype_of(m, x)
-        sum_e = 0.0
-        sum_x = 0.0
-        for start in range(0, k, _BLOCK):
-            stop = min(start + _BLOCK, k)
-            xs = xr[start:stop]
-            if want_grad:
-                block_e, block_x = _block_store(xs, out[i][start:stop], mt)
+        for i in range(first, stop_row):
+            label = y[i]
+            if has_ignore and label == ignore_index:
+                loss[i] = 0.0
+                if want_grad:
+                    for c in range(k):
+                        out[i, c] = zero
+                continue
+            m_raw = _to_dtype_of(-np.inf, x)
+            for c in range(k):
+                m_raw = _maxnum(m_raw, x[i, c])
+            if m_raw == np.inf:
+                m = np.nan
             else:
-                block_e, block_x = _block_sum(xs, mt)
-            sum_e += block_e
-            sum_x += block_x
-        lse_shifted = math.log(sum_e)
-        lse = m + lse_shifted
-        value = 0.0
-        if a != 0.0:
-            value += a * (lse - x_y)
-        if b != 0.0:
-            value += b * (total_w * lse_shifted - sum_x)
-        coef = a + b * total_w
-        if z != 0.0:
-            value += z * lse * lse
-            coef += 2.0 * z * lse
-        if normalize:
-            value += h_target + h_other * (total_w - 1.0)
-        loss[i] = value
-        if not want_grad:
-            return
-        dst = out[i]
-        coef_t = _to_dtype_of(scale * coef / sum_e, x)
-        bs = _to_dtype_of(scale * b, x)
-        for c in range(k):
-            dst[c] = dst[c] * coef_t - bs
-        dst[label] -= _to_dtype_of(scale * a, x)
+                m = np.float64(m_raw) if math.isfinite(m_raw) else 0.0
+            x_y = np.float64(x[i, label])  # read before an in-place pass overwrites the row
+            mt = _to_dtype_of(m, x)
+            if k <= _BLOCK:  # one block, indexed directly: no views
+                block_e = mt - mt
+                block_x = mt - mt
+                if want_grad:
+                    for c in range(k):
+                        d = x[i, c] - mt
+                        e = _exp(d)
+                        block_e += e
+                        block_x += d
+                        out[i, c] = e
+                else:
+                    for c in range(k):
+                        d = x[i, c] - mt
+                        block_e += _exp(d)
+                        block_x += d
+                sum_e = np.float64(block_e)
+                sum_x = np.float64(block_x)
+            else:
+                xr = x[i]
+                sum_e = 0.0
+                sum_x = 0.0
+                for start in range(0, k, _BLOCK):
+                    stop = min(start + _BLOCK, k)
+                    xs = xr[start:stop]
+                    if want_grad:
+                        block_e, block_x = _block_store(xs, out[i][start:stop], mt)
+                    else:
+                        block_e, block_x = _block_sum(xs, mt)
+                    sum_e += block_e
+                    sum_x += block_x
+            lse_shifted = math.log(sum_e)
+            lse = m + lse_shifted
+            value = 0.0
+            if a != 0.0:
+                value += a * (lse - x_y)
+            if b != 0.0:
+                value += b * (total_w * lse_shifted - sum_x)
+            coef = a + b * total_w
+            if z != 0.0:
+                value += z * lse * lse
+                coef += 2.0 * z * lse
+            if normalize:
+                value += h_target + h_other * (total_w - 1.0)
+            loss[i] = value
+            if not want_grad:
+                continue
+            coef_t = _to_dtype_of(scale * coef / sum_e, x)
+            bs = _to_dtype_of(scale * b, x)
+            for c in range(k):
+                out[i, c] = out[i, c] * coef_t - bs
+            out[i, label] -= _to_dtype_of(scale * a, x)
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
     def _plain_rows_serial(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss):
@@ -706,8 +724,7 @@ if AVAILABLE:
         scale = params[7]
         if count_scale:
             scale = 1.0 / active if active != 0 else 0.0
-        for i in range(x.shape[0]):
-            _plain_row(i, x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss)
+        _plain_range(x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss, 0, x.shape[0])
         return active
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True, parallel=True)
@@ -721,8 +738,8 @@ if AVAILABLE:
             scale = 1.0 / active if active != 0 else 0.0
         n = x.shape[0]
         for chunk in prange(chunks):
-            for i in range(chunk * n // chunks, (chunk + 1) * n // chunks):
-                _plain_row(i, x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss)
+            first, stop_row = chunk * n // chunks, (chunk + 1) * n // chunks
+            _plain_range(x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss, first, stop_row)
         return active
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
@@ -1210,7 +1227,8 @@ def plain_rows(
     grad: np.ndarray,
     per_element: np.ndarray,
 ) -> int:
-    """Run the plain kernel on C-contiguous (N, K) ``x`` and int64 ``labels``: per-element losses into
+    """Run the plain kernel on read-only C-contiguous (N, K) ``x`` and read-only int64 ``labels`` (one
+    compiled specialisation for every caller, hence the same bits): per-element losses into
     ``per_element``, the gradient (scaled by 1/count when ``count_scale``, else by ``params[7]``) into ``grad``
     (which may be ``x``'s memory) when ``want_grad``. Returns the number of labels other than ``ignore_index``,
     or −1 (nothing written) when a label is outside [0, K) and not ``ignore_index``."""
@@ -1241,7 +1259,8 @@ def _plain(x, t2, opts, params, compute, want_grad, out2, scale_mean):
     else:
         grad = np.empty((n, 0), compute)  # never written
     per_element = np.empty(n, compute)
-    active = plain_rows(x, labels, params, opts.ignore_index, mean and given is None, want_grad, grad, per_element)
+    count_scale = mean and given is None
+    active = plain_rows(_read_only(x), _read_only(labels), params, opts.ignore_index, count_scale, want_grad, grad, per_element)
     if active < 0:
         spec.check_labels(labels, k, opts)
         raise AssertionError("the kernel found a label out of range that spec.check_labels accepts")

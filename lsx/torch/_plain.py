@@ -88,6 +88,7 @@ def cross_entropy(
     opts, params, ignore, has_ignore, kernels = plan
     want_grad = x.requires_grad and _grad_enabled()
     labels = t.numpy()
+    labels.flags.writeable = False
     per_element = np.empty(n, compute)
     if want_grad:
         grad = np.empty((n, k), compute)
@@ -95,6 +96,7 @@ def cross_entropy(
         grad = _NO_GRAD[compute]
     mean = opts.reduction == "mean"
     xn = x.detach().numpy() if x.requires_grad else x.numpy()
+    xn.flags.writeable = False  # (views of the tensors' memory, typed read-only as lsx.numpy's calls are)
     if n * k < kernels._PARALLEL_MIN_ELEMENTS:
         active = kernels._plain_rows_serial(xn, labels, params, ignore, has_ignore, mean, want_grad, grad, per_element)
     else:
