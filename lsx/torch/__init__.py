@@ -253,6 +253,28 @@ class CrossEntropyLoss(nn.Module):
     ) -> torch.Tensor:
         """The loss of ``input`` against ``target``; ``sample_weight`` and ``denominator`` (which change per
         batch) as in :func:`loss`."""
+        buffers = self._buffers  # (reading the registered buffers through nn.Module.__getattr__ costs more)
+        if (
+            sample_weight is None
+            and denominator is None
+            and buffers.get("weight") is None
+            and buffers.get("class_mask") is None
+            and self.softcap is None
+            and self.process_group is None
+        ):  # the usual call (see lsx.torch._plain)
+            value = _plain.cross_entropy(
+                input,
+                target,
+                self.ignore_index,
+                self.reduction,
+                self.label_smoothing,
+                self.spread,
+                self.z_loss,
+                self.normalize,
+                self.empty_mean,
+            )
+            if value is not None:
+                return value
         return loss(
             input,
             target,

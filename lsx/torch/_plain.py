@@ -179,7 +179,6 @@ class _Plain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, value, grad, reduced):
-        ctx.set_materialize_grads(False)
         ctx.reduced = reduced
         ctx.save_for_backward(torch.from_numpy(grad))
         return torch.from_numpy(value)
