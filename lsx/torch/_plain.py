@@ -85,17 +85,14 @@ def cross_entropy(
         return None
     if plan is None:
         return None
-    opts, params, ignore, has_ignore, kernels = plan
-    want_grad = x.requires_grad and _grad_enabled()
+    opts, params, ignore, has_ignore, kernels, mean, reduced, empty = plan
+    requires_grad = x.requires_grad
+    want_grad = requires_grad and _grad_enabled()
     labels = t.numpy()
     labels.flags.writeable = False
     per_element = np.empty(n, compute)
-    if want_grad:
-        grad = np.empty((n, k), compute)
-    else:
-        grad = _NO_GRAD[compute]
-    mean = opts.reduction == "mean"
-    xn = x.detach().numpy() if x.requires_grad else x.numpy()
+    grad = np.empty((n, k), compute) if want_grad else _NO_GRAD[compute]
+    xn = x.detach().numpy() if requires_grad else x.numpy()
     xn.flags.writeable = False  # (views of the tensors' memory, typed read-only as lsx.numpy's calls are)
     if n * k < kernels._PARALLEL_MIN_ELEMENTS:
         active = kernels._plain_rows_serial(xn, labels, params, ignore, has_ignore, mean, want_grad, grad, per_element)
@@ -104,16 +101,19 @@ def cross_entropy(
     if active < 0:
         spec.check_labels(labels, k, opts)  # raises, naming the label
         raise AssertionError("the kernel found a label out of range that spec.check_labels accepts")
-    if opts.reduction == "none":
-        value = per_element
-    else:
-        total = per_element.sum(dtype=compute)
+    if reduced:
+        total = _sum(per_element)  # (ndarray.sum's reduction, without its Python wrapper)
         if mean:
-            total = total / compute(active) if active else compute(np.nan if opts.empty_mean == "nan" else 0.0)
+            total = total / compute(active) if active else compute(empty)
         value = np.asarray(total, dtype=compute)
+    else:
+        value = per_element
     if not want_grad:
         return torch.from_numpy(value)
-    return _apply(x, value, grad, mean or opts.reduction == "sum")
+    return _apply(x, value, grad, reduced)
+
+
+_sum = np.add.reduce
 
 
 @functools.lru_cache(maxsize=256, typed=True)
@@ -126,9 +126,9 @@ def _plan(
     reduction: Any,
     empty_mean: Any,
     k: int,
-) -> tuple[spec.Options, np.ndarray, int, bool, Any] | None:
+) -> tuple[spec.Options, np.ndarray, int, bool, Any, bool, bool, float] | None:
     """(options, the kernel's row coefficients, ignore_index as an int64 and whether any label can equal it,
-    the kernels' module) for one set of option values and class count; None when this path does not serve it
+    the kernels' module, whether the reduction is the mean, whether it reduces, an empty mean's value) for one set of option values and class count; None when this path does not serve it
     (Numba missing, a massless target, an error the general path reports with the call's other checks).
     ``typed`` keeps apart values that compare equal but resolve differently (``True`` and ``1``)."""
     kernels = _kernels()
@@ -152,7 +152,10 @@ def _plan(
     if params is None:
         return None
     has_ignore = opts.ignore_index is not None and -(1 << 63) <= opts.ignore_index < 1 << 63
-    return opts, params, int(opts.ignore_index) if has_ignore else 0, has_ignore, kernels
+    ignore = int(opts.ignore_index) if has_ignore else 0
+    mean = opts.reduction == "mean"
+    empty = np.nan if opts.empty_mean == "nan" else 0.0
+    return opts, params, ignore, has_ignore, kernels, mean, opts.reduction != "none", empty
 
 
 @functools.cache
@@ -205,6 +208,9 @@ class _Plain(torch.autograd.Function):
 _apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _Plain)
 
 
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
 def _graph_kept() -> bool:
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if keep_graph is None else bool(keep_graph())
+    """Whether this backward runs with retain_graph=True (then the saved buffer must stay intact)."""
+    return True if _keep_graph is None else bool(_keep_graph())
