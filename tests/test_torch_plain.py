@@ -17,7 +17,6 @@ pytest.importorskip("numba")
 
 import lsx.numpy  # noqa: E402
 import lsx.torch  # noqa: E402
-from lsx import spec  # noqa: E402
 
 F = torch.nn.functional
 
