@@ -714,28 +714,30 @@ if AVAILABLE:
                 out[i, c] = out[i, c] * coef_t - bs
             out[i, label] -= _to_dtype_of(scale * a, x)
 
+    @numba.njit(cache=True)
+    def _plain_scale(y, k, ignore_index, has_ignore, count_scale, params):
+        """(the rows counted in the mean, or −1 for a label out of range; the gradient's scale: 1/that count,
+        0 for none, when ``count_scale``, else params[7])."""
+        active = _plain_label_count(y, k, ignore_index, has_ignore)
+        if count_scale:
+            return active, 1.0 / active if active > 0 else 0.0
+        return active, params[7]
+
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
     def _plain_rows_serial(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss):
         """Every row of the plain case; returns the rows counted in the mean (−1: a label out of range, then
         nothing is written). ``count_scale``: the gradient carries 1/that count (0 for none), else params[7]."""
-        active = _plain_label_count(y, x.shape[1], ignore_index, has_ignore)
-        if active < 0:
-            return active
-        scale = params[7]
-        if count_scale:
-            scale = 1.0 / active if active != 0 else 0.0
-        _plain_range(x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss, 0, x.shape[0])
+        active, scale = _plain_scale(y, x.shape[1], ignore_index, has_ignore, count_scale, params)
+        if active >= 0:
+            _plain_range(x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss, 0, x.shape[0])
         return active
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True, parallel=True)
     def _plain_rows(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss, chunks):
         """:func:`_plain_rows_serial` with ``chunks`` ranges of rows spread over the threads."""
-        active = _plain_label_count(y, x.shape[1], ignore_index, has_ignore)
+        active, scale = _plain_scale(y, x.shape[1], ignore_index, has_ignore, count_scale, params)
         if active < 0:
             return active
-        scale = params[7]
-        if count_scale:
-            scale = 1.0 / active if active != 0 else 0.0
         n = x.shape[0]
         for chunk in prange(chunks):
             first, stop_row = chunk * n // chunks, (chunk + 1) * n // chunks
@@ -1233,10 +1235,8 @@ def plain_rows(
     (which may be ``x``'s memory) when ``want_grad``. Returns the number of labels other than ``ignore_index``,
     or −1 (nothing written) when a label is outside [0, K) and not ``ignore_index``."""
     n, k = x.shape
-    has_ignore = ignore_index is not None
-    ignore = int(ignore_index) if has_ignore and -(1 << 63) <= ignore_index < 1 << 63 else 0
-    if has_ignore and ignore != ignore_index:  # no int64 label equals it
-        has_ignore = False
+    has_ignore = ignore_index is not None  # (the spec keeps it within int64)
+    ignore = int(ignore_index) if has_ignore else 0
     if n * k < _PARALLEL_MIN_ELEMENTS:
         return _plain_rows_serial(x, labels, params, ignore, has_ignore, count_scale, want_grad, grad, per_element)
     chunks = min(n, 4 * numba.get_num_threads())

@@ -48,6 +48,11 @@ from lsx.torch._engines import ops as _ops
 __all__ = ["TracedOptions", "cross_entropy", "traced_options"]
 
 _OP_NAME = "lsx::fused_cross_entropy"
+#: the error of a double backward (create_graph=True) through the loss
+FIRST_ORDER_ONLY = (
+    "lsx.torch.loss supports first-order gradients only (its gradient is computed in the forward pass); "
+    "double backward / create_graph=True is not supported"
+)
 #: the options that reach the op as (possibly symbolic) numbers under torch.compile
 _NUMERIC = ("label_smoothing", "z_loss", "ignore_index", "softcap")
 
@@ -675,10 +680,7 @@ def _input_grad(ctx, grad_value: torch.Tensor | None, grad: torch.Tensor, logits
         return None
     traced = torch.compiler.is_compiling() or _is_traced(grad) or _is_traced(grad_value)
     if torch.is_grad_enabled() and not traced:
-        raise RuntimeError(
-            "lsx.torch.loss supports first-order gradients only (its gradient is computed in the forward pass); "
-            "double backward / create_graph=True is not supported"
-        )
+        raise RuntimeError(FIRST_ORDER_ONLY)
     scale = grad_value.to(grad.dtype)
     scale = scale.reshape(-1, 1) if ctx.per_element else scale
     if traced or _graph_kept():
@@ -723,10 +725,12 @@ class _FirstOrderOnly(torch.autograd.Function):
         )
 
 
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
 def _graph_kept() -> bool:
     """Whether this backward runs with retain_graph=True (then the saved buffer must stay intact)."""
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if keep_graph is None else bool(keep_graph())
+    return True if _keep_graph is None else bool(_keep_graph())
 
 
 def _is_traced(tensor: torch.Tensor) -> bool:

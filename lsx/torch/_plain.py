@@ -24,7 +24,8 @@ import torch
 from torch.autograd import forward_ad
 
 from lsx import spec
-from lsx.torch import _engines
+from lsx.torch import _engines, _function
+from lsx.torch._engines import numba as _numba_engine
 
 __all__ = ["cross_entropy"]
 
@@ -127,11 +128,12 @@ def _plan(
     empty_mean: Any,
     k: int,
 ) -> tuple[spec.Options, np.ndarray, int, bool, Any, bool, bool, float] | None:
-    """(options, the kernel's row coefficients, ignore_index as an int64 and whether any label can equal it,
-    the kernels' module, whether the reduction is the mean, whether it reduces, an empty mean's value) for one set of option values and class count; None when this path does not serve it
-    (Numba missing, a massless target, an error the general path reports with the call's other checks).
+    """(options, the kernel's row coefficients, ignore_index as an int and whether there is one, the kernels'
+    module, whether the reduction is the mean, whether it reduces, an empty mean's value) for one set of option
+    values and class count; None when this path does not serve it (Numba missing, a massless target, an error
+    the general path reports with the call's other checks).
     ``typed`` keeps apart values that compare equal but resolve differently (``True`` and ``1``)."""
-    kernels = _kernels()
+    kernels = _numba_engine._kernels()
     if kernels is None:
         return None
     try:
@@ -151,30 +153,14 @@ def _plan(
     params = kernels.plain_params(opts, k)
     if params is None:
         return None
-    has_ignore = opts.ignore_index is not None and -(1 << 63) <= opts.ignore_index < 1 << 63
+    has_ignore = opts.ignore_index is not None  # (the spec keeps it within int64)
     ignore = int(opts.ignore_index) if has_ignore else 0
     mean = opts.reduction == "mean"
     empty = np.nan if opts.empty_mean == "nan" else 0.0
     return opts, params, ignore, has_ignore, kernels, mean, opts.reduction != "none", empty
 
 
-@functools.cache
-def _kernels() -> Any:
-    """lsx.numpy's Numba module when Numba is installed, else None."""
-    if not _engines._numba_available():
-        return None
-    from lsx.numpy import _numba as kernels
-
-    return kernels
-
-
 _NO_GRAD = {dtype: np.empty((0, 0), dtype) for dtype in (np.float32, np.float64)}
-
-#: the error of a second derivative (the general path's, see lsx.torch._function)
-_FIRST_ORDER_ONLY = (
-    "lsx.torch.loss supports first-order gradients only (its gradient is computed in the forward pass); "
-    "double backward / create_graph=True is not supported"
-)
 
 
 class _Plain(torch.autograd.Function):
@@ -191,12 +177,12 @@ class _Plain(torch.autograd.Function):
         if grad_value is None:
             return None, None, None, None
         if _grad_enabled():
-            raise RuntimeError(_FIRST_ORDER_ONLY)
+            raise RuntimeError(_function.FIRST_ORDER_ONLY)
         (grad,) = ctx.saved_tensors
         scale = grad_value if grad_value.dtype == grad.dtype else grad_value.to(grad.dtype)
         if not ctx.reduced:
             scale = scale.reshape(-1, 1)
-        if type(scale) is not torch.Tensor or _graph_kept():  # the buffer serves later passes: a new tensor
+        if type(scale) is not torch.Tensor or _function._graph_kept():  # the buffer serves later passes: a new tensor
             return grad * scale, None, None, None
         # released after this call: the buffer itself becomes the input's gradient (no copy)
         if ctx.reduced and scale.is_cpu and scale.item() == 1.0:
@@ -206,11 +192,3 @@ class _Plain(torch.autograd.Function):
 
 # ``Function.apply`` without its unwrapping of dead functorch wrappers (checked above: there are none)
 _apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _Plain)
-
-
-_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-
-
-def _graph_kept() -> bool:
-    """Whether this backward runs with retain_graph=True (then the saved buffer must stay intact)."""
-    return True if _keep_graph is None else bool(_keep_graph())
