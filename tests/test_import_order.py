@@ -4,12 +4,15 @@ Each case runs in a fresh interpreter: it imports lsx backends in a given order,
 tiny function (which imports Triton) and TensorFlow. Without lsx loading Triton before TensorFlow, a case where
 ``lsx.tensorflow`` or ``lsx.keras`` comes first dies by SIGABRT at the compile.
 
-Coverage. The 120 orders of the five backends are too many to run. What can go wrong is one module loading a
-native library (TensorFlow, Triton, Numba's LLVM, jaxlib) that collides with one loaded before it, so the cases
-are every ordered pair of backends, each in a process of its own (a third module imported in between could load
-Triton early and hide a missing call), plus one full order and its reverse, compiled with Inductor (the default
-backend, which also builds and loads C++ code). The pair cases compile with ``backend="eager"``: Dynamo
-imports Triton whatever the backend, which is what aborts.
+Coverage. The 120 orders of the five backends are too many to run, and each case pays for importing every
+framework. What can go wrong is one module loading a native library (TensorFlow, Triton, Numba's LLVM, jaxlib)
+that collides with one loaded just before it, or a module that imports TensorFlow without loading Triton first,
+which only shows when nothing before it loaded Triton. So the cases are six orders, each a process of its own,
+in which every ordered pair of backends is adjacent at least once and every backend comes first at least once
+(:func:`test_the_orders_cover_every_adjacent_pair_and_every_first`): a missing call cannot be hidden, since the
+module that lacks it either comes first or follows one that cannot load Triton after it. Two of them, one full
+order and its reverse, compile with Inductor (the default backend, which also builds and loads C++ code); the
+others with ``backend="eager"``: Dynamo imports Triton whatever the backend, which is what aborts.
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ from lsx import _compat
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("lsx.numpy", "lsx.torch", "lsx.jax", "lsx.tensorflow", "lsx.keras")
 FULL_ORDER = ("lsx.keras", "lsx.numpy", "lsx.jax", "lsx.tensorflow", "lsx.torch")
-FULL_ORDERS = [FULL_ORDER, FULL_ORDER[::-1]]  # between them, every ordered pair once more
+FULL_ORDERS = [FULL_ORDER, FULL_ORDER[::-1]]  # compiled with Inductor
+# with the two above, every ordered pair adjacent at least once and every backend first at least once
+EAGER_ORDERS = [
+    ("lsx.numpy", "lsx.torch", "lsx.jax", "lsx.tensorflow", "lsx.keras"),
+    ("lsx.numpy", "lsx.torch", "lsx.keras", "lsx.tensorflow", "lsx.jax"),
+    ("lsx.jax", "lsx.keras", "lsx.torch", "lsx.numpy", "lsx.tensorflow"),
+    ("lsx.tensorflow", "lsx.numpy", "lsx.keras", "lsx.jax", "lsx.torch"),
+]
 
 SCRIPT = textwrap.dedent(
     """
@@ -71,8 +81,16 @@ def _check(done: subprocess.CompletedProcess, order: tuple[str, ...]) -> None:
     assert float(compiled) == pytest.approx(4 * (math.sin(2.0) + 1), rel=1e-6)
 
 
-@pytest.mark.parametrize("order", list(itertools.permutations(BACKENDS, 2)), ids=lambda o: "-".join(o))
-def test_every_ordered_pair_then_torch_compile_and_tensorflow(order):
+def test_the_orders_cover_every_adjacent_pair_and_every_first():
+    orders = FULL_ORDERS + EAGER_ORDERS
+    adjacent = {pair for order in orders for pair in itertools.pairwise(order)}
+    assert adjacent == set(itertools.permutations(BACKENDS, 2))
+    assert {order[0] for order in orders} == set(BACKENDS)
+    assert all(sorted(order) == sorted(BACKENDS) for order in orders)
+
+
+@pytest.mark.parametrize("order", EAGER_ORDERS, ids=lambda o: "-".join(name[4:] for name in o))
+def test_orders_then_torch_compile_and_tensorflow(order):
     _check(_run("eager", *order), order)
 
 
