@@ -1,4 +1,5 @@
-"""One matrix: backend × dtype × case × mode, value and gradient against the float64 reference."""
+"""One matrix: backend × dtype × case × mode, value and gradient against the float64 reference (compiled, each
+case runs in one of the two half-precision dtypes: see :func:`_compiled_in`)."""
 
 from __future__ import annotations
 
