@@ -5,8 +5,7 @@ before lsx.torch is imported, so CPU tensors run through the Triton kernels in T
 selection of the cross-backend matrix (the torch cases in float32 and bfloat16, eager; a few in float64 and
 under ``torch.compile``), of the ``linear_loss`` tests, and a 2-rank gloo case (:func:`test_two_ranks_in_the_interpreter`,
 which runs only there); all compare against the float64 reference or the single-device loss. It then
-compiles every kernel specialisation those tests launched to a cubin for sm_90 (no GPU needed; the kernel tests
-compile theirs for sm_80 too).
+compiles every kernel specialisation those tests launched to a cubin for sm_80 and sm_90 (no GPU needed).
 """
 
 from __future__ import annotations
@@ -62,11 +61,10 @@ def test_selected_suites_in_the_interpreter(tmp_path):
     names = {spec["name"] for spec in record["launched"]}
     assert names == {"_label_statistics", "_probability_statistics", "_label_gradient", "_probability_gradient"}
     assert record["count"] > 100, record["count"]
-    # every specialisation launched there compiles for sm_90 (the kernel tests' compile step; those tests also
-    # compile their own launches for sm_80)
+    # every specialisation launched there compiles for sm_80 and sm_90 (the kernel tests' compile step)
     specs = tmp_path / "launched.json"
     specs.write_text(json.dumps(record["launched"]))
-    code = f"from tests.test_triton_kernels import _compile_main; _compile_main({str(specs)!r}, (90,))"
+    code = f"from tests.test_triton_kernels import _compile_main; _compile_main({str(specs)!r})"
     compile_env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_CACHE_DIR": str(tmp_path / "cache")}
     compile_env.pop("TRITON_INTERPRET", None)
     compiled = subprocess.run(
@@ -76,7 +74,7 @@ def test_selected_suites_in_the_interpreter(tmp_path):
     assert compiled.returncode == 0 and lines, f"{compiled.stdout[-4000:]}\n{compiled.stderr[-4000:]}"
     result = json.loads(lines[-1][len("RESULT ") :])
     assert not result["failures"], "compile:\n" + "\n".join(result["failures"])
-    assert result["compiled"] == result["variants"] > 0, result
+    assert result["compiled"] == 2 * result["variants"] > 0, result
 
 
 # --------------------------------------------------------------------------------------------------------

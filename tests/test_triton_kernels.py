@@ -106,15 +106,14 @@ def _compile_one(job: tuple[dict[str, Any], int]) -> str | None:
     return None
 
 
-def _compile_main(path: str, caps: tuple[int, ...] = (80, 90)) -> None:
-    """Compile the GPU variant of every launched specialisation for each compute capability in ``caps``
-    (sm_80 and sm_90 by default; a few processes)."""
+def _compile_main(path: str) -> None:
+    """Compile the GPU variant of every launched specialisation for sm_80 and sm_90 (a few processes)."""
     import concurrent.futures
     import multiprocessing
 
     launched = json.loads(Path(path).read_text())
     variants = list({json.dumps(v, sort_keys=True): v for v in map(_gpu_variant, launched)}.values())
-    jobs = [(spec, cap) for spec in variants for cap in caps]
+    jobs = [(spec, cap) for spec in variants for cap in (80, 90)]
     workers = max(1, min(4, os.cpu_count() or 1))
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
