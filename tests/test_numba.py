@@ -410,3 +410,19 @@ def test_vectorised_tanh_against_numpy(dtype):
     assert rel.max() < (3e-7 if dtype == "float32" else 3e-15)
     np.testing.assert_array_equal(out[-6:-1], [1.0, -1.0, np.nan, 0.0, -0.0])
     assert out[-1] == u[-1] and np.nanmax(np.abs(out)) <= 1.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pairwise_sum_has_the_bits_of_numpys_sum(dtype):
+    """lsx.torch's short path reduces inside the kernel call: it must give NumPy's ``add.reduce`` bits, which the
+    general path and lsx.numpy use (block sums, the halving at multiples of 8, signed zeros, inf and NaN)."""
+    rng = np.random.default_rng(7)
+    lengths = [*range(0, 300), 511, 512, 513, 1000, 1031, 4096, 8193, 65537]
+    for count in lengths:
+        values = (rng.standard_normal(count) * 10.0 ** rng.uniform(-6, 6, count)).astype(dtype)
+        expected = np.add.reduce(values)
+        got = _numba_kernels._pairwise_sum(values)
+        assert np.asarray(got, dtype).tobytes() == np.asarray(expected, dtype).tobytes(), count
+    for special in ([-0.0], [-0.0, -0.0], [np.inf, 1.0], [np.inf, -np.inf], [np.nan] + [1.0] * 200):
+        values = np.array(special, dtype)
+        assert np.asarray(_numba_kernels._pairwise_sum(values), dtype).tobytes() == np.add.reduce(values).tobytes()

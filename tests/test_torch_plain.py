@@ -53,7 +53,7 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(1, 1), (64, 10), (7, 196), (300, 257)])
+@pytest.mark.parametrize("shape", [(1, 1), (64, 10), (7, 196), (300, 257), (4099, 17)])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
 def test_short_path_equals_the_general_path_bit_for_bit(options, shape, dtype):
     n, k = shape

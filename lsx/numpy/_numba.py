@@ -744,6 +744,128 @@ if AVAILABLE:
             _plain_range(x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss, first, stop_row)
         return active
 
+    # lsx.torch's short path (lsx.torch._plain): the plain kernel on tensors' memory, given by address (no NumPy
+    # view per call), and the reduction in the same call, summed in NumPy's order.
+    @intrinsic
+    def _pointer_to(typingctx, address, like):
+        """``address`` (an integer) as a pointer to ``like``'s dtype (an array's, or a Numba number type)."""
+        if not isinstance(address, types.Integer):
+            return None
+        if isinstance(like, types.Array):
+            dtype = like.dtype
+        elif isinstance(like, types.NumberClass):
+            dtype = like.instance_type
+        else:
+            return None
+        sig = types.CPointer(dtype)(address, like)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+        return sig, codegen
+
+    @intrinsic
+    def _as_read_only(typingctx, array):
+        """The same array typed read-only, so that callers share the kernels' read-only specialisations."""
+        if not isinstance(array, types.Array):
+            return None
+        sig = array.copy(readonly=True)(array)
+
+        def codegen(context, builder, signature, args):
+            context.nrt.incref(builder, signature.args[0], args[0])
+            return args[0]
+
+        return sig, codegen
+
+    @numba.njit(cache=True)
+    def _pairwise_block(values, first, count):
+        """Σ of at most 128 values as NumPy sums a block: eight running sums, then the rest in order."""
+        if count < 8:
+            total = _to_dtype_of(0.0, values)
+            for i in range(first, first + count):
+                total += values[i]
+            return total
+        r0, r1, r2, r3 = values[first], values[first + 1], values[first + 2], values[first + 3]
+        r4, r5, r6, r7 = values[first + 4], values[first + 5], values[first + 6], values[first + 7]
+        i = first + 8
+        stop = first + count - count % 8
+        while i < stop:
+            r0 += values[i]
+            r1 += values[i + 1]
+            r2 += values[i + 2]
+            r3 += values[i + 3]
+            r4 += values[i + 4]
+            r5 += values[i + 5]
+            r6 += values[i + 6]
+            r7 += values[i + 7]
+            i += 8
+        total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < first + count:
+            total += values[i]
+            i += 1
+        return total
+
+    @numba.njit(cache=True)
+    def _pairwise_sum(values):
+        """Σ values (1-D, contiguous) in the order of NumPy's ``add.reduce`` (its pairwise summation: blocks of
+        up to 128 values, longer runs split in halves at multiples of 8, the halves' sums added), hence the
+        same bits. No fastmath: the order is the point. The halving runs on an explicit stack (Numba's cache
+        does not keep recursive functions)."""
+        count = values.shape[0]
+        if count <= 128:
+            return _to_dtype_of(0.0, values) + _pairwise_block(values, 0, count)  # (add.reduce starts from 0)
+        firsts = np.empty(64, np.int64)  # the pending runs (depth ≤ log2(count / 128) + 1)
+        counts = np.empty(64, np.int64)
+        stages = np.empty(64, np.int64)  # 0: left half next, 1: right half next, 2: add the two
+        sums = np.empty(64, values.dtype)
+        top = 0
+        done = 0
+        firsts[0], counts[0], stages[0] = 0, count, 0
+        while top >= 0:
+            first, run = firsts[top], counts[top]
+            if run <= 128:
+                sums[done] = _pairwise_block(values, first, run)
+                done += 1
+                top -= 1
+                continue
+            half = run // 2
+            half -= half % 8
+            stage = stages[top]
+            stages[top] = stage + 1
+            if stage == 2:
+                sums[done - 2] = sums[done - 2] + sums[done - 1]
+                done -= 1
+                top -= 1
+            else:
+                top += 1
+                firsts[top] = first if stage == 0 else first + half
+                counts[top] = half if stage == 0 else run - half
+                stages[top] = 0
+        return _to_dtype_of(0.0, values) + sums[0]
+
+    @numba.njit(cache=True)
+    def _plain_at(
+        x_address, y_address, n, k, params, ignore_index, has_ignore, reduction, want_grad, out, loss, value, empty, chunks
+    ):
+        """The plain kernel on C-contiguous (N, K) logits and N int64 labels at the given addresses (memory the
+        caller keeps alive and unchanged for the call), then, for ``reduction`` 1 (sum) or 2 (mean), the reduced
+        loss into the 0-d ``value``: NumPy's ``add.reduce`` of ``loss`` in its dtype, divided by the rows counted
+        (``empty`` when there are none) for the mean. ``chunks``: 0 for the serial kernel, else the ranges of rows
+        for the threaded one (see :func:`plain_rows`). Returns what :func:`plain_rows` returns."""
+        x = _as_read_only(numba.carray(_pointer_to(x_address, out), (n, k)))
+        y = _as_read_only(numba.carray(_pointer_to(y_address, numba.int64), n))
+        count_scale = reduction == 2
+        if chunks == 0:
+            active = _plain_rows_serial(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss)
+        else:
+            active = _plain_rows(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss, chunks)
+        if active >= 0 and reduction != 0:
+            total = _pairwise_sum(loss)
+            if reduction == 2:
+                total = total / _to_dtype_of(active, loss) if active > 0 else _to_dtype_of(empty, loss)
+            value[()] = total
+        return active
+
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
     def _prob_row(i, x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss, chain):
         k = x.shape[1]

@@ -3,14 +3,16 @@
 An image classifier's loss at (64, 10) costs torch's own kernels a few microseconds; the rest of a call is
 Python. This path keeps that rest small: the option values resolve once per set (cached, with the spec's
 errors), the label check runs inside the Numba kernel (a label out of range makes it stop before writing, and
-the spec then names it), and the loss and gradient come from one kernel call. Autograd sees one node whose
-backward hands back the gradient computed in the forward pass.
+the spec then names it), and the loss, its reduction and the gradient come from one kernel call that reads the
+tensors' memory by address (no NumPy views to make). Autograd sees one node whose backward hands back the
+gradient computed in the forward pass.
 
 :func:`cross_entropy` returns None whenever the call is not that case (other devices, dtypes or layouts,
 ``torch.compile``, ``torch.func`` transforms, forward-mode AD, tensor subclasses, torch-function and dispatch
 modes, an engine forced by ``LSX_TORCH_ENGINE`` other than Numba, no Numba); the general path in
 :mod:`lsx.torch._function` then serves it. Both give the same loss and gradient bit for bit: they run the same
-kernel (:func:`lsx.numpy._numba.plain_rows`) and reduce the same way.
+compiled kernel (:func:`lsx.numpy._numba.plain_rows`'s read-only specialisation), and the reduction sums in
+NumPy's order (:func:`lsx.numpy._numba._pairwise_sum`, held to ``add.reduce``'s bits by the tests).
 """
 
 from __future__ import annotations
@@ -86,35 +88,24 @@ def cross_entropy(
         return None
     if plan is None:
         return None
-    opts, params, ignore, has_ignore, kernels, mean, reduced, empty = plan
-    requires_grad = x.requires_grad
-    want_grad = requires_grad and _grad_enabled()
-    labels = t.numpy()
-    labels.flags.writeable = False
+    opts, params, ignore, has_ignore, kernels, reduction, empty = plan
+    want_grad = x.requires_grad and _grad_enabled()
     per_element = np.empty(n, compute)
     grad = np.empty((n, k), compute) if want_grad else _NO_GRAD[compute]
-    xn = x.detach().numpy() if requires_grad else x.numpy()
-    xn.flags.writeable = False  # (views of the tensors' memory, typed read-only as lsx.numpy's calls are)
-    if n * k < kernels._PARALLEL_MIN_ELEMENTS:
-        active = kernels._plain_rows_serial(xn, labels, params, ignore, has_ignore, mean, want_grad, grad, per_element)
-    else:
-        active = kernels.plain_rows(xn, labels, params, opts.ignore_index, mean, want_grad, grad, per_element)
+    value = np.empty((), compute) if reduction else _NO_VALUE[compute]
+    # the kernel reads the tensors' memory by address (contiguous, checked above; no NumPy views to make)
+    chunks = 0 if n * k < kernels._PARALLEL_MIN_ELEMENTS else min(n, 4 * kernels.numba.get_num_threads())
+    active = kernels._plain_at(
+        x.data_ptr(), t.data_ptr(), n, k, params, ignore, has_ignore, reduction, want_grad, grad, per_element, value, empty, chunks
+    )
     if active < 0:
-        spec.check_labels(labels, k, opts)  # raises, naming the label
+        spec.check_labels(t.numpy(), k, opts)  # raises, naming the label
         raise AssertionError("the kernel found a label out of range that spec.check_labels accepts")
-    if reduced:
-        total = _sum(per_element)  # (ndarray.sum's reduction, without its Python wrapper)
-        if mean:
-            total = total / compute(active) if active else compute(empty)
-        value = np.asarray(total, dtype=compute)
-    else:
+    if not reduction:
         value = per_element
     if not want_grad:
         return torch.from_numpy(value)
-    return _apply(x, value, grad, reduced)
-
-
-_sum = np.add.reduce
+    return _apply(x, value, grad, reduction != 0)
 
 
 @functools.lru_cache(maxsize=256, typed=True)
@@ -127,9 +118,9 @@ def _plan(
     reduction: Any,
     empty_mean: Any,
     k: int,
-) -> tuple[spec.Options, np.ndarray, int, bool, Any, bool, bool, float] | None:
+) -> tuple[spec.Options, np.ndarray, int, bool, Any, int, float] | None:
     """(options, the kernel's row coefficients, ignore_index as an int and whether there is one, the kernels'
-    module, whether the reduction is the mean, whether it reduces, an empty mean's value) for one set of option
+    module, the kernel's reduction code, an empty mean's value) for one set of option
     values and class count; None when this path does not serve it (Numba missing, a massless target, an error
     the general path reports with the call's other checks).
     ``typed`` keeps apart values that compare equal but resolve differently (``True`` and ``1``)."""
@@ -155,12 +146,14 @@ def _plan(
         return None
     has_ignore = opts.ignore_index is not None  # (the spec keeps it within int64)
     ignore = int(opts.ignore_index) if has_ignore else 0
-    mean = opts.reduction == "mean"
     empty = np.nan if opts.empty_mean == "nan" else 0.0
-    return opts, params, ignore, has_ignore, kernels, mean, opts.reduction != "none", empty
+    return opts, params, ignore, has_ignore, kernels, _REDUCTION_CODES[opts.reduction], empty
 
 
+_REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}  # (the kernel's codes)
+# placeholders of the kernel's types, never written: no gradient asked for; no reduction
 _NO_GRAD = {dtype: np.empty((0, 0), dtype) for dtype in (np.float32, np.float64)}
+_NO_VALUE = {dtype: np.empty((), dtype) for dtype in (np.float32, np.float64)}
 
 
 class _Plain(torch.autograd.Function):
