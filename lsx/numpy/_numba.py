@@ -844,26 +844,29 @@ if AVAILABLE:
         return _to_dtype_of(0.0, values) + sums[0]
 
     @numba.njit(cache=True)
-    def _plain_at(
-        x_address, y_address, n, k, params, ignore_index, has_ignore, reduction, want_grad, out, loss, value, empty, chunks
-    ):
+    def _plain_at(x_address, y_address, n, k, params, ignore_index, want_grad, out, loss, chunks):
         """The plain kernel on C-contiguous (N, K) logits and N int64 labels at the given addresses (memory the
-        caller keeps alive and unchanged for the call), then, for ``reduction`` 1 (sum) or 2 (mean), the reduced
-        loss into the 0-d ``value``: NumPy's ``add.reduce`` of ``loss`` in its dtype, divided by the rows counted
-        (``empty`` when there are none) for the mean. ``chunks``: 0 for the serial kernel, else the ranges of rows
-        for the threaded one (see :func:`plain_rows`). Returns what :func:`plain_rows` returns."""
+        caller keeps alive and unchanged for the call). ``params``: the plain kernels' row coefficients (see
+        :func:`plain_params`) and, last, three settings: whether ``ignore_index`` applies, the reduction (0 none,
+        1 sum, 2 mean) and an empty mean's value. With a reduction, ``loss`` holds N + 1 values: the rows' losses,
+        then the reduced loss (NumPy's ``add.reduce`` of the rows' losses in their dtype, divided by the rows
+        counted for the mean). ``chunks``: 0 for the serial kernel, else the ranges of rows for the threaded one
+        (see :func:`plain_rows`). Returns what :func:`plain_rows` returns."""
         x = _as_read_only(numba.carray(_pointer_to(x_address, out), (n, k)))
         y = _as_read_only(numba.carray(_pointer_to(y_address, numba.int64), n))
-        count_scale = reduction == 2
+        settings = params.shape[0] - 3
+        has_ignore = params[settings] != 0.0
+        reduction = params[settings + 1]
+        count_scale = reduction == 2.0
         if chunks == 0:
             active = _plain_rows_serial(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss)
         else:
             active = _plain_rows(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss, chunks)
-        if active >= 0 and reduction != 0:
-            total = _pairwise_sum(loss)
-            if reduction == 2:
-                total = total / _to_dtype_of(active, loss) if active > 0 else _to_dtype_of(empty, loss)
-            value[()] = total
+        if active >= 0 and reduction != 0.0:
+            total = _pairwise_sum(loss[:n])
+            if count_scale:
+                total = total / _to_dtype_of(active, loss) if active > 0 else _to_dtype_of(params[settings + 2], loss)
+            loss[n] = total
         return active
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)

@@ -82,30 +82,41 @@ def cross_entropy(
     n, k = x.shape
     if t.shape[0] != n or n == 0:
         return None
-    try:
-        plan = _plan(label_smoothing, spread, ignore_index, z_loss, normalize, reduction, empty_mean, k)
-    except TypeError:  # an unhashable option: the general path resolves it (or raises the spec's error)
-        return None
-    if plan is None:
-        return None
-    opts, params, ignore, has_ignore, kernels, reduction, empty = plan
+    global _latest
+    latest = _latest
+    if (  # the same option objects as the latest call (a training loop's): its plan, without hashing them
+        latest[0] is label_smoothing
+        and latest[1] is spread
+        and latest[2] is ignore_index
+        and latest[3] is z_loss
+        and latest[4] is normalize
+        and latest[5] is reduction
+        and latest[6] is empty_mean
+        and latest[7] == k
+    ):
+        plan = latest[8]
+    else:
+        try:
+            plan = _plan(label_smoothing, spread, ignore_index, z_loss, normalize, reduction, empty_mean, k)
+        except TypeError:  # an unhashable option: the general path resolves it (or raises the spec's error)
+            return None
+        if plan is None:
+            return None
+        _latest = (label_smoothing, spread, ignore_index, z_loss, normalize, reduction, empty_mean, k, plan)
+    opts, params, ignore, kernels, reduced = plan
     want_grad = x.requires_grad and _grad_enabled()
-    per_element = np.empty(n, compute)
+    losses = np.empty(n + reduced, compute)  # (with a reduction, the reduced loss follows the rows')
     grad = np.empty((n, k), compute) if want_grad else _NO_GRAD[compute]
-    value = np.empty((), compute) if reduction else _NO_VALUE[compute]
     # the kernel reads the tensors' memory by address (contiguous, checked above; no NumPy views to make)
     chunks = 0 if n * k < kernels._PARALLEL_MIN_ELEMENTS else min(n, 4 * kernels.numba.get_num_threads())
-    active = kernels._plain_at(
-        x.data_ptr(), t.data_ptr(), n, k, params, ignore, has_ignore, reduction, want_grad, grad, per_element, value, empty, chunks
-    )
+    active = kernels._plain_at(x.data_ptr(), t.data_ptr(), n, k, params, ignore, want_grad, grad, losses, chunks)
     if active < 0:
         spec.check_labels(t.numpy(), k, opts)  # raises, naming the label
         raise AssertionError("the kernel found a label out of range that spec.check_labels accepts")
-    if not reduction:
-        value = per_element
+    value = losses[n, ...] if reduced else losses  # (a 0-d view for the reduced loss)
     if not want_grad:
         return torch.from_numpy(value)
-    return _apply(x, value, grad, reduction != 0)
+    return _apply(x, value, grad, reduced)
 
 
 @functools.lru_cache(maxsize=256, typed=True)
@@ -118,9 +129,9 @@ def _plan(
     reduction: Any,
     empty_mean: Any,
     k: int,
-) -> tuple[spec.Options, np.ndarray, int, bool, Any, int, float] | None:
-    """(options, the kernel's row coefficients, ignore_index as an int and whether there is one, the kernels'
-    module, the kernel's reduction code, an empty mean's value) for one set of option
+) -> tuple[spec.Options, np.ndarray, int, Any, bool] | None:
+    """(options, the kernel's row coefficients and settings, ignore_index as an int (0 when there is none), the
+    kernels' module, whether the loss is reduced) for one set of option
     values and class count; None when this path does not serve it (Numba missing, a massless target, an error
     the general path reports with the call's other checks).
     ``typed`` keeps apart values that compare equal but resolve differently (``True`` and ``1``)."""
@@ -145,15 +156,17 @@ def _plan(
     if params is None:
         return None
     has_ignore = opts.ignore_index is not None  # (the spec keeps it within int64)
-    ignore = int(opts.ignore_index) if has_ignore else 0
+    reduction = {"none": 0.0, "sum": 1.0, "mean": 2.0}[opts.reduction]
     empty = np.nan if opts.empty_mean == "nan" else 0.0
-    return opts, params, ignore, has_ignore, kernels, _REDUCTION_CODES[opts.reduction], empty
+    settings = np.append(params, [float(has_ignore), reduction, empty])  # (see kernels._plain_at)
+    settings.flags.writeable = False
+    return opts, settings, int(opts.ignore_index) if has_ignore else 0, kernels, opts.reduction != "none"
 
 
-_REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}  # (the kernel's codes)
-# placeholders of the kernel's types, never written: no gradient asked for; no reduction
+# the latest call's option objects, class count and plan (held, so no other object can take their identities)
+_latest: tuple[Any, ...] = (*[object()] * 7, -1, None)
+# a placeholder of the kernel's type when no gradient is asked for (never written)
 _NO_GRAD = {dtype: np.empty((0, 0), dtype) for dtype in (np.float32, np.float64)}
-_NO_VALUE = {dtype: np.empty((), dtype) for dtype in (np.float32, np.float64)}
 
 
 class _Plain(torch.autograd.Function):
