@@ -65,7 +65,7 @@ def cross_entropy(
     if type(x) is not torch.Tensor or type(t) is not torch.Tensor or t.dtype is not torch.int64:
         return None
     compute = _NP_DTYPES.get(x.dtype)
-    if compute is None or x.dim() != 2 or t.dim() != 1 or not x.is_cpu or not t.is_cpu:
+    if compute is None or not x.is_cpu or not t.is_cpu:
         return None
     if (
         _is_compiling()
@@ -79,9 +79,10 @@ def cross_entropy(
         or (os.environ.get(_engines.ENVIRONMENT) if _ENVIRON is None else _ENVIRON.get(_ENGINE_KEY)) not in _ENGINES_SERVED
     ):
         return None
-    n, k = x.shape
-    if t.shape[0] != n or n == 0:
+    shape = x.shape
+    if len(shape) != 2 or t.shape != shape[:1] or not shape[0]:
         return None
+    n, k = shape
     global _latest
     latest = _latest
     if (  # the same option objects as the latest call (a training loop's): its plan, without hashing them
