@@ -813,7 +813,7 @@ if AVAILABLE:
         does not keep recursive functions)."""
         count = values.shape[0]
         if count <= 128:
-            return _to_dtype_of(0.0, values) + _pairwise_block(values, 0, count)  # (add.reduce starts from 0)
+            return _to_dtype_of(0.0, values) + _pairwise_block(values, np.int64(0), count)  # (add.reduce: from 0)
         firsts = np.empty(64, np.int64)  # the pending runs (depth ≤ log2(count / 128) + 1)
         counts = np.empty(64, np.int64)
         stages = np.empty(64, np.int64)  # 0: left half next, 1: right half next, 2: add the two
@@ -844,30 +844,42 @@ if AVAILABLE:
         return _to_dtype_of(0.0, values) + sums[0]
 
     @numba.njit(cache=True)
-    def _plain_at(x_address, y_address, n, k, params, ignore_index, want_grad, out, loss, chunks):
+    def _plain_reduce(params, n, active, loss):
+        """With a reduction (settings, below), the reduced loss into ``loss[n]``: NumPy's ``add.reduce`` of the
+        rows' losses in their dtype, divided by the rows counted for the mean (an empty mean's value if none)."""
+        settings = params.shape[0] - 3
+        reduction = params[settings + 1]
+        if active >= 0 and reduction != 0.0:
+            total = _pairwise_sum(loss[:n])
+            if reduction == 2.0:
+                total = total / _to_dtype_of(active, loss) if active > 0 else _to_dtype_of(params[settings + 2], loss)
+            loss[n] = total
+        return active
+
+    @numba.njit(cache=True)
+    def _plain_at(x_address, y_address, n, k, params, ignore_index, want_grad, out, loss):
         """The plain kernel on C-contiguous (N, K) logits and N int64 labels at the given addresses (memory the
         caller keeps alive and unchanged for the call). ``params``: the plain kernels' row coefficients (see
         :func:`plain_params`) and, last, three settings: whether ``ignore_index`` applies, the reduction (0 none,
         1 sum, 2 mean) and an empty mean's value. With a reduction, ``loss`` holds N + 1 values: the rows' losses,
-        then the reduced loss (NumPy's ``add.reduce`` of the rows' losses in their dtype, divided by the rows
-        counted for the mean). ``chunks``: 0 for the serial kernel, else the ranges of rows for the threaded one
-        (see :func:`plain_rows`). Returns what :func:`plain_rows` returns."""
+        then the reduced loss (see :func:`_plain_reduce`). Returns what :func:`plain_rows` returns."""
         x = _as_read_only(numba.carray(_pointer_to(x_address, out), (n, k)))
         y = _as_read_only(numba.carray(_pointer_to(y_address, numba.int64), n))
         settings = params.shape[0] - 3
-        has_ignore = params[settings] != 0.0
-        reduction = params[settings + 1]
-        count_scale = reduction == 2.0
-        if chunks == 0:
-            active = _plain_rows_serial(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss)
-        else:
-            active = _plain_rows(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss, chunks)
-        if active >= 0 and reduction != 0.0:
-            total = _pairwise_sum(loss[:n])
-            if count_scale:
-                total = total / _to_dtype_of(active, loss) if active > 0 else _to_dtype_of(params[settings + 2], loss)
-            loss[n] = total
-        return active
+        has_ignore, count_scale = params[settings] != 0.0, params[settings + 1] == 2.0
+        active = _plain_rows_serial(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss)
+        return _plain_reduce(params, n, active, loss)
+
+    @numba.njit(cache=True)
+    def _plain_at_threaded(x_address, y_address, n, k, params, ignore_index, want_grad, out, loss, chunks):
+        """:func:`_plain_at` with the rows in ``chunks`` ranges spread over the threads (see :func:`plain_rows`);
+        a separate entry, so that small inputs never compile the threaded kernel."""
+        x = _as_read_only(numba.carray(_pointer_to(x_address, out), (n, k)))
+        y = _as_read_only(numba.carray(_pointer_to(y_address, numba.int64), n))
+        settings = params.shape[0] - 3
+        has_ignore, count_scale = params[settings] != 0.0, params[settings + 1] == 2.0
+        active = _plain_rows(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss, chunks)
+        return _plain_reduce(params, n, active, loss)
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
     def _prob_row(i, x, t, w, valid, has_w, has_mask, params, sw, has_sw, want_grad, inplace, out, loss, chain):

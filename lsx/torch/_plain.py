@@ -109,8 +109,13 @@ def cross_entropy(
     losses = np.empty(n + reduced, compute)  # (with a reduction, the reduced loss follows the rows')
     grad = np.empty((n, k), compute) if want_grad else _NO_GRAD[compute]
     # the kernel reads the tensors' memory by address (contiguous, checked above; no NumPy views to make)
-    chunks = 0 if n * k < kernels._PARALLEL_MIN_ELEMENTS else min(n, 4 * kernels.numba.get_num_threads())
-    active = kernels._plain_at(x.data_ptr(), t.data_ptr(), n, k, params, ignore, want_grad, grad, losses, chunks)
+    if n * k < kernels._PARALLEL_MIN_ELEMENTS:
+        active = kernels._plain_at(x.data_ptr(), t.data_ptr(), n, k, params, ignore, want_grad, grad, losses)
+    else:
+        chunks = min(n, 4 * kernels.numba.get_num_threads())
+        active = kernels._plain_at_threaded(
+            x.data_ptr(), t.data_ptr(), n, k, params, ignore, want_grad, grad, losses, chunks
+        )
     if active < 0:
         spec.check_labels(t.numpy(), k, opts)  # raises, naming the label
         raise AssertionError("the kernel found a label out of range that spec.check_labels accepts")
