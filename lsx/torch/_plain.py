@@ -32,6 +32,7 @@ from lsx.torch._engines import numba as _numba_engine
 __all__ = ["cross_entropy"]
 
 _is_compiling = torch.compiler.is_compiling
+_keep_graph = _function._keep_graph
 _function_mode = torch._C._is_torch_function_mode_enabled
 _dispatch_stack = torch._C._len_torch_dispatch_stack
 _transforms_active = torch._C._are_functorch_transforms_active
@@ -194,7 +195,8 @@ class _Plain(torch.autograd.Function):
         scale = grad_value if grad_value.dtype == grad.dtype else grad_value.to(grad.dtype)
         if not ctx.reduced:
             scale = scale.reshape(-1, 1)
-        if type(scale) is not torch.Tensor or _function._graph_kept():  # the buffer serves later passes: a new tensor
+        if type(scale) is not torch.Tensor or _keep_graph is None or _keep_graph():  # the buffer serves later passes
+            # (retain_graph=True; or a torch that cannot say): a new tensor
             return grad * scale, None, None, None
         # released after this call: the buffer itself becomes the input's gradient (no copy)
         if ctx.reduced and scale.is_cpu and scale.item() == 1.0:
