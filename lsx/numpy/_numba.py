@@ -194,6 +194,24 @@ if AVAILABLE:
         return sum_e, sum_x
 
     @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
+    def _block_store_exp(xs, ds, mt):
+        """:func:`_block_store` without Σ (x − max)."""
+        sum_e = mt - mt
+        for c in range(xs.shape[0]):
+            e = _exp(xs[c] - mt)
+            sum_e += e
+            ds[c] = e
+        return sum_e
+
+    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
+    def _block_sum_exp(xs, mt):
+        """:func:`_block_sum` without Σ (x − max)."""
+        sum_e = mt - mt
+        for c in range(xs.shape[0]):
+            sum_e += _exp(xs[c] - mt)
+        return sum_e
+
+    @numba.njit(fastmath=_LOOP_FLAGS, inline="always")
     def _block_inplace(ds, mt):
         """In place: ``ds`` holds the logits on entry (the gradient buffer is the logits' memory)."""
         sum_e = mt - mt
@@ -644,6 +662,7 @@ if AVAILABLE:
         k = x.shape[1]
         a, b, total_w, z, h_target, h_other = params[0], params[1], params[2], params[3], params[4], params[5]
         normalize = params[6] != 0.0
+        smoothing = b != 0.0  # else Σ (x − max) is not needed: the exponential pass skips it
         zero = _to_dtype_of(0.0, x)
         for i in range(first, stop_row):
             label = y[i]
@@ -665,18 +684,26 @@ if AVAILABLE:
             if k <= _BLOCK:  # one block, indexed directly: no views
                 block_e = mt - mt
                 block_x = mt - mt
-                if want_grad:
+                if want_grad and smoothing:
                     for c in range(k):
                         d = x[i, c] - mt
                         e = _exp(d)
                         block_e += e
                         block_x += d
                         out[i, c] = e
-                else:
+                elif want_grad:
+                    for c in range(k):
+                        e = _exp(x[i, c] - mt)
+                        block_e += e
+                        out[i, c] = e
+                elif smoothing:
                     for c in range(k):
                         d = x[i, c] - mt
                         block_e += _exp(d)
                         block_x += d
+                else:
+                    for c in range(k):
+                        block_e += _exp(x[i, c] - mt)
                 sum_e = np.float64(block_e)
                 sum_x = np.float64(block_x)
             else:
@@ -686,10 +713,14 @@ if AVAILABLE:
                 for start in range(0, k, _BLOCK):
                     stop = min(start + _BLOCK, k)
                     xs = xr[start:stop]
-                    if want_grad:
+                    if want_grad and smoothing:
                         block_e, block_x = _block_store(xs, out[i][start:stop], mt)
-                    else:
+                    elif want_grad:
+                        block_e, block_x = _block_store_exp(xs, out[i][start:stop], mt), mt - mt
+                    elif smoothing:
                         block_e, block_x = _block_sum(xs, mt)
+                    else:
+                        block_e, block_x = _block_sum_exp(xs, mt), mt - mt
                     sum_e += block_e
                     sum_x += block_x
             lse_shifted = math.log(sum_e)
