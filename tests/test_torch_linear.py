@@ -725,3 +725,30 @@ def test_no_mass_on_the_target_with_gradients(engine, softcap, monkeypatch):
     x = F.linear(hidden, w, b).requires_grad_(True)
     (grad_x,) = torch.autograd.grad(lsx.torch.loss(x, y, **options), x)
     torch.testing.assert_close(grad, grad_x @ w, rtol=1e-10, atol=1e-12)
+
+
+def test_lazily_negated_views_are_read_negated():
+    """Tensors with torch's negative bit (``torch._neg_view``) hold un-negated values in memory: linear_loss
+    must see the negated values of every tensor argument, and differentiate through the views."""
+    gen = torch.Generator().manual_seed(21)
+    hidden, matrix = torch.randn(6, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    probs = torch.softmax(torch.randn(6, 5, generator=gen), dim=1)
+    class_weight, row_weight = torch.rand(5, generator=gen) + 0.5, torch.rand(6, generator=gen) + 0.5
+    leaf = hidden.clone().requires_grad_(True)
+    value = lsx.torch.linear_loss(
+        torch._neg_view(leaf),
+        torch._neg_view(-matrix),
+        torch._neg_view(-probs),
+        weight=torch._neg_view(-class_weight),
+        sample_weight=torch._neg_view(-row_weight),
+        reduction="sum",
+        label_smoothing=0.1,
+    )
+    value.backward()
+    expected_leaf = hidden.clone().requires_grad_(True)
+    expected = lsx.torch.loss(
+        -expected_leaf @ matrix.T, probs, weight=class_weight, sample_weight=row_weight, reduction="sum", label_smoothing=0.1
+    )
+    expected.backward()
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leaf.grad, expected_leaf.grad, rtol=1e-5, atol=1e-6)

@@ -216,3 +216,24 @@ def test_an_ignore_index_outside_the_classes():
     general, general_grad, _ = _run(x, y, axis=1, ignore_index=2**62)
     assert torch.equal(value, general) and torch.equal(grad, general_grad)
     assert torch.equal(grad[2], torch.zeros(10))
+
+
+@pytest.mark.parametrize("route", [{}, {"axis": 1}, {"weight": "ones"}, {"label_smoothing": 0.1, "reduction": "none"}])
+def test_a_lazily_negated_view_is_read_negated(route):
+    """A tensor with torch's negative bit (``torch._neg_view``) holds its values un-negated in memory: every
+    path that reads memory must see ``-x``, and the gradient must flow back through the view."""
+    options = dict(route)
+    if options.get("weight") == "ones":
+        options["weight"] = torch._neg_view(-torch.linspace(0.5, 2.0, 10))
+    base, y = _data(12, 10, 12)
+    probs = torch.softmax(torch.randn(12, 10, generator=torch.Generator().manual_seed(3)), dim=1)
+    for target, truth_target in ((y, y), (torch._neg_view(-probs), probs)):
+        leaf = base.clone().requires_grad_(True)
+        value = lsx.torch.loss(torch._neg_view(leaf), target, **options)
+        value.backward(torch.ones_like(value))
+        expected_leaf = base.clone().requires_grad_(True)
+        plain_options = {**options, "weight": None if "weight" not in options else options["weight"].resolve_neg()}
+        expected = lsx.torch.loss(-expected_leaf, truth_target, **plain_options)
+        expected.backward(torch.ones_like(expected))
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(leaf.grad, expected_leaf.grad, rtol=1e-6, atol=1e-7)

@@ -142,6 +142,7 @@ def cross_entropy(
         raise TypeError(f"input must be a floating-point tensor, got {_describe(logits)}")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a tensor, got {_describe(target)}")
+    logits, target = resolve_neg(logits), resolve_neg(target)
     kind = _target_kind(target.dtype)
     if kind == "probs" and target.requires_grad and torch.is_grad_enabled():
         raise ValueError("lsx.torch.loss does not differentiate the target probabilities; pass target.detach()")
@@ -272,9 +273,19 @@ def _route(x2: torch.Tensor, *others: torch.Tensor | None) -> str:
     return "direct"
 
 
+def resolve_neg(tensor: Any) -> Any:
+    """``tensor`` with a lazy negation (a view with torch's negative bit, e.g. from ``torch._neg_view``)
+    applied, differentiably: the engines read the tensor's memory, where the values are not yet negated."""
+    if not isinstance(tensor, torch.Tensor):
+        return tensor
+    if torch.compiler.is_compiling():  # (traced: ``is_neg`` is not, and the op costs nothing on a plain tensor)
+        return tensor.resolve_neg()
+    return tensor.resolve_neg() if tensor.is_neg() else tensor
+
+
 def _as_weight_tensor(value: Any, device: torch.device) -> torch.Tensor:
     """``sample_weight`` as a real tensor (kept differentiable)."""
-    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    tensor = resolve_neg(value) if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
     if tensor.dtype == torch.bool or tensor.is_complex():
         raise TypeError(f"sample_weight must be a real tensor, got dtype {tensor.dtype}")
     return tensor if tensor.device == device else tensor.to(device)
@@ -286,6 +297,7 @@ def _denominator_tensor(value: Any, reduction: str, device: torch.device) -> tor
     if reduction != "mean":
         raise ValueError(f'denominator is only for reduction="mean", got reduction={reduction!r}')
     if isinstance(value, torch.Tensor):
+        value = resolve_neg(value)
         if value.dim() != 0:
             raise ValueError(
                 f"denominator must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}"
@@ -318,7 +330,7 @@ def _describe(value: Any) -> str:
 def _as_tensor(value: Any, name: str, device: torch.device | None) -> torch.Tensor | None:
     if value is None:
         return None
-    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    tensor = resolve_neg(value) if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
     if name == "weight":
         if tensor.dtype == torch.bool or tensor.is_complex():
             raise TypeError(f"weight must be a real tensor, got dtype {tensor.dtype}")

@@ -76,6 +76,9 @@ def linear_loss(
     opts = spec.resolve_options(convention, **given)
     if chunk_size is None and options is not None:
         chunk_size = getattr(options, "batch_chunk_size", None)
+    resolve = _torch_function.resolve_neg  # (lazily negated views: the kernels read memory)
+    input, linear_weight, target = resolve(input), resolve(linear_weight), resolve(target)
+    linear_bias, weight, sample_weight = resolve(linear_bias), resolve(weight), resolve(sample_weight)
     if process_group is not None:
         from lsx.torch import _parallel
 

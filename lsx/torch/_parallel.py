@@ -124,7 +124,8 @@ def cross_entropy(
         )
     call = _Call(group, opts)
     try:  # every local failure travels in the header, so that the other ranks raise too
-        call.prepare(logits, target, axis, weight, class_mask)
+        resolve = _function.resolve_neg
+        call.prepare(resolve(logits), resolve(target), axis, resolve(weight), class_mask)
     except Exception as error:  # raised on this rank after the header, whatever it is
         call.fail(error, 5)
     call.exchange_header(logits)
