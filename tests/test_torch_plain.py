@@ -227,7 +227,7 @@ def test_a_lazily_negated_view_is_read_negated(route):
         options["weight"] = torch._neg_view(-torch.linspace(0.5, 2.0, 10))
     base, y = _data(12, 10, 12)
     probs = torch.softmax(torch.randn(12, 10, generator=torch.Generator().manual_seed(3)), dim=1)
-    for target, truth_target in ((y, y), (torch._neg_view(-probs), probs)):
+    for target, truth_target in ((y, y), (torch._neg_view(-y), y), (torch._neg_view(-probs), probs)):
         leaf = base.clone().requires_grad_(True)
         value = lsx.torch.loss(torch._neg_view(leaf), target, **options)
         value.backward(torch.ones_like(value))

@@ -75,7 +75,8 @@ def cross_entropy(
         or _transforms_active()
         or forward_ad._current_level >= 0
         or _wrapped(x)
-        or x.is_neg()  # (a lazily negated view: the general path negates it first)
+        or x.is_neg()  # (lazily negated views: the general path negates them first)
+        or t.is_neg()
         or not x.is_contiguous()
         or not t.is_contiguous()
         or (os.environ.get(_engines.ENVIRONMENT) if _ENVIRON is None else _ENVIRON.get(_ENGINE_KEY)) not in _ENGINES_SERVED
