@@ -26,7 +26,8 @@ What it measures, float32 logits on the CPU, integer labels (none ignored: an im
    ``lsx.numpy.loss_and_grad`` call at (64, 10) (the serial kernel) and then at (256, 1000) (the threaded
    one) with an empty Numba cache directory (compilation) and again with the cache the first process wrote
    (cache load), counting the kernels Numba compiled in each (``NUMBA_DEBUG_CACHE``); and the first
-   ``lsx.torch.loss`` forward + backward in a fresh process.
+   ``lsx.torch.loss`` forward + backward in a fresh process, with an empty cache and with the cache an earlier
+   lsx.torch process wrote.
 """
 
 from __future__ import annotations
@@ -363,6 +364,10 @@ def cold_rows(repeats: int = 3) -> list[dict[str, Any]]:
         for attempt in range(2):
             wall, out = _python(_FIRST_NUMPY, debug)
             first_calls(f"lsx.numpy, cache from an earlier process (#{attempt + 1})", out, wall)
+    with tempfile.TemporaryDirectory() as cache:  # lsx.torch's short path has its own kernel entry
+        debug = {"NUMBA_CACHE_DIR": cache, "NUMBA_DEBUG_CACHE": "1"}
+        wall, out = _python(_FIRST_TORCH, debug)
+        first_calls("lsx.torch, empty Numba cache", out, wall)
         wall, out = _python(_FIRST_TORCH, debug)
         first_calls("lsx.torch, cache from an earlier process", out, wall)
     return rows

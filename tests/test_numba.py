@@ -413,16 +413,20 @@ def test_vectorised_tanh_against_numpy(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_pairwise_sum_has_the_bits_of_numpys_sum(dtype):
-    """lsx.torch's short path reduces inside the kernel call: it must give NumPy's ``add.reduce`` bits, which the
-    general path and lsx.numpy use (block sums, the halving at multiples of 8, signed zeros, inf and NaN)."""
+def test_pairwise_block_has_the_bits_of_numpys_sum(dtype):
+    """lsx.torch's short path sums up to 128 rows' losses inside the kernel call: it must give NumPy's
+    ``add.reduce`` bits (which the general path and lsx.numpy use), signed zeros, inf and NaN included."""
     rng = np.random.default_rng(7)
-    lengths = [*range(0, 300), 511, 512, 513, 1000, 1031, 4096, 8193, 65537]
-    for count in lengths:
-        values = (rng.standard_normal(count) * 10.0 ** rng.uniform(-6, 6, count)).astype(dtype)
-        expected = np.add.reduce(values)
-        got = _numba_kernels._pairwise_sum(values)
+    block = _numba_kernels._PAIRWISE_BLOCK
+    for count in [*range(0, block + 1)] * 3:
+        values = (rng.standard_normal(count + 5) * 10.0 ** rng.uniform(-6, 6, count + 5)).astype(dtype)
+        first = int(rng.integers(0, 6))
+        run = values[first : first + count] if first + count <= values.size else values[:count]
+        start = first if first + count <= values.size else 0
+        expected = np.add.reduce(run)
+        got = dtype(0.0) + _numba_kernels._pairwise_block(values, start, count)
         assert np.asarray(got, dtype).tobytes() == np.asarray(expected, dtype).tobytes(), count
-    for special in ([-0.0], [-0.0, -0.0], [np.inf, 1.0], [np.inf, -np.inf], [np.nan] + [1.0] * 200):
+    for special in ([-0.0], [-0.0, -0.0], [np.inf, 1.0], [np.inf, -np.inf], [np.nan] + [1.0] * 100):
         values = np.array(special, dtype)
-        assert np.asarray(_numba_kernels._pairwise_sum(values), dtype).tobytes() == np.add.reduce(values).tobytes()
+        got = dtype(0.0) + _numba_kernels._pairwise_block(values, 0, values.size)
+        assert np.asarray(got, dtype).tobytes() == np.add.reduce(values).tobytes()

@@ -47,6 +47,7 @@ else:
 __all__ = ["AVAILABLE", "forward_backward"]
 
 _PARALLEL_MIN_ELEMENTS = 1 << 16  # below this, starting threads costs more than it saves
+_PAIRWISE_BLOCK = 128  # NumPy's pairwise summation sums up to this many values as one block
 _BLOCK = 2048  # partial sums in the compute dtype, accumulated across blocks in float64
 _LOOP_FLAGS = {"nsz", "arcp", "contract", "reassoc"}
 _MAX_FLAGS = {"nnan", "nsz", "reassoc"}
@@ -810,7 +811,9 @@ if AVAILABLE:
 
     @numba.njit(cache=True)
     def _pairwise_block(values, first, count):
-        """Σ of at most 128 values as NumPy sums a block: eight running sums, then the rest in order."""
+        """Σ of at most ``_PAIRWISE_BLOCK`` values in the order of NumPy's ``add.reduce`` (its pairwise
+        summation sums a contiguous run that short as one block: eight running sums, then the rest in order).
+        No fastmath: the order is the point."""
         if count < 8:
             total = _to_dtype_of(0.0, values)
             for i in range(first, first + count):
@@ -836,52 +839,15 @@ if AVAILABLE:
             i += 1
         return total
 
-    @numba.njit(cache=True)
-    def _pairwise_sum(values):
-        """Σ values (1-D, contiguous) in the order of NumPy's ``add.reduce`` (its pairwise summation: blocks of
-        up to 128 values, longer runs split in halves at multiples of 8, the halves' sums added), hence the
-        same bits. No fastmath: the order is the point. The halving runs on an explicit stack (Numba's cache
-        does not keep recursive functions)."""
-        count = values.shape[0]
-        if count <= 128:
-            return _to_dtype_of(0.0, values) + _pairwise_block(values, np.int64(0), count)  # (add.reduce: from 0)
-        firsts = np.empty(64, np.int64)  # the pending runs (depth ≤ log2(count / 128) + 1)
-        counts = np.empty(64, np.int64)
-        stages = np.empty(64, np.int64)  # 0: left half next, 1: right half next, 2: add the two
-        sums = np.empty(64, values.dtype)
-        top = 0
-        done = 0
-        firsts[0], counts[0], stages[0] = 0, count, 0
-        while top >= 0:
-            first, run = firsts[top], counts[top]
-            if run <= 128:
-                sums[done] = _pairwise_block(values, first, run)
-                done += 1
-                top -= 1
-                continue
-            half = run // 2
-            half -= half % 8
-            stage = stages[top]
-            stages[top] = stage + 1
-            if stage == 2:
-                sums[done - 2] = sums[done - 2] + sums[done - 1]
-                done -= 1
-                top -= 1
-            else:
-                top += 1
-                firsts[top] = first if stage == 0 else first + half
-                counts[top] = half if stage == 0 else run - half
-                stages[top] = 0
-        return _to_dtype_of(0.0, values) + sums[0]
-
-    @numba.njit(cache=True)
+    @numba.njit(cache=True, inline="always")
     def _plain_reduce(params, n, active, loss):
-        """With a reduction (settings, below), the reduced loss into ``loss[n]``: NumPy's ``add.reduce`` of the
-        rows' losses in their dtype, divided by the rows counted for the mean (an empty mean's value if none)."""
+        """With a reduction (settings, below) and at most ``_PAIRWISE_BLOCK`` rows, the reduced loss into
+        ``loss[n]``: NumPy's ``add.reduce`` of the rows' losses in their dtype (the same bits), divided by the
+        rows counted for the mean (an empty mean's value if none). More rows are left to the caller's NumPy."""
         settings = params.shape[0] - 3
         reduction = params[settings + 1]
-        if active >= 0 and reduction != 0.0:
-            total = _pairwise_sum(loss[:n])
+        if active >= 0 and reduction != 0.0 and n <= _PAIRWISE_BLOCK:
+            total = _to_dtype_of(0.0, loss) + _pairwise_block(loss, 0, n)  # (add.reduce starts from 0)
             if reduction == 2.0:
                 total = total / _to_dtype_of(active, loss) if active > 0 else _to_dtype_of(params[settings + 2], loss)
             loss[n] = total
@@ -898,18 +864,25 @@ if AVAILABLE:
         y = _as_read_only(numba.carray(_pointer_to(y_address, numba.int64), n))
         settings = params.shape[0] - 3
         has_ignore, count_scale = params[settings] != 0.0, params[settings + 1] == 2.0
-        active = _plain_rows_serial(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss)
+        # (the body of _plain_rows_serial: calling it would link, and so optimise, its code once more)
+        active, scale = _plain_scale(y, k, ignore_index, has_ignore, count_scale, params)
+        if active >= 0:
+            _plain_range(x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss, 0, n)
         return _plain_reduce(params, n, active, loss)
 
-    @numba.njit(cache=True)
+    @numba.njit(cache=True, parallel=True)
     def _plain_at_threaded(x_address, y_address, n, k, params, ignore_index, want_grad, out, loss, chunks):
-        """:func:`_plain_at` with the rows in ``chunks`` ranges spread over the threads (see :func:`plain_rows`);
-        a separate entry, so that small inputs never compile the threaded kernel."""
+        """:func:`_plain_at` with the rows in ``chunks`` ranges spread over the threads (the body of
+        :func:`_plain_rows`); a separate entry, so that small inputs never compile the threaded kernel."""
         x = _as_read_only(numba.carray(_pointer_to(x_address, out), (n, k)))
         y = _as_read_only(numba.carray(_pointer_to(y_address, numba.int64), n))
         settings = params.shape[0] - 3
         has_ignore, count_scale = params[settings] != 0.0, params[settings + 1] == 2.0
-        active = _plain_rows(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss, chunks)
+        active, scale = _plain_scale(y, k, ignore_index, has_ignore, count_scale, params)
+        if active >= 0:
+            for chunk in prange(chunks):
+                first, stop_row = chunk * n // chunks, (chunk + 1) * n // chunks
+                _plain_range(x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss, first, stop_row)
         return _plain_reduce(params, n, active, loss)
 
     @numba.njit(fastmath=_LOOP_FLAGS, cache=True)

@@ -107,7 +107,7 @@ def cross_entropy(
         if plan is None:
             return None
         _latest = (label_smoothing, spread, ignore_index, z_loss, normalize, reduction, empty_mean, k, plan)
-    opts, params, ignore, kernels, reduced = plan
+    opts, params, ignore, kernels, reduced, mean, empty = plan
     want_grad = x.requires_grad and _grad_enabled()
     losses = np.empty(n + reduced, compute)  # (with a reduction, the reduced loss follows the rows')
     grad = np.empty((n, k), compute) if want_grad else _NO_GRAD[compute]
@@ -122,6 +122,9 @@ def cross_entropy(
     if active < 0:
         spec.check_labels(t.numpy(), k, opts)  # raises, naming the label
         raise AssertionError("the kernel found a label out of range that spec.check_labels accepts")
+    if reduced and n > kernels._PAIRWISE_BLOCK:  # (the kernel sums one block of NumPy's pairwise sum; NumPy more)
+        total = _sum(losses[:n])
+        losses[n] = (total / compute(active) if active else compute(empty)) if mean else total
     value = losses[n, ...] if reduced else losses  # (a 0-d view for the reduced loss)
     if not want_grad:
         return torch.from_numpy(value)
@@ -138,9 +141,9 @@ def _plan(
     reduction: Any,
     empty_mean: Any,
     k: int,
-) -> tuple[spec.Options, np.ndarray, int, Any, bool] | None:
+) -> tuple[spec.Options, np.ndarray, int, Any, bool, bool, float] | None:
     """(options, the kernel's row coefficients and settings, ignore_index as an int (0 when there is none), the
-    kernels' module, whether the loss is reduced) for one set of option
+    kernels' module, whether the loss is reduced, whether by the mean, an empty mean's value) for one set of option
     values and class count; None when this path does not serve it (Numba missing, a massless target, an error
     the general path reports with the call's other checks).
     ``typed`` keeps apart values that compare equal but resolve differently (``True`` and ``1``)."""
@@ -169,9 +172,11 @@ def _plan(
     empty = np.nan if opts.empty_mean == "nan" else 0.0
     settings = np.append(params, [float(has_ignore), reduction, empty])  # (see kernels._plain_at)
     settings.flags.writeable = False
-    return opts, settings, int(opts.ignore_index) if has_ignore else 0, kernels, opts.reduction != "none"
+    ignore = int(opts.ignore_index) if has_ignore else 0
+    return opts, settings, ignore, kernels, opts.reduction != "none", opts.reduction == "mean", empty
 
 
+_sum = np.add.reduce  # (ndarray.sum's reduction, without its Python wrapper)
 # the latest call's option objects, class count and plan (held, so no other object can take their identities)
 _latest: tuple[Any, ...] = (*[object()] * 7, -1, None)
 # a placeholder of the kernel's type when no gradient is asked for (never written)
