@@ -12,7 +12,8 @@ gradient computed in the forward pass.
 modes, an engine forced by ``LSX_TORCH_ENGINE`` other than Numba, no Numba); the general path in
 :mod:`lsx.torch._function` then serves it. Both give the same loss and gradient bit for bit: they run the same
 compiled kernel (:func:`lsx.numpy._numba.plain_rows`'s read-only specialisation), and the reduction sums in
-NumPy's order (:func:`lsx.numpy._numba._pairwise_sum`, held to ``add.reduce``'s bits by the tests).
+NumPy's order: up to 128 rows in the kernel call (:func:`lsx.numpy._numba._pairwise_block`, held to
+``add.reduce``'s bits by the tests), more rows with ``add.reduce`` itself.
 """
 
 from __future__ import annotations
