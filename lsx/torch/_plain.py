@@ -11,7 +11,7 @@ gradient computed in the forward pass.
 ``torch.compile``, ``torch.func`` transforms, forward-mode AD, tensor subclasses, torch-function and dispatch
 modes, an engine forced by ``LSX_TORCH_ENGINE`` other than Numba, no Numba); the general path in
 :mod:`lsx.torch._function` then serves it. Both give the same loss and gradient bit for bit: they run the same
-compiled kernel (:func:`lsx.numpy._numba.plain_rows`'s read-only specialisation), and the reduction sums in
+kernel (:func:`lsx.numpy._numba._plain_range`, typed alike: read-only logits and labels), and the reduction sums in
 NumPy's order: up to 128 rows in the kernel call (:func:`lsx.numpy._numba._pairwise_block`, held to
 ``add.reduce``'s bits by the tests), more rows with ``add.reduce`` itself.
 """
