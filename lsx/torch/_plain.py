@@ -9,7 +9,7 @@ gradient computed in the forward pass.
 
 :func:`cross_entropy` returns None whenever the call is not that case (other devices, dtypes or layouts,
 ``torch.compile``, ``torch.func`` transforms, forward-mode AD, tensor subclasses, torch-function and dispatch
-modes, an engine forced by ``LSX_TORCH_ENGINE`` other than Numba, no Numba); the general path in
+modes, lazily negated views, an engine forced by ``LSX_TORCH_ENGINE`` other than Numba, no Numba); the general path in
 :mod:`lsx.torch._function` then serves it. Both give the same loss and gradient bit for bit: they run the same
 kernel (:func:`lsx.numpy._numba._plain_range`, typed alike: read-only logits and labels), and the reduction sums in
 NumPy's order: up to 128 rows in the kernel call (:func:`lsx.numpy._numba._pairwise_block`, held to
