@@ -47,6 +47,7 @@ else:
 __all__ = ["AVAILABLE", "forward_backward"]
 
 _PARALLEL_MIN_ELEMENTS = 1 << 16  # below this, starting threads costs more than it saves
+_PLAIN_SETTINGS = 4  # the settings that follow the plain kernels' row coefficients (see plain_settings)
 _PAIRWISE_BLOCK = 128  # NumPy's pairwise summation sums up to this many values as one block
 _BLOCK = 2048  # partial sums in the compute dtype, accumulated across blocks in float64
 _LOOP_FLAGS = {"nsz", "arcp", "contract", "reassoc"}
@@ -755,29 +756,9 @@ if AVAILABLE:
             return active, 1.0 / active if active > 0 else 0.0
         return active, params[7]
 
-    @numba.njit(fastmath=_LOOP_FLAGS, cache=True)
-    def _plain_rows_serial(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss):
-        """Every row of the plain case; returns the rows counted in the mean (−1: a label out of range, then
-        nothing is written). ``count_scale``: the gradient carries 1/that count (0 for none), else params[7]."""
-        active, scale = _plain_scale(y, x.shape[1], ignore_index, has_ignore, count_scale, params)
-        if active >= 0:
-            _plain_range(x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss, 0, x.shape[0])
-        return active
-
-    @numba.njit(fastmath=_LOOP_FLAGS, cache=True, parallel=True)
-    def _plain_rows(x, y, params, ignore_index, has_ignore, count_scale, want_grad, out, loss, chunks):
-        """:func:`_plain_rows_serial` with ``chunks`` ranges of rows spread over the threads."""
-        active, scale = _plain_scale(y, x.shape[1], ignore_index, has_ignore, count_scale, params)
-        if active < 0:
-            return active
-        n = x.shape[0]
-        for chunk in prange(chunks):
-            first, stop_row = chunk * n // chunks, (chunk + 1) * n // chunks
-            _plain_range(x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss, first, stop_row)
-        return active
-
-    # lsx.torch's short path (lsx.torch._plain): the plain kernel on tensors' memory, given by address (no NumPy
-    # view per call), and the reduction in the same call, summed in NumPy's order.
+    # The plain kernel's entries take the logits and labels by address: lsx.torch's short path (lsx.torch._plain)
+    # makes no NumPy view per call, and every caller (lsx.numpy, each lsx.torch path) runs the same compiled
+    # entry, hence the same bits. The short path also reduces in the same call, summed in NumPy's order.
     @intrinsic
     def _pointer_to(typingctx, address, like):
         """``address`` (an integer) as a pointer to ``like``'s dtype (an array's, or a Numba number type)."""
@@ -844,27 +825,26 @@ if AVAILABLE:
         """With a reduction (settings, below) and at most ``_PAIRWISE_BLOCK`` rows, the reduced loss into
         ``loss[n]``: NumPy's ``add.reduce`` of the rows' losses in their dtype (the same bits), divided by the
         rows counted for the mean (an empty mean's value if none). More rows are left to the caller's NumPy."""
-        settings = params.shape[0] - 3
-        reduction = params[settings + 1]
+        settings = params.shape[0] - _PLAIN_SETTINGS
+        reduction = params[settings + 2]
         if active >= 0 and reduction != 0.0 and n <= _PAIRWISE_BLOCK:
             total = _to_dtype_of(0.0, loss) + _pairwise_block(loss, 0, n)  # (add.reduce starts from 0)
             if reduction == 2.0:
-                total = total / _to_dtype_of(active, loss) if active > 0 else _to_dtype_of(params[settings + 2], loss)
+                total = total / _to_dtype_of(active, loss) if active > 0 else _to_dtype_of(params[settings + 3], loss)
             loss[n] = total
         return active
 
     @numba.njit(cache=True)
     def _plain_at(x_address, y_address, n, k, params, ignore_index, want_grad, out, loss):
-        """The plain kernel on C-contiguous (N, K) logits and N int64 labels at the given addresses (memory the
-        caller keeps alive and unchanged for the call). ``params``: the plain kernels' row coefficients (see
-        :func:`plain_params`) and, last, three settings: whether ``ignore_index`` applies, the reduction (0 none,
-        1 sum, 2 mean) and an empty mean's value. With a reduction, ``loss`` holds N + 1 values: the rows' losses,
-        then the reduced loss (see :func:`_plain_reduce`). Returns what :func:`plain_rows` returns."""
+        """The plain kernel, serially, on C-contiguous (N, K) logits and N int64 labels at the given addresses
+        (memory the caller keeps alive and unchanged for the call). ``params``: the plain kernels' row
+        coefficients (see :func:`plain_params`) followed by ``_PLAIN_SETTINGS`` settings (see
+        :func:`plain_settings`). With a reduction, ``loss`` holds N + 1 values: the rows' losses, then the reduced
+        loss (see :func:`_plain_reduce`). Returns what :func:`plain_rows` returns."""
         x = _as_read_only(numba.carray(_pointer_to(x_address, out), (n, k)))
         y = _as_read_only(numba.carray(_pointer_to(y_address, numba.int64), n))
-        settings = params.shape[0] - 3
-        has_ignore, count_scale = params[settings] != 0.0, params[settings + 1] == 2.0
-        # (the body of _plain_rows_serial: calling it would link, and so optimise, its code once more)
+        settings = params.shape[0] - _PLAIN_SETTINGS
+        has_ignore, count_scale = params[settings] != 0.0, params[settings + 1] != 0.0
         active, scale = _plain_scale(y, k, ignore_index, has_ignore, count_scale, params)
         if active >= 0:
             _plain_range(x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss, 0, n)
@@ -872,12 +852,12 @@ if AVAILABLE:
 
     @numba.njit(cache=True, parallel=True)
     def _plain_at_threaded(x_address, y_address, n, k, params, ignore_index, want_grad, out, loss, chunks):
-        """:func:`_plain_at` with the rows in ``chunks`` ranges spread over the threads (the body of
-        :func:`_plain_rows`); a separate entry, so that small inputs never compile the threaded kernel."""
+        """:func:`_plain_at` with the rows in ``chunks`` ranges spread over the threads; a separate entry, so that
+        small inputs never compile the threaded kernel."""
         x = _as_read_only(numba.carray(_pointer_to(x_address, out), (n, k)))
         y = _as_read_only(numba.carray(_pointer_to(y_address, numba.int64), n))
-        settings = params.shape[0] - 3
-        has_ignore, count_scale = params[settings] != 0.0, params[settings + 1] == 2.0
+        settings = params.shape[0] - _PLAIN_SETTINGS
+        has_ignore, count_scale = params[settings] != 0.0, params[settings + 1] != 0.0
         active, scale = _plain_scale(y, k, ignore_index, has_ignore, count_scale, params)
         if active >= 0:
             for chunk in prange(chunks):
@@ -1360,6 +1340,17 @@ def plain_params(opts: Any, k: int) -> np.ndarray | None:
 _PLAIN_PARAMS: dict[tuple[Any, ...], np.ndarray] = {}
 
 
+def plain_settings(params: np.ndarray, has_ignore: bool, count_scale: bool, reduction: str, empty: float) -> np.ndarray:
+    """``params`` (the plain kernels' row coefficients) followed by the entries' settings: whether
+    ``ignore_index`` applies; whether the gradient carries 1/(the rows counted) (else ``params[7]``); the
+    reduction the entry computes into ``loss[N]`` (0 none, 1 sum, 2 mean: lsx.torch's short path); an empty
+    mean's value. Read-only, like every caller's (one compiled specialisation)."""
+    code = {"none": 0.0, "sum": 1.0, "mean": 2.0}[reduction]
+    settings = np.concatenate((params, (float(has_ignore), float(count_scale), code, float(empty))))
+    settings.flags.writeable = False
+    return settings
+
+
 def plain_rows(
     x: np.ndarray,
     labels: np.ndarray,
@@ -1370,18 +1361,30 @@ def plain_rows(
     grad: np.ndarray,
     per_element: np.ndarray,
 ) -> int:
-    """Run the plain kernel on read-only C-contiguous (N, K) ``x`` and read-only int64 ``labels`` (one
-    compiled specialisation for every caller, hence the same bits): per-element losses into
-    ``per_element``, the gradient (scaled by 1/count when ``count_scale``, else by ``params[7]``) into ``grad``
-    (which may be ``x``'s memory) when ``want_grad``. Returns the number of labels other than ``ignore_index``,
-    or −1 (nothing written) when a label is outside [0, K) and not ``ignore_index``."""
+    """Run the plain kernel on C-contiguous (N, K) ``x`` and int64 ``labels`` (through the entries lsx.torch's
+    short path calls, by address: one compiled kernel for every caller, hence the same bits): per-element
+    losses into ``per_element``, the gradient (scaled by 1/count when ``count_scale``, else by ``params[7]``)
+    into ``grad`` (which may be ``x``'s memory) when ``want_grad``. Returns the number of labels other than
+    ``ignore_index``, or −1 (nothing written) when a label is outside [0, K) and not ``ignore_index``."""
     n, k = x.shape
+    if not (x.flags.c_contiguous and labels.flags.c_contiguous and labels.dtype == np.int64 and labels.shape == (n,)):
+        raise ValueError("plain_rows takes C-contiguous (N, K) logits and (N,) int64 labels")
     has_ignore = ignore_index is not None  # (the spec keeps it within int64)
     ignore = int(ignore_index) if has_ignore else 0
+    key = (params.tobytes(), has_ignore, bool(count_scale))
+    settings = _PLAIN_SETTINGS_CACHE.get(key)
+    if settings is None:
+        if len(_PLAIN_SETTINGS_CACHE) >= 256:
+            _PLAIN_SETTINGS_CACHE.clear()
+        settings = _PLAIN_SETTINGS_CACHE[key] = plain_settings(params, has_ignore, count_scale, "none", 0.0)
+    x_address, y_address = x.ctypes.data, labels.ctypes.data
     if n * k < _PARALLEL_MIN_ELEMENTS:
-        return _plain_rows_serial(x, labels, params, ignore, has_ignore, count_scale, want_grad, grad, per_element)
+        return _plain_at(x_address, y_address, n, k, settings, ignore, want_grad, grad, per_element)
     chunks = min(n, 4 * numba.get_num_threads())
-    return _plain_rows(x, labels, params, ignore, has_ignore, count_scale, want_grad, grad, per_element, chunks)
+    return _plain_at_threaded(x_address, y_address, n, k, settings, ignore, want_grad, grad, per_element, chunks)
+
+
+_PLAIN_SETTINGS_CACHE: dict[tuple[bytes, bool, bool], np.ndarray] = {}
 
 
 def _plain(x, t2, opts, params, compute, want_grad, out2, scale_mean):

@@ -11,7 +11,7 @@ gradient computed in the forward pass.
 ``torch.compile``, ``torch.func`` transforms, forward-mode AD, tensor subclasses, torch-function and dispatch
 modes, lazily negated views, an engine forced by ``LSX_TORCH_ENGINE`` other than Numba, no Numba); the general path in
 :mod:`lsx.torch._function` then serves it. Both give the same loss and gradient bit for bit: they run the same
-kernel (:func:`lsx.numpy._numba._plain_range`, typed alike: read-only logits and labels), and the reduction sums in
+compiled kernel entry (:func:`lsx.numpy._numba._plain_at`, which lsx.numpy's ``plain_rows`` calls too), and the reduction sums in
 NumPy's order: up to 128 rows in the kernel call (:func:`lsx.numpy._numba._pairwise_block`, held to
 ``add.reduce``'s bits by the tests), more rows with ``add.reduce`` itself.
 """
@@ -169,12 +169,11 @@ def _plan(
     if params is None:
         return None
     has_ignore = opts.ignore_index is not None  # (the spec keeps it within int64)
-    reduction = {"none": 0.0, "sum": 1.0, "mean": 2.0}[opts.reduction]
+    mean = opts.reduction == "mean"
     empty = np.nan if opts.empty_mean == "nan" else 0.0
-    settings = np.append(params, [float(has_ignore), reduction, empty])  # (see kernels._plain_at)
-    settings.flags.writeable = False
+    settings = kernels.plain_settings(params, has_ignore, mean, opts.reduction, empty)
     ignore = int(opts.ignore_index) if has_ignore else 0
-    return opts, settings, ignore, kernels, opts.reduction != "none", opts.reduction == "mean", empty
+    return opts, settings, ignore, kernels, opts.reduction != "none", mean, empty
 
 
 _sum = np.add.reduce  # (ndarray.sum's reduction, without its Python wrapper)
