@@ -820,6 +820,11 @@ if AVAILABLE:
             i += 1
         return total
 
+    @numba.njit(cache=True)
+    def _addresses(x, y):
+        """The data addresses of two arrays (``ndarray.ctypes.data`` costs more from Python)."""
+        return x.ctypes.data, y.ctypes.data
+
     @numba.njit(cache=True, inline="always")
     def _plain_reduce(params, n, active, loss):
         """With a reduction (settings, below) and at most ``_PAIRWISE_BLOCK`` rows, the reduced loss into
@@ -1377,7 +1382,7 @@ def plain_rows(
         if len(_PLAIN_SETTINGS_CACHE) >= 256:
             _PLAIN_SETTINGS_CACHE.clear()
         settings = _PLAIN_SETTINGS_CACHE[key] = plain_settings(params, has_ignore, count_scale, "none", 0.0)
-    x_address, y_address = x.ctypes.data, labels.ctypes.data
+    x_address, y_address = _addresses(x, labels)
     if n * k < _PARALLEL_MIN_ELEMENTS:
         return _plain_at(x_address, y_address, n, k, settings, ignore, want_grad, grad, per_element)
     chunks = min(n, 4 * numba.get_num_threads())
