@@ -1373,7 +1373,7 @@ def plain_rows(
     ``ignore_index``, or −1 (nothing written) when a label is outside [0, K) and not ``ignore_index``."""
     n, k = x.shape
     if not (x.flags.c_contiguous and labels.flags.c_contiguous and labels.dtype == np.int64 and labels.shape == (n,)):
-        raise ValueError("plain_rows takes C-contiguous (N, K) logits and (N,) int64 labels")
+        raise ValueError("plain_rows takes C-contiguous (N, K) logits and (N,) int64 labels")  # (read by address)
     has_ignore = ignore_index is not None  # (the spec keeps it within int64)
     ignore = int(ignore_index) if has_ignore else 0
     key = (params.tobytes(), has_ignore, bool(count_scale))
@@ -1409,7 +1409,7 @@ def _plain(x, t2, opts, params, compute, want_grad, out2, scale_mean):
         grad = np.empty((n, 0), compute)  # never written
     per_element = np.empty(n, compute)
     count_scale = mean and given is None
-    active = plain_rows(_read_only(x), _read_only(labels), params, opts.ignore_index, count_scale, want_grad, grad, per_element)
+    active = plain_rows(x, labels, params, opts.ignore_index, count_scale, want_grad, grad, per_element)
     if active < 0:
         spec.check_labels(labels, k, opts)
         raise AssertionError("the kernel found a label out of range that spec.check_labels accepts")
