@@ -839,6 +839,17 @@ if AVAILABLE:
             loss[n] = total
         return active
 
+    @numba.njit(cache=True, inline="always")
+    def _plain_inputs(x_address, y_address, n, k, params, ignore_index, out):
+        """(logits, labels, whether ``ignore_index`` applies, the rows counted or −1, the gradient's scale): the
+        two entries' common start (see :func:`_plain_at`)."""
+        x = _as_read_only(numba.carray(_pointer_to(x_address, out), (n, k)))
+        y = _as_read_only(numba.carray(_pointer_to(y_address, numba.int64), n))
+        settings = params.shape[0] - _PLAIN_SETTINGS
+        has_ignore, count_scale = params[settings] != 0.0, params[settings + 1] != 0.0
+        active, scale = _plain_scale(y, k, ignore_index, has_ignore, count_scale, params)
+        return x, y, has_ignore, active, scale
+
     @numba.njit(cache=True)
     def _plain_at(x_address, y_address, n, k, params, ignore_index, want_grad, out, loss):
         """The plain kernel, serially, on C-contiguous (N, K) logits and N int64 labels at the given addresses
@@ -846,11 +857,7 @@ if AVAILABLE:
         coefficients (see :func:`plain_params`) followed by ``_PLAIN_SETTINGS`` settings (see
         :func:`plain_settings`). With a reduction, ``loss`` holds N + 1 values: the rows' losses, then the reduced
         loss (see :func:`_plain_reduce`). Returns what :func:`plain_rows` returns."""
-        x = _as_read_only(numba.carray(_pointer_to(x_address, out), (n, k)))
-        y = _as_read_only(numba.carray(_pointer_to(y_address, numba.int64), n))
-        settings = params.shape[0] - _PLAIN_SETTINGS
-        has_ignore, count_scale = params[settings] != 0.0, params[settings + 1] != 0.0
-        active, scale = _plain_scale(y, k, ignore_index, has_ignore, count_scale, params)
+        x, y, has_ignore, active, scale = _plain_inputs(x_address, y_address, n, k, params, ignore_index, out)
         if active >= 0:
             _plain_range(x, y, params, ignore_index, has_ignore, scale, want_grad, out, loss, 0, n)
         return _plain_reduce(params, n, active, loss)
@@ -859,11 +866,7 @@ if AVAILABLE:
     def _plain_at_threaded(x_address, y_address, n, k, params, ignore_index, want_grad, out, loss, chunks):
         """:func:`_plain_at` with the rows in ``chunks`` ranges spread over the threads; a separate entry, so that
         small inputs never compile the threaded kernel."""
-        x = _as_read_only(numba.carray(_pointer_to(x_address, out), (n, k)))
-        y = _as_read_only(numba.carray(_pointer_to(y_address, numba.int64), n))
-        settings = params.shape[0] - _PLAIN_SETTINGS
-        has_ignore, count_scale = params[settings] != 0.0, params[settings + 1] != 0.0
-        active, scale = _plain_scale(y, k, ignore_index, has_ignore, count_scale, params)
+        x, y, has_ignore, active, scale = _plain_inputs(x_address, y_address, n, k, params, ignore_index, out)
         if active >= 0:
             for chunk in prange(chunks):
                 first, stop_row = chunk * n // chunks, (chunk + 1) * n // chunks
